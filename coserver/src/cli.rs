@@ -1,0 +1,82 @@
+//! Command-line definitions.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// ftvm — a fault-tolerant virtual machine runner on KVM.
+#[derive(Debug, Parser)]
+#[command(name = "ftvm", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a guest (the built-in test guest unless --kernel is given) and stream its
+    /// console to stdout; exits with the guest's exit code.
+    Run(RunArgs),
+    /// Continue a VM from a snapshot directory written by `run --save`.
+    Restore(RestoreArgs),
+}
+
+/// How an idle guest waits for its timer.
+#[derive(Debug, Clone, Copy, ValueEnum, Default)]
+pub enum Idle {
+    /// Sleep until the host clock reaches the guest's deadline.
+    #[default]
+    Sleep,
+    /// Skip ahead at once (same guest-visible behaviour, less wall time).
+    Skip,
+}
+
+/// Options of `ftvm run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Kernel to boot: an ELF (vmlinux or similar) or a bzImage. Default: the built-in
+    /// test guest.
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// Kernel command line. For the built-in guest it selects the workload and its
+    /// parameters, e.g. "workload=counter pages=1024 steps=8 tick_ms=10".
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Initial ramdisk for a Linux kernel.
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 128)]
+    pub mem: u64,
+    /// Seed of the guest's entropy stream (runs with the same seed are identical).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub entropy_seed: u64,
+    /// Stop after N VM exits and write a snapshot (requires --save).
+    #[arg(long, value_name = "N", requires = "save")]
+    pub save_at_exit: Option<u64>,
+    /// Snapshot directory for --save-at-exit.
+    #[arg(long, value_name = "DIR", requires = "save_at_exit")]
+    pub save: Option<PathBuf>,
+    /// Print exits, exit-trace, memory-hash and exit-code at the end.
+    #[arg(long)]
+    pub report: bool,
+    /// How an idle guest waits for its timer.
+    #[arg(long, value_enum, default_value_t = Idle::Sleep)]
+    pub idle: Idle,
+}
+
+/// Options of `ftvm restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Snapshot directory.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Print exits, exit-trace, memory-hash and exit-code at the end.
+    #[arg(long)]
+    pub report: bool,
+    /// How an idle guest waits for its timer.
+    #[arg(long, value_enum, default_value_t = Idle::Sleep)]
+    pub idle: Idle,
+}

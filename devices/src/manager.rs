@@ -1,0 +1,189 @@
+//! The set of devices of one VM: routes port I/O to them, collects their interrupts and
+//! console output, and saves and restores their state as one unit.
+
+use serde::{Deserialize, Serialize};
+
+use crate::bus::{Bus, BusError};
+use crate::platform::{
+    Platform, PlatformAction, PlatformState, PLATFORM_PORT_BASE, PLATFORM_PORT_LEN,
+};
+use crate::serial::{SerialConsole, SerialConsoleState, COM1_PORT_BASE, COM1_PORT_LEN};
+use crate::GuestMem;
+
+/// Which device owns a port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PioDevice {
+    Serial,
+    Platform,
+}
+
+/// Interrupts the devices want delivered at this exit boundary.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PendingIrqs {
+    /// Vectors to deliver as MSIs to the local APIC.
+    pub msi_vectors: Vec<u8>,
+    /// Legacy interrupt lines (GSIs) to pulse.
+    pub gsi_pulses: Vec<u32>,
+}
+
+impl PendingIrqs {
+    /// Whether nothing is pending.
+    pub fn is_empty(&self) -> bool {
+        self.msi_vectors.is_empty() && self.gsi_pulses.is_empty()
+    }
+}
+
+/// The saveable state of every device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevicesState {
+    /// COM1.
+    pub serial: SerialConsoleState,
+    /// The platform device.
+    pub platform: PlatformState,
+}
+
+/// All devices of a VM.
+#[derive(Debug)]
+pub struct DeviceManager {
+    pio: Bus<PioDevice>,
+    serial: SerialConsole,
+    platform: Platform,
+}
+
+impl DeviceManager {
+    /// The standard device set; `entropy_seed` seeds the platform's entropy stream.
+    pub fn new(entropy_seed: u64) -> Result<Self, BusError> {
+        Self::with_devices(SerialConsole::default(), Platform::new(entropy_seed))
+    }
+
+    /// Rebuilds the device set from saved state.
+    pub fn from_state(state: &DevicesState) -> Result<Self, BusError> {
+        Self::with_devices(
+            SerialConsole::from_state(&state.serial),
+            Platform::from_state(state.platform.clone()),
+        )
+    }
+
+    fn with_devices(serial: SerialConsole, platform: Platform) -> Result<Self, BusError> {
+        let mut pio = Bus::default();
+        pio.insert(
+            COM1_PORT_BASE.into(),
+            COM1_PORT_LEN.into(),
+            PioDevice::Serial,
+        )?;
+        pio.insert(
+            PLATFORM_PORT_BASE.into(),
+            PLATFORM_PORT_LEN.into(),
+            PioDevice::Platform,
+        )?;
+        Ok(Self {
+            pio,
+            serial,
+            platform,
+        })
+    }
+
+    /// The saveable state of every device.
+    pub fn state(&self) -> DevicesState {
+        DevicesState {
+            serial: self.serial.state(),
+            platform: self.platform.state().clone(),
+        }
+    }
+
+    /// The platform device (clock and timer queries of the run loop).
+    pub fn platform(&mut self) -> &mut Platform {
+        &mut self.platform
+    }
+
+    /// A port read. Unclaimed ports and unknown registers read as all ones.
+    pub fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        let value: u32 = match self.pio.lookup(port.into()) {
+            Some((PioDevice::Serial, off)) => self.serial.read(off as u8).into(),
+            Some((PioDevice::Platform, off)) => self.platform.read(off),
+            None => {
+                tracing::trace!("pio read from unclaimed port {port:#x}");
+                u32::MAX
+            }
+        };
+        let bytes = value.to_le_bytes();
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = bytes.get(i).copied().unwrap_or(0);
+        }
+    }
+
+    /// A port write. Writes to unclaimed ports are ignored.
+    pub fn pio_write(&mut self, port: u16, data: &[u8], mem: &GuestMem) -> PlatformAction {
+        let mut bytes = [0u8; 4];
+        for (b, d) in bytes.iter_mut().zip(data) {
+            *b = *d;
+        }
+        match self.pio.lookup(port.into()) {
+            Some((PioDevice::Serial, off)) => {
+                self.serial.write(off as u8, bytes[0]);
+                PlatformAction::None
+            }
+            Some((PioDevice::Platform, off)) => {
+                self.platform.write(off, u32::from_le_bytes(bytes), mem)
+            }
+            None => {
+                tracing::trace!("pio write to unclaimed port {port:#x}");
+                PlatformAction::None
+            }
+        }
+    }
+
+    /// Takes the console bytes written since the last call.
+    pub fn take_console_output(&mut self) -> Vec<u8> {
+        self.serial.take_output()
+    }
+
+    /// Takes the interrupts due at this exit boundary.
+    pub fn take_pending_irqs(&mut self) -> PendingIrqs {
+        let mut irqs = PendingIrqs::default();
+        if let Some(v) = self.platform.take_pending_irq() {
+            irqs.msi_vectors.push(v);
+        }
+        if self.serial.take_irq() {
+            irqs.gsi_pulses.push(crate::serial::COM1_GSI);
+        }
+        irqs
+    }
+
+    /// Whether anything could ever wake an idle guest (an armed timer, a pending interrupt).
+    pub fn can_wake(&self) -> bool {
+        self.platform.timer_deadline().is_some() || self.platform.has_pending_irq()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn routes_ports_and_round_trips_state() {
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let mut d = DeviceManager::new(3).unwrap();
+        d.pio_write(0x3f8, b"A", &mem);
+        d.pio_write(0x3f8, b"\n", &mem);
+        assert_eq!(d.take_console_output(), b"A\n");
+        assert_eq!(
+            d.pio_write(0x600, &5u32.to_le_bytes(), &mem),
+            PlatformAction::PowerOff(5)
+        );
+        let mut unclaimed = [0u8; 2];
+        d.pio_read(0x1234, &mut unclaimed);
+        assert_eq!(unclaimed, [0xff, 0xff]);
+
+        let mut e1 = [0u8; 4];
+        d.pio_read(0x60c, &mut e1);
+        let saved = d.state();
+        let mut e2 = [0u8; 4];
+        d.pio_read(0x60c, &mut e2);
+        let mut r = DeviceManager::from_state(&saved).unwrap();
+        let mut e3 = [0u8; 4];
+        r.pio_read(0x60c, &mut e3);
+        assert_eq!(e2, e3, "the entropy stream continues from the saved point");
+    }
+}

@@ -1,0 +1,131 @@
+//! Helpers shared by the end-to-end tests: KVM availability (strict under
+//! FTVM_REQUIRE_KVM=1), running the `ftvm` binary, and parsing its report.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// Whether /dev/kvm can be used. With FTVM_REQUIRE_KVM=1 a missing KVM fails the test;
+/// otherwise the test prints why it skips.
+pub fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("FTVM_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("{test}: FTVM_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}");
+            }
+            eprintln!("{test}: SKIPPED: /dev/kvm cannot be opened: {e}");
+            false
+        }
+    }
+}
+
+/// Whether the test may require root-only facilities (namespaces); strict under
+/// FTVM_REQUIRE_KVM=1 like KVM itself.
+pub fn root_available(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        if std::env::var("FTVM_REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("{test}: FTVM_REQUIRE_KVM=1 but the test does not run as root");
+        }
+        eprintln!("{test}: SKIPPED: needs root for a mount namespace");
+    }
+    root
+}
+
+/// Path of the `ftvm` binary under test.
+pub fn ftvm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ftvm"))
+}
+
+/// Runs `ftvm` with `args`.
+pub fn run_ftvm(args: &[&str]) -> Output {
+    ftvm().args(args).output().expect("spawn ftvm")
+}
+
+/// A finished `ftvm` invocation, split into console output and report.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Process exit code.
+    pub code: i32,
+    /// stdout without the report lines.
+    pub console: String,
+    /// Report fields (exits, exit-trace, memory-hash, exit-code).
+    pub report: BTreeMap<String, String>,
+    /// stderr.
+    pub stderr: String,
+}
+
+const REPORT_KEYS: [&str; 4] = ["exits", "exit-trace", "memory-hash", "exit-code"];
+
+/// Splits stdout into console and report lines. Report lines come last.
+pub fn outcome(out: &Output) -> Outcome {
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let mut report = BTreeMap::new();
+    let mut console = stdout.as_str();
+    // Peel report lines off the end.
+    loop {
+        let trimmed = console.strip_suffix('\n').unwrap_or(console);
+        let (head, last) = match trimmed.rfind('\n') {
+            Some(i) => (&console[..i + 1], &trimmed[i + 1..]),
+            None => ("", trimmed),
+        };
+        match last.split_once(": ") {
+            Some((k, v)) if REPORT_KEYS.contains(&k) && !report.contains_key(k) => {
+                report.insert(k.to_string(), v.to_string());
+                console = head;
+            }
+            _ => break,
+        }
+    }
+    assert!(!stderr.contains("panicked"), "ftvm panicked:\n{stderr}");
+    Outcome {
+        code: out.status.code().unwrap_or(-1),
+        console: console.to_string(),
+        report,
+        stderr,
+    }
+}
+
+/// Runs `ftvm` and returns its outcome.
+pub fn ftvm_outcome(args: &[&str]) -> Outcome {
+    outcome(&run_ftvm(args))
+}
+
+/// Asserts that `ftvm` failed with the VMM error code, one `ftvm: error:` line naming
+/// `needle`, and no panic.
+pub fn assert_clean_error(o: &Outcome, needle: &str) {
+    assert_eq!(
+        o.code, 125,
+        "expected the VMM error exit code; stderr:\n{}",
+        o.stderr
+    );
+    let lines: Vec<&str> = o
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("ftvm: error:"))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one error line expected, stderr:\n{}",
+        o.stderr
+    );
+    assert!(
+        lines[0].contains(needle),
+        "error line should mention {needle:?}: {}",
+        lines[0]
+    );
+}
+
+/// A path as &str.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}

@@ -1,0 +1,289 @@
+//! Guest memory: allocation, registration with KVM (with dirty logging), the merged
+//! dirty-page view, and the whole-memory hash.
+
+use ftvm_devices::GuestMem;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+use crate::layout::{self, PAGE_SIZE};
+
+/// Errors of guest memory handling.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The requested size is out of the accepted range.
+    #[error("guest memory of {0} MiB is out of range ({min}..={max} MiB)", min = layout::MIN_MEM_MIB, max = layout::MAX_MEM_MIB)]
+    Size(u64),
+    /// The host could not allocate the memory.
+    #[error("cannot allocate {mib} MiB of guest memory: {source}")]
+    Allocate {
+        /// Requested size.
+        mib: u64,
+        /// Cause.
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// KVM refused a memory slot.
+    #[error("KVM refused memory slot {slot}: {source}")]
+    Slot {
+        /// Slot number.
+        slot: u32,
+        /// Cause.
+        source: kvm_ioctls::Error,
+    },
+    /// KVM could not report the dirty log.
+    #[error("KVM_GET_DIRTY_LOG failed for slot {slot}: {source}")]
+    DirtyLog {
+        /// Slot number.
+        slot: u32,
+        /// Cause.
+        source: kvm_ioctls::Error,
+    },
+    /// A host address for a region could not be obtained.
+    #[error("guest memory region at {0:#x} has no host mapping")]
+    HostAddress(u64),
+}
+
+/// Allocates guest memory of `mem_mib` MiB with a VMM-write dirty bitmap.
+pub fn allocate(mem_mib: u64) -> Result<GuestMem, MemoryError> {
+    if !(layout::MIN_MEM_MIB..=layout::MAX_MEM_MIB).contains(&mem_mib) {
+        return Err(MemoryError::Size(mem_mib));
+    }
+    GuestMem::from_ranges(&layout::ram_regions(mem_mib << 20)).map_err(|source| {
+        MemoryError::Allocate {
+            mib: mem_mib,
+            source,
+        }
+    })
+}
+
+/// Registers every region of `mem` with KVM as slots 0.., with dirty logging on.
+pub fn register(vm: &VmFd, mem: &GuestMem) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|_| MemoryError::HostAddress(region.start_addr().0))?;
+        let kvm_region = kvm_userspace_memory_region {
+            slot,
+            flags: KVM_MEM_LOG_DIRTY_PAGES,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live anonymous mapping of `memory_size` bytes owned by
+        // `mem`, which the VM keeps alive for as long as the VM fd exists.
+        unsafe { vm.set_user_memory_region(kvm_region) }
+            .map_err(|source| MemoryError::Slot { slot, source })?;
+    }
+    Ok(())
+}
+
+/// A set of guest pages, as one bitmap per RAM region.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct PageSet {
+    regions: Vec<RegionPages>,
+}
+
+/// The pages of one region.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct RegionPages {
+    base: u64,
+    pages: u64,
+    bits: Vec<u64>,
+}
+
+impl PageSet {
+    /// An empty set shaped like `mem`.
+    pub fn empty_for(mem: &GuestMem) -> Self {
+        Self {
+            regions: mem
+                .iter()
+                .map(|r| {
+                    let pages = r.len().div_ceil(PAGE_SIZE);
+                    RegionPages {
+                        base: r.start_addr().0,
+                        pages,
+                        bits: vec![0; pages.div_ceil(64) as usize],
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// ORs a bitmap of region `index` into the set (extra bits are ignored).
+    fn merge(&mut self, index: usize, bits: &[u64]) {
+        if let Some(r) = self.regions.get_mut(index) {
+            for (a, b) in r.bits.iter_mut().zip(bits) {
+                *a |= *b;
+            }
+        }
+    }
+
+    /// ORs `other` (of the same shape) into the set.
+    pub fn union_with(&mut self, other: &PageSet) {
+        for (i, r) in other.regions.iter().enumerate() {
+            self.merge(i, &r.bits);
+        }
+    }
+
+    /// Adds the page containing `gpa` (no-op outside RAM).
+    pub fn insert(&mut self, gpa: u64) {
+        for r in &mut self.regions {
+            if gpa >= r.base && (gpa - r.base) / PAGE_SIZE < r.pages {
+                let p = (gpa - r.base) / PAGE_SIZE;
+                r.bits[(p / 64) as usize] |= 1 << (p % 64);
+            }
+        }
+    }
+
+    /// Whether the page containing `gpa` is in the set.
+    pub fn contains(&self, gpa: u64) -> bool {
+        self.regions.iter().any(|r| {
+            gpa >= r.base && {
+                let p = (gpa - r.base) / PAGE_SIZE;
+                p < r.pages && r.bits[(p / 64) as usize] & (1 << (p % 64)) != 0
+            }
+        })
+    }
+
+    /// Number of pages in the set.
+    pub fn len(&self) -> usize {
+        self.regions
+            .iter()
+            .map(|r| {
+                r.bits
+                    .iter()
+                    .map(|w| w.count_ones() as usize)
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Guest-physical addresses of the pages in the set, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.regions.iter().flat_map(|r| {
+            r.bits.iter().enumerate().flat_map(move |(w, &word)| {
+                (0..64u64)
+                    .filter(move |b| word & (1 << b) != 0)
+                    .map(move |b| r.base + (w as u64 * 64 + b) * PAGE_SIZE)
+            })
+        })
+    }
+
+    /// Runs of consecutive pages as (first gpa, page count), ascending.
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for gpa in self.iter() {
+            match runs.last_mut() {
+                Some((start, n)) if *start + *n * PAGE_SIZE == gpa => *n += 1,
+                _ => runs.push((gpa, 1)),
+            }
+        }
+        runs
+    }
+}
+
+/// Collects the pages dirtied since the previous call: KVM's log (guest writes) merged
+/// with the VMM's own bitmap (loader and device writes). Both sources are reset.
+pub fn collect_dirty(vm: &VmFd, mem: &GuestMem) -> Result<PageSet, MemoryError> {
+    let mut set = PageSet::empty_for(mem);
+    for (i, region) in mem.iter().enumerate() {
+        let slot = i as u32;
+        let kvm_bits = vm
+            .get_dirty_log(slot, region.len() as usize)
+            .map_err(|source| MemoryError::DirtyLog { slot, source })?;
+        set.merge(i, &kvm_bits);
+        let vmm_bits = region.get_mmap().bitmap().get_and_reset();
+        set.merge(i, &vmm_bits);
+    }
+    Ok(set)
+}
+
+/// A region's bytes as a slice.
+///
+/// Callers must hold the VM stopped (no vCPU in KVM_RUN) while they use the slice.
+pub(crate) fn region_bytes(
+    region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>,
+) -> Result<&[u8], MemoryError> {
+    let host = region
+        .get_host_address(MemoryRegionAddress(0))
+        .map_err(|_| MemoryError::HostAddress(region.start_addr().0))?;
+    // SAFETY: `host` is the start of a live mapping of `region.len()` bytes owned by the
+    // region, which outlives the returned borrow. The vCPU is stopped (caller contract),
+    // so no one writes the memory while the slice is read.
+    Ok(unsafe { std::slice::from_raw_parts(host, region.len() as usize) })
+}
+
+/// A region's bytes as a mutable slice, for restoring memory. Writes through it bypass
+/// the dirty bitmap.
+pub(crate) fn region_bytes_mut(
+    region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>,
+) -> Result<&mut [u8], MemoryError> {
+    let host = region
+        .get_host_address(MemoryRegionAddress(0))
+        .map_err(|_| MemoryError::HostAddress(region.start_addr().0))?;
+    // SAFETY: as in `region_bytes`; the caller holds the only handle that writes it
+    // (the VM is stopped and the memory is not shared with another thread meanwhile).
+    Ok(unsafe { std::slice::from_raw_parts_mut(host, region.len() as usize) })
+}
+
+/// A 64-bit xxh3 hash of all guest memory, region by region.
+pub fn hash(mem: &GuestMem) -> Result<u64, MemoryError> {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for region in mem.iter() {
+        h.update(&region.start_addr().0.to_le_bytes());
+        h.update(region_bytes(region)?);
+    }
+    Ok(h.digest())
+}
+
+/// The guest-physical address range of RAM that contains `gpa`, if any.
+pub fn in_ram(mem: &GuestMem, gpa: u64, len: u64) -> bool {
+    mem.check_range(GuestAddress(gpa), len as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_set_insert_iter_and_runs() {
+        let mem = allocate(16).unwrap();
+        let mut s = PageSet::empty_for(&mem);
+        for gpa in [0x3000, 0x4000, 0x5fff, 0x10_0000, 0xfff_f000] {
+            s.insert(gpa);
+        }
+        s.insert(16 << 20); // outside RAM: ignored
+        assert_eq!(s.len(), 4);
+        assert!(s.contains(0x5000));
+        assert!(!s.contains(0x6000));
+        assert_eq!(
+            s.iter().collect::<Vec<_>>(),
+            vec![0x3000, 0x4000, 0x5000, 0x10_0000, 0xfff_f000]
+        );
+        assert_eq!(s.runs(), vec![(0x3000, 3), (0x10_0000, 1), (0xfff_f000, 1)]);
+    }
+
+    #[test]
+    fn sizes_out_of_range_are_rejected() {
+        assert!(matches!(allocate(1), Err(MemoryError::Size(1))));
+        assert!(matches!(
+            allocate(layout::MAX_MEM_MIB + 1),
+            Err(MemoryError::Size(_))
+        ));
+    }
+
+    #[test]
+    fn hash_changes_with_content() {
+        use vm_memory::Bytes;
+        let mem = allocate(8).unwrap();
+        let h0 = hash(&mem).unwrap();
+        mem.write_obj(1u8, GuestAddress(0x1234)).unwrap();
+        assert_ne!(hash(&mem).unwrap(), h0);
+    }
+}

@@ -1,0 +1,610 @@
+//! One KVM virtual machine with one vCPU: creation and boot, the exit loop with its
+//! interrupt policy, idling, state capture and restore, and the dirty-page API.
+//!
+//! Exit and interrupt model: the vCPU runs on the caller's thread. Every KVM_RUN return
+//! with an exit reason counts as one exit; the exit is recorded in the exit trace,
+//! dispatched to the devices, and virtual time advances. Interrupts are injected only
+//! here, between an exit and the next KVM_RUN, and no in-kernel timer exists (no PIT;
+//! the VMM never starts the LAPIC timer), so a run is a deterministic function of the
+//! guest image, command line, entropy seed and inputs.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ftvm_devices::manager::DeviceManager;
+use ftvm_devices::platform::PlatformAction;
+use ftvm_devices::world::World;
+use ftvm_devices::GuestMem;
+use kvm_bindings::{kvm_msi, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::boot::{self, cpu, BootError, BootImage};
+use crate::exit_trace::{ExitKind, ExitTrace};
+use crate::layout;
+use crate::memory::{self, MemoryError, PageSet};
+use crate::snapshot::{self, SavedSizes, SnapshotError, SnapshotState};
+use crate::vcpu_state::{self, StateCaps, StateError};
+
+/// Address of a local-APIC MSI.
+const MSI_ADDRESS: u32 = layout::LAPIC_BASE as u32;
+/// Address KVM needs for the TSS on Intel hosts (three pages below the BIOS).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// Longest single host sleep while a guest idles (keeps the loop responsive).
+const MAX_IDLE_SLEEP: Duration = Duration::from_millis(100);
+
+/// Errors of running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm is missing or cannot be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    KvmUnavailable(kvm_ioctls::Error),
+    /// KVM lacks something ftvm needs.
+    #[error("this host's KVM lacks {0}")]
+    MissingCapability(&'static str),
+    /// A KVM ioctl failed.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// The ioctl.
+        what: &'static str,
+        /// Cause.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel loading.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// vCPU set-up.
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    /// State capture or restore.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Snapshot files.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// Device set-up.
+    #[error("device set-up failed: {0}")]
+    Devices(#[from] ftvm_devices::bus::BusError),
+    /// The guest crashed.
+    #[error("guest crashed: {0}")]
+    GuestCrash(String),
+    /// The guest triple-faulted or otherwise shut the vCPU down.
+    #[error("guest shut down the vCPU (triple fault) at rip {rip:#x}")]
+    GuestShutdown {
+        /// RIP at the shutdown.
+        rip: u64,
+    },
+    /// The guest idles with nothing that could ever wake it.
+    #[error("guest waits for an event but has no timer armed and no device can wake it")]
+    IdleForever,
+    /// KVM could not enter the guest.
+    #[error("KVM could not enter the guest: {0}")]
+    EntryFailed(String),
+    /// An exit ftvm does not handle.
+    #[error("unhandled VM exit: {0}")]
+    UnhandledExit(String),
+    /// A snapshot cannot be taken now.
+    #[error("cannot capture state: {0}")]
+    NotQuiescent(&'static str),
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// How the VMM handles a guest idling until its timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IdlePolicy {
+    /// Sleep until host time since boot reaches the virtual deadline (default).
+    #[default]
+    Sleep,
+    /// Jump virtual time to the deadline at once.
+    Skip,
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// The kernel image (ELF or bzImage).
+    pub kernel: Vec<u8>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Optional initrd.
+    pub initrd: Option<Vec<u8>>,
+    /// Seed of the platform entropy stream.
+    pub entropy_seed: u64,
+    /// Idle handling.
+    pub idle: IdlePolicy,
+}
+
+/// When [`Vm::run`] should return before the guest powers off.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunLimits {
+    /// Return once this many exits (since boot) have been handled.
+    pub max_exits: Option<u64>,
+    /// Return when the guest writes this value to the MARKER port.
+    pub stop_at_marker: Option<u32>,
+}
+
+/// Why [`Vm::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStop {
+    /// The guest powered off with this exit code.
+    PowerOff(u32),
+    /// The exit limit was reached.
+    ExitLimit,
+    /// The guest passed the requested marker.
+    Marker(u32),
+}
+
+/// One VM exit, copied out of the kvm_run area.
+struct ExitRecord {
+    kind: ExitKind,
+    addr: u64,
+    data: [u8; 8],
+    len: usize,
+    action: PlatformAction,
+}
+
+/// A running KVM VM with one vCPU and its devices.
+pub struct Vm {
+    kvm: Kvm,
+    vm: VmFd,
+    vcpu: VcpuFd,
+    mem: GuestMem,
+    mem_mib: u64,
+    devices: DeviceManager,
+    world: Box<dyn World>,
+    caps: StateCaps,
+    cpuid: CpuId,
+    sync_regs: bool,
+    exits: u64,
+    trace: ExitTrace,
+    /// Pages written since boot (or restore): what a snapshot must hold.
+    touched: PageSet,
+    /// Pages written since the last [`Vm::take_dirty_pages`].
+    dirty: PageSet,
+    idle: IdlePolicy,
+    /// Host instant that corresponds to virtual time zero (for idle pacing).
+    host_epoch: Instant,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("mem_mib", &self.mem_mib)
+            .field("exits", &self.exits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The KVM objects of a VM before a guest is put into it.
+struct KvmParts {
+    kvm: Kvm,
+    vm: VmFd,
+    vcpu: VcpuFd,
+    sync_regs: bool,
+}
+
+fn create_kvm(mem: &GuestMem) -> Result<KvmParts, VmError> {
+    let kvm = Kvm::new().map_err(VmError::KvmUnavailable)?;
+    for (cap, name) in [
+        (Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        (Cap::SignalMsi, "KVM_CAP_SIGNAL_MSI"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCapability(name));
+        }
+    }
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    // The irqchip must exist before the vCPU. No PIT is created: nothing ticks by itself.
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    memory::register(&vm, mem)?;
+    let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+    let sync_regs = kvm.check_extension(Cap::SyncRegs);
+    if sync_regs {
+        vcpu.set_sync_valid_reg(SyncReg::Register);
+    }
+    Ok(KvmParts {
+        kvm,
+        vm,
+        vcpu,
+        sync_regs,
+    })
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    kvm(what)
+}
+
+impl Vm {
+    /// Creates a VM, loads the kernel and prepares the vCPU to enter it.
+    pub fn boot(config: &VmConfig, world: Box<dyn World>) -> Result<Self, VmError> {
+        let mem = memory::allocate(config.mem_mib)?;
+        let entry = boot::load(
+            &mem,
+            config.mem_mib,
+            &BootImage {
+                kernel: &config.kernel,
+                cmdline: &config.cmdline,
+                initrd: config.initrd.as_deref(),
+            },
+        )?;
+        let parts = create_kvm(&mem)?;
+        let cpuid = parts
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        parts
+            .vcpu
+            .set_cpuid2(&cpuid)
+            .map_err(kvm("KVM_SET_CPUID2"))?;
+        cpu::configure(&parts.vcpu, entry.entry)?;
+        let caps = StateCaps::probe(&parts.kvm, &parts.vcpu)?;
+        let devices = DeviceManager::new(config.entropy_seed)?;
+        let touched = PageSet::empty_for(&mem);
+        tracing::debug!(entry = format_args!("{:#x}", entry.entry), kind = ?entry.kind, "kernel loaded");
+        Ok(Self {
+            kvm: parts.kvm,
+            vm: parts.vm,
+            vcpu: parts.vcpu,
+            dirty: touched.clone(),
+            touched,
+            mem,
+            mem_mib: config.mem_mib,
+            devices,
+            world,
+            caps,
+            cpuid,
+            sync_regs: parts.sync_regs,
+            exits: 0,
+            trace: ExitTrace::default(),
+            idle: config.idle,
+            host_epoch: Instant::now(),
+        })
+    }
+
+    /// Creates a VM from the snapshot in `dir`; it continues exactly where the saved VM
+    /// stopped.
+    pub fn restore(dir: &Path, world: Box<dyn World>, idle: IdlePolicy) -> Result<Self, VmError> {
+        let state = snapshot::read_state(dir)?;
+        let mem = memory::allocate(state.mem_mib)?;
+        snapshot::read_memory(dir, &state.memory, &mem)?;
+        let parts = create_kvm(&mem)?;
+        vcpu_state::restore_vm(&parts.vm, &state.vm)?;
+        vcpu_state::restore_vcpu(&parts.vcpu, &state.vcpu)?;
+        let caps = StateCaps::probe(&parts.kvm, &parts.vcpu)?;
+        if state.vcpu.xsave.is_some() && !caps.xsave {
+            return Err(StateError::MissingCapability("XSAVE").into());
+        }
+        let devices = DeviceManager::from_state(&state.devices)?;
+        let mut touched = PageSet::empty_for(&mem);
+        for &(gpa, n) in &state.memory.runs {
+            for p in 0..n {
+                touched.insert(gpa + p * layout::PAGE_SIZE);
+            }
+        }
+        let now = Duration::from_nanos(state.devices.platform.clock.now_ns());
+        Ok(Self {
+            kvm: parts.kvm,
+            vm: parts.vm,
+            vcpu: parts.vcpu,
+            dirty: PageSet::empty_for(&mem),
+            touched,
+            mem,
+            mem_mib: state.mem_mib,
+            devices,
+            world,
+            caps,
+            cpuid: state.vcpu.cpuid.clone(),
+            sync_regs: parts.sync_regs,
+            exits: state.exits,
+            trace: ExitTrace::from_digest(state.exit_trace),
+            idle,
+            host_epoch: Instant::now().checked_sub(now).unwrap_or_else(Instant::now),
+        })
+    }
+
+    /// VM exits handled since boot.
+    pub fn exits(&self) -> u64 {
+        self.exits
+    }
+
+    /// The exit-trace digest since boot.
+    pub fn exit_trace(&self) -> u64 {
+        self.trace.digest()
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// Guest memory size in MiB.
+    pub fn mem_mib(&self) -> u64 {
+        self.mem_mib
+    }
+
+    /// xxh3 hash of all guest memory.
+    pub fn memory_hash(&self) -> Result<u64, VmError> {
+        Ok(memory::hash(&self.mem)?)
+    }
+
+    /// Current virtual time in ns.
+    pub fn virtual_time_ns(&mut self) -> u64 {
+        self.devices.platform().now_ns()
+    }
+
+    /// Runs the guest until it powers off or a limit is reached.
+    pub fn run(&mut self, limits: &RunLimits) -> Result<RunStop, VmError> {
+        let stop = self.run_loop(limits);
+        self.world.flush();
+        stop
+    }
+
+    fn run_loop(&mut self, limits: &RunLimits) -> Result<RunStop, VmError> {
+        loop {
+            if limits.max_exits.is_some_and(|n| self.exits >= n) {
+                return Ok(RunStop::ExitLimit);
+            }
+            self.inject_pending_irqs()?;
+            let Some(exit) = self.run_vcpu_once()? else {
+                continue;
+            };
+            self.exits += 1;
+            let rip = self.rip()?;
+            self.trace
+                .record(exit.kind, rip, exit.addr, &exit.data[..exit.len]);
+            self.devices.platform().on_exit();
+            let out = self.devices.take_console_output();
+            if !out.is_empty() {
+                self.world.console_output(&out);
+            }
+            match exit.action {
+                PlatformAction::None => {}
+                PlatformAction::PowerOff(code) => return Ok(RunStop::PowerOff(code)),
+                PlatformAction::Wait => self.idle()?,
+                PlatformAction::GuestPanic(code) => return Err(self.guest_crash(code)),
+                PlatformAction::Marker(m) => {
+                    tracing::debug!(marker = m, exits = self.exits, "guest marker");
+                    if limits.stop_at_marker == Some(m) {
+                        return Ok(RunStop::Marker(m));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One KVM_RUN. Returns the exit it produced, or `None` when KVM returned without
+    /// an exit (interrupted by a signal), which is not counted.
+    fn run_vcpu_once(&mut self) -> Result<Option<ExitRecord>, VmError> {
+        let exit = match self.vcpu.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(None),
+            Err(source) => {
+                return Err(VmError::Kvm {
+                    what: "KVM_RUN",
+                    source,
+                })
+            }
+        };
+        let mut rec = ExitRecord {
+            kind: ExitKind::IoOut,
+            addr: 0,
+            data: [0; 8],
+            len: 0,
+            action: PlatformAction::None,
+        };
+        let copy = |rec: &mut ExitRecord, d: &[u8]| {
+            rec.len = d.len().min(8);
+            rec.data[..rec.len].copy_from_slice(&d[..rec.len]);
+        };
+        match exit {
+            VcpuExit::IoOut(port, data) => {
+                rec.kind = ExitKind::IoOut;
+                rec.addr = port.into();
+                copy(&mut rec, data);
+                rec.action = self.devices.pio_write(port, data, &self.mem);
+            }
+            VcpuExit::IoIn(port, data) => {
+                rec.kind = ExitKind::IoIn;
+                rec.addr = port.into();
+                self.devices.pio_read(port, data);
+                copy(&mut rec, data);
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                // No MMIO device yet: unclaimed addresses read as all ones.
+                rec.kind = ExitKind::MmioRead;
+                rec.addr = addr;
+                data.fill(0xff);
+                copy(&mut rec, data);
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                rec.kind = ExitKind::MmioWrite;
+                rec.addr = addr;
+                copy(&mut rec, data);
+            }
+            VcpuExit::Shutdown => {
+                let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                return Err(VmError::GuestShutdown { rip });
+            }
+            VcpuExit::FailEntry(reason, _) => {
+                return Err(VmError::EntryFailed(format!(
+                    "hardware entry failure reason {reason:#x}"
+                )))
+            }
+            VcpuExit::InternalError => {
+                return Err(VmError::EntryFailed(
+                    "KVM internal error (emulation failure)".into(),
+                ))
+            }
+            VcpuExit::Intr => return Ok(None),
+            other => return Err(VmError::UnhandledExit(format!("{other:?}"))),
+        }
+        Ok(Some(rec))
+    }
+
+    fn rip(&self) -> Result<u64, VmError> {
+        if self.sync_regs {
+            Ok(self.vcpu.sync_regs().regs.rip)
+        } else {
+            Ok(self.vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?.rip)
+        }
+    }
+
+    /// Delivers the interrupts the devices raised, at this exit boundary.
+    fn inject_pending_irqs(&mut self) -> Result<(), VmError> {
+        let irqs = self.devices.take_pending_irqs();
+        for vector in irqs.msi_vectors {
+            let msi = kvm_msi {
+                address_lo: MSI_ADDRESS,
+                address_hi: 0,
+                data: vector.into(),
+                ..Default::default()
+            };
+            self.vm.signal_msi(msi).map_err(kvm("KVM_SIGNAL_MSI"))?;
+        }
+        for gsi in irqs.gsi_pulses {
+            self.vm
+                .set_irq_line(gsi, true)
+                .and_then(|_| self.vm.set_irq_line(gsi, false))
+                .map_err(kvm("KVM_IRQ_LINE"))?;
+        }
+        Ok(())
+    }
+
+    /// The guest idles: advance virtual time to its timer (pacing against host time if
+    /// so configured) so the timer interrupt is injected before it resumes.
+    fn idle(&mut self) -> Result<(), VmError> {
+        let platform = self.devices.platform();
+        if platform.has_pending_irq() {
+            return Ok(());
+        }
+        let Some(deadline) = platform.timer_deadline() else {
+            return Err(VmError::IdleForever);
+        };
+        if self.idle == IdlePolicy::Sleep {
+            let due = self.host_epoch + Duration::from_nanos(deadline);
+            loop {
+                let now = Instant::now();
+                if now >= due {
+                    break;
+                }
+                std::thread::sleep((due - now).min(MAX_IDLE_SLEEP));
+            }
+        }
+        self.devices.platform().advance_to(deadline);
+        Ok(())
+    }
+
+    fn guest_crash(&mut self, code: u32) -> VmError {
+        const NAMES: [&str; 32] = [
+            "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "?9", "#TS", "#NP",
+            "#SS", "#GP", "#PF", "?15", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "?22", "?23",
+            "?24", "?25", "?26", "?27", "#HV", "#VC", "#SX", "?31",
+        ];
+        if code >= 32 {
+            return VmError::GuestCrash(format!(
+                "the guest reported a software panic (code {code:#x}); see its console output"
+            ));
+        }
+        // The guest's exception stub leaves vector, error code and the CPU frame at RSP.
+        let frame = self.vcpu.get_regs().ok().and_then(|r| {
+            let mut f = [0u64; 4];
+            for (i, w) in f.iter_mut().enumerate() {
+                *w = self.mem.read_obj(GuestAddress(r.rsp + 8 * i as u64)).ok()?;
+            }
+            Some(f)
+        });
+        let name = NAMES[code as usize];
+        match frame {
+            Some([_, error, rip, cs]) => VmError::GuestCrash(format!(
+                "exception {name} (vector {code}), error code {error:#x}, at rip {rip:#x} (cs {cs:#x})"
+            )),
+            None => VmError::GuestCrash(format!("exception {name} (vector {code})")),
+        }
+    }
+
+    /// Completes an I/O instruction KVM left half-done at the last exit (an IN's
+    /// destination register, the RIP advance) with an immediate-exit KVM_RUN, which
+    /// finishes the pending work and returns without entering the guest.
+    fn complete_pending_io(&mut self) -> Result<(), VmError> {
+        self.vcpu.set_kvm_immediate_exit(1);
+        let r = self.vcpu.run().map(|e| format!("{e:?}"));
+        self.vcpu.set_kvm_immediate_exit(0);
+        match r {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(source) => Err(VmError::Kvm {
+                what: "KVM_RUN (immediate exit)",
+                source,
+            }),
+            Ok(_) => Err(VmError::NotQuiescent(
+                "the vCPU is in the middle of a string I/O instruction",
+            )),
+        }
+    }
+
+    /// The pages written since the previous call (or since boot): KVM's dirty log of
+    /// guest writes merged with the pages the VMM and its devices wrote.
+    pub fn take_dirty_pages(&mut self) -> Result<PageSet, VmError> {
+        self.collect_dirty()?;
+        let empty = PageSet::empty_for(&self.mem);
+        Ok(std::mem::replace(&mut self.dirty, empty))
+    }
+
+    fn collect_dirty(&mut self) -> Result<(), VmError> {
+        let fresh = memory::collect_dirty(&self.vm, &self.mem)?;
+        self.dirty.union_with(&fresh);
+        self.touched.union_with(&fresh);
+        Ok(())
+    }
+
+    /// Captures the whole VM into a snapshot directory. The VM can keep running
+    /// afterwards.
+    pub fn save(&mut self, dir: &Path) -> Result<SavedSizes, VmError> {
+        self.complete_pending_io()?;
+        let vcpu = vcpu_state::capture_vcpu(&self.vcpu, &self.caps, &self.cpuid)?;
+        let vm = vcpu_state::capture_vm(&self.vm)?;
+        self.collect_dirty()?;
+        let state = SnapshotState {
+            writer: env!("CARGO_PKG_VERSION").to_string(),
+            mem_mib: self.mem_mib,
+            memory: snapshot::MemoryIndex {
+                runs: Vec::new(),
+                checksum: 0,
+            },
+            vcpu,
+            vm,
+            devices: self.devices.state(),
+            exits: self.exits,
+            exit_trace: self.trace.digest(),
+        };
+        Ok(snapshot::write(dir, &self.mem, &self.touched, state)?)
+    }
+
+    /// Captures vCPU, VM-level and device state without writing anything (what a
+    /// checkpoint pause costs). Returns the serialized size.
+    pub fn capture_state_size(&mut self) -> Result<usize, VmError> {
+        self.complete_pending_io()?;
+        let vcpu = vcpu_state::capture_vcpu(&self.vcpu, &self.caps, &self.cpuid)?;
+        let vm = vcpu_state::capture_vm(&self.vm)?;
+        let devices = self.devices.state();
+        let size = bincode::serialized_size(&(vcpu, vm, devices)).unwrap_or(0);
+        Ok(size as usize)
+    }
+
+    /// Whether the KVM of this VM reports `cap` (diagnostics).
+    pub fn has_capability(&self, cap: Cap) -> bool {
+        self.kvm.check_extension(cap)
+    }
+}
