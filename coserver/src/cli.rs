@@ -59,7 +59,7 @@ pub struct RunArgs {
     /// Snapshot directory for --save-at-exit.
     #[arg(long, value_name = "DIR", requires = "save_at_exit")]
     pub save: Option<PathBuf>,
-    /// Print exits, exit-trace, memory-hash and exit-code at the end.
+    /// Print exits, exit-trace, memory-hash and exit-code at the end (on stderr).
     #[arg(long)]
     pub report: bool,
     /// How an idle guest waits for its timer.
@@ -73,7 +73,7 @@ pub struct RestoreArgs {
     /// Snapshot directory.
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
-    /// Print exits, exit-trace, memory-hash and exit-code at the end.
+    /// Print exits, exit-trace, memory-hash and exit-code at the end (on stderr).
     #[arg(long)]
     pub report: bool,
     /// How an idle guest waits for its timer.

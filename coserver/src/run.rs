@@ -123,12 +123,18 @@ fn finish(vm: &Vm, stop: RunStop, report: bool) -> Result<i32, RunError> {
     Ok(code as i32)
 }
 
+/// Prints the report on stderr, so that stdout stays exactly the guest's console bytes
+/// (a run stopped for a snapshot may end in the middle of a console line).
 fn print_report(vm: &Vm, exit_code: Option<u32>) -> Result<(), RunError> {
-    println!("exits: {}", vm.exits());
-    println!("exit-trace: {:016x}", vm.exit_trace());
-    println!("memory-hash: {:016x}", vm.memory_hash()?);
+    let mut lines = format!(
+        "exits: {}\nexit-trace: {:016x}\nmemory-hash: {:016x}\n",
+        vm.exits(),
+        vm.exit_trace(),
+        vm.memory_hash()?
+    );
     if let Some(code) = exit_code {
-        println!("exit-code: {code}");
+        lines.push_str(&format!("exit-code: {code}\n"));
     }
+    eprint!("{lines}");
     Ok(())
 }

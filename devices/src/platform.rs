@@ -277,9 +277,8 @@ mod tests {
         m.read_slice(&mut page, GuestAddress(0x2000)).unwrap();
         assert!(page.iter().any(|&b| b != 0));
         let region = m.iter().next().unwrap();
-        use vm_memory::GuestMemoryRegion;
-        assert!(region.bitmap().is_addr_set(0x2000));
-        assert!(!region.bitmap().is_addr_set(0x3000));
+        assert!(region.get_mmap().bitmap().is_addr_set(0x2000));
+        assert!(!region.get_mmap().bitmap().is_addr_set(0x3000));
 
         p.write(reg::DMA_ADDR_LO, 0xf000, &m);
         p.write(reg::ENTROPY_FILL, 0x2000, &m);

@@ -17,6 +17,8 @@
 //!
 //! A bad command line prints `ftvm-testguest: error: ...` and exits with code 2.
 
+#![warn(missing_docs)]
+
 /// The test guest kernel: a static, non-PIE x86-64 ELF executable whose PT_LOAD segments
 /// (physical = virtual addresses) lie in [1 MiB, 4 MiB); entry point `_start` at 1 MiB.
 pub const TEST_GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ftvm-testguest"));

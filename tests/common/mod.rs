@@ -54,9 +54,9 @@ pub fn run_ftvm(args: &[&str]) -> Output {
 pub struct Outcome {
     /// Process exit code.
     pub code: i32,
-    /// stdout without the report lines.
+    /// stdout: the guest's console bytes.
     pub console: String,
-    /// Report fields (exits, exit-trace, memory-hash, exit-code).
+    /// Report fields (exits, exit-trace, memory-hash, exit-code) from stderr.
     pub report: BTreeMap<String, String>,
     /// stderr.
     pub stderr: String,
@@ -64,31 +64,21 @@ pub struct Outcome {
 
 const REPORT_KEYS: [&str; 4] = ["exits", "exit-trace", "memory-hash", "exit-code"];
 
-/// Splits stdout into console and report lines. Report lines come last.
+/// Splits an invocation into console (stdout, exactly the guest's bytes) and the
+/// report lines `ftvm --report` prints on stderr.
 pub fn outcome(out: &Output) -> Outcome {
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let console = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let mut report = BTreeMap::new();
-    let mut console = stdout.as_str();
-    // Peel report lines off the end.
-    loop {
-        let trimmed = console.strip_suffix('\n').unwrap_or(console);
-        let (head, last) = match trimmed.rfind('\n') {
-            Some(i) => (&console[..i + 1], &trimmed[i + 1..]),
-            None => ("", trimmed),
-        };
-        match last.split_once(": ") {
-            Some((k, v)) if REPORT_KEYS.contains(&k) && !report.contains_key(k) => {
-                report.insert(k.to_string(), v.to_string());
-                console = head;
-            }
-            _ => break,
-        }
-    }
+    let report = stderr
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .filter(|(k, _)| REPORT_KEYS.contains(k))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     assert!(!stderr.contains("panicked"), "ftvm panicked:\n{stderr}");
     Outcome {
         code: out.status.code().unwrap_or(-1),
-        console: console.to_string(),
+        console,
         report,
         stderr,
     }

@@ -3,14 +3,14 @@
 //! (the guest pages listed in the state, back to back). See docs/snapshot-format.md.
 
 use std::fs::File;
-use std::io::{BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use bincode::Options;
 use ftvm_devices::manager::DevicesState;
 use ftvm_devices::GuestMem;
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::layout::PAGE_SIZE;
 use crate::memory::{self, MemoryError, PageSet};
@@ -273,7 +273,7 @@ pub fn read_memory(dir: &Path, index: &MemoryIndex, mem: &GuestMem) -> Result<()
             found: size,
         });
     }
-    let mut reader = BufReader::with_capacity(1 << 20, f);
+    let mut reader = f;
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     for &(gpa, n) in &index.runs {
         let region = mem
@@ -283,10 +283,18 @@ pub fn read_memory(dir: &Path, index: &MemoryIndex, mem: &GuestMem) -> Result<()
                 gpa >= start && n <= r.len() / PAGE_SIZE && gpa - start <= r.len() - n * PAGE_SIZE
             })
             .ok_or_else(|| SnapshotError::PageOutOfRange(path.clone()))?;
+        let len = (n * PAGE_SIZE) as usize;
+        mem.read_exact_volatile_from(GuestAddress(gpa), &mut reader, len)
+            .map_err(|e| SnapshotError::Io {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
         let off = (gpa - region.start_addr().0) as usize;
-        let bytes = &mut memory::region_bytes_mut(region)?[off..off + (n * PAGE_SIZE) as usize];
-        reader.read_exact(bytes).map_err(io(&path))?;
-        hasher.update(bytes);
+        hasher.update(&memory::region_bytes(region)?[off..off + len]);
+    }
+    // Restored pages are the baseline, not writes since it: clear the VMM bitmap.
+    for region in mem.iter() {
+        region.get_mmap().bitmap().reset();
     }
     if hasher.digest() != index.checksum {
         return Err(SnapshotError::Checksum(path));

@@ -29,12 +29,17 @@ pub const IRQ_BASE_VECTOR: usize = 0x30;
 /// Number of external interrupt vectors handled.
 pub const IRQ_VECTORS: usize = 16;
 
-/// Page-table entry bits.
+/// Page-table entry bit: present.
 const PTE_P: u64 = 1 << 0;
+/// Page-table entry bit: writable.
 const PTE_W: u64 = 1 << 1;
+/// Page-table entry bit: user-accessible.
 const PTE_U: u64 = 1 << 2;
+/// Page-table entry bit: write-through.
 const PTE_PWT: u64 = 1 << 3;
+/// Page-table entry bit: cache disable.
 const PTE_PCD: u64 = 1 << 4;
+/// Page-directory entry bit: 2 MiB page.
 const PTE_PS: u64 = 1 << 7;
 /// Size of a large (2 MiB) page.
 const LARGE_PAGE: u64 = 2 << 20;
@@ -63,6 +68,7 @@ pub static IRQ_COUNTS: [AtomicU64; IRQ_VECTORS] = [const { AtomicU64::new(0) }; 
 #[repr(C, align(16))]
 struct Gdt([u64; 7]);
 
+/// The GDT (see [`Gdt`]).
 static mut GDT: Gdt = Gdt([
     0,
     0x00af_9b00_0000_ffff,
@@ -81,13 +87,21 @@ const IOMAP_BYTES: usize = IOMAP_PORTS / 8 + 1;
 /// A 64-bit task-state segment followed by its I/O permission bitmap.
 #[repr(C, packed)]
 struct Tss {
+    /// Reserved.
     reserved0: u32,
+    /// Stack pointers for CPL0-2; RSP0 is used on interrupts from CPL3.
     rsp: [u64; 3],
+    /// Reserved.
     reserved1: u64,
+    /// Interrupt stack table (unused).
     ist: [u64; 7],
+    /// Reserved.
     reserved2: u64,
+    /// Reserved.
     reserved3: u16,
+    /// Offset of `iomap` from the start of the TSS.
     iomap_base: u16,
+    /// The I/O permission bitmap (bit set = port denied) and its trailing 0xff byte.
     iomap: [u8; IOMAP_BYTES],
 }
 
@@ -119,6 +133,7 @@ const fn iomap() -> [u8; IOMAP_BYTES] {
     map
 }
 
+/// The TSS; RSP0 is filled in by [`cpl0_init`].
 static mut TSS: AlignedTss = AlignedTss(Tss {
     reserved0: 0,
     rsp: [0; 3],
@@ -135,6 +150,7 @@ static mut TSS: AlignedTss = AlignedTss(Tss {
 #[repr(C, align(16))]
 struct Idt([[u64; 2]; 256]);
 
+/// The IDT (see [`Idt`]).
 #[link_section = ".data.ftvm_idt"]
 static mut IDT: Idt = Idt([[0; 2]; 256]);
 
