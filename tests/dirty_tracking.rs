@@ -114,9 +114,18 @@ fn a_restored_vm_reports_only_new_writes() {
     let dirty = restored.take_dirty_pages().expect("dirty");
     assert!(dirty.contains(WORK_BASE + 7 * PAGE_SIZE));
     assert!(dirty.contains(WORK_BASE + 9 * PAGE_SIZE));
+    // The original, which kept running after the save, and the copy end identically.
     assert_eq!(
-        restored.memory_hash().expect("hash") != 0,
-        true,
-        "memory is readable after restore"
+        vm.run(&RunLimits::default()).expect("run"),
+        RunStop::PowerOff(0)
+    );
+    assert_eq!(
+        restored.run(&RunLimits::default()).expect("run"),
+        RunStop::PowerOff(0)
+    );
+    assert_eq!(vm.exit_trace(), restored.exit_trace());
+    assert_eq!(
+        vm.memory_hash().expect("hash"),
+        restored.memory_hash().expect("hash")
     );
 }
