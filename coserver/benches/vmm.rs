@@ -79,17 +79,32 @@ fn capture() -> (usize, Duration, Duration) {
         size = vm.capture_state_size().expect("capture");
         samples.push(t.elapsed());
     }
-    (size, percentile(&mut samples, 0.5), percentile(&mut samples, 0.99))
+    (
+        size,
+        percentile(&mut samples, 0.5),
+        percentile(&mut samples, 0.99),
+    )
 }
 
 fn main() {
     println!("ftvm VMM core benchmark\n");
     let (p50, min) = startup();
-    println!("| start-up to first console line (ftvm run, 20 runs) | p50 {} | min {} |", ms(p50), ms(min));
+    println!(
+        "| start-up to first console line (ftvm run, 20 runs) | p50 {} | min {} |",
+        ms(p50),
+        ms(min)
+    );
     let (exits, per_exit) = exit_round_trip();
-    println!("| exit round trip (PIO from CPL3, {exits} exits) | {} per exit | |", us(per_exit));
+    println!(
+        "| exit round trip (PIO from CPL3, {exits} exits) | {} per exit | |",
+        us(per_exit)
+    );
     let (size, p50, p99) = capture();
-    println!("| state capture (vCPU + VM + devices, {size} bytes) | p50 {} | p99 {} |", us(p50), us(p99));
+    println!(
+        "| state capture (vCPU + VM + devices, {size} bytes) | p50 {} | p99 {} |",
+        us(p50),
+        us(p99)
+    );
     println!();
     println!("| guest memory | dirty | pages in snapshot | save | restore | memory.bin |");
     println!("|---|---|---|---|---|---|");
@@ -97,8 +112,14 @@ fn main() {
         for pct in [1u64, 10, 100] {
             let work_pages = ((mem_mib - 4) << 20) / 4096;
             let pages = (work_pages * pct / 100).max(1);
-            let mut vm = boot(mem_mib, &format!("workload=counter pages={pages} steps=1 tick_ms=0"));
-            assert_eq!(vm.run(&RunLimits::default()).expect("run"), RunStop::PowerOff(0));
+            let mut vm = boot(
+                mem_mib,
+                &format!("workload=counter pages={pages} steps=1 tick_ms=0"),
+            );
+            assert_eq!(
+                vm.run(&RunLimits::default()).expect("run"),
+                RunStop::PowerOff(0)
+            );
             let dir = tempfile::tempdir().expect("tempdir");
             let t = Instant::now();
             let sizes = vm.save(dir.path()).expect("save");
