@@ -153,7 +153,6 @@ struct ExitRecord {
 
 /// A running KVM VM with one vCPU and its devices.
 pub struct Vm {
-    kvm: Kvm,
     vm: VmFd,
     vcpu: VcpuFd,
     mem: GuestMem,
@@ -255,7 +254,6 @@ impl Vm {
         let touched = PageSet::empty_for(&mem);
         tracing::debug!(entry = format_args!("{:#x}", entry.entry), kind = ?entry.kind, "kernel loaded");
         Ok(Self {
-            kvm: parts.kvm,
             vm: parts.vm,
             vcpu: parts.vcpu,
             dirty: touched.clone(),
@@ -296,7 +294,6 @@ impl Vm {
         }
         let now = Duration::from_nanos(state.devices.platform.clock.now_ns());
         Ok(Self {
-            kvm: parts.kvm,
             vm: parts.vm,
             vcpu: parts.vcpu,
             dirty: PageSet::empty_for(&mem),
@@ -601,10 +598,5 @@ impl Vm {
         let devices = self.devices.state();
         let size = bincode::serialized_size(&(vcpu, vm, devices)).unwrap_or(0);
         Ok(size as usize)
-    }
-
-    /// Whether the KVM of this VM reports `cap` (diagnostics).
-    pub fn has_capability(&self, cap: Cap) -> bool {
-        self.kvm.check_extension(cap)
     }
 }

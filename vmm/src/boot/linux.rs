@@ -266,6 +266,40 @@ mod tests {
     }
 
     #[test]
+    fn elf_that_does_not_fit_is_refused() {
+        let guest = ftvm_guest_images::TEST_GUEST_ELF;
+        // The test guest loads up to ~1.2 MiB: fine in 8 MiB; a truncated file is not.
+        let mem = memory::allocate(8).unwrap();
+        let entry = load(
+            &mem,
+            8,
+            &BootImage {
+                kernel: guest,
+                cmdline: "",
+                initrd: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(entry.kind, KernelKind::Elf);
+        assert!(entry.entry >= layout::HIMEM_START);
+        let truncated = &guest[..guest.len() / 2];
+        let err = load(
+            &mem,
+            8,
+            &BootImage {
+                kernel: truncated,
+                cmdline: "",
+                initrd: None,
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, BootError::ElfSegments { mem_mib: 8 }),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn garbage_and_bad_cmdline_are_refused() {
         let mem = memory::allocate(16).unwrap();
         let err = load(

@@ -42,6 +42,12 @@ pub enum BootError {
         /// Guest memory size.
         mem_mib: u64,
     },
+    /// An ELF segment lies outside guest memory or past the end of the file.
+    #[error("the ELF kernel's segments do not fit in {mem_mib} MiB of guest memory, or the file is truncated")]
+    ElfSegments {
+        /// Guest memory size.
+        mem_mib: u64,
+    },
     /// The command line is invalid or too long.
     #[error("invalid kernel command line: {0}")]
     Cmdline(linux_loader::cmdline::Error),
@@ -111,10 +117,7 @@ pub fn load(mem: &GuestMem, mem_mib: u64, image: &BootImage) -> Result<BootEntry
             Elf::load(mem, None, &mut Cursor::new(image.kernel), himem).map_err(|e| match e {
                 linux_loader::loader::Error::Elf(
                     linux_loader::loader::elf::Error::ReadKernelImage,
-                ) => BootError::TooLarge {
-                    end: u64::MAX,
-                    mem_mib,
-                },
+                ) => BootError::ElfSegments { mem_mib },
                 e => BootError::Elf(e),
             })?;
         (r, KernelKind::Elf)
