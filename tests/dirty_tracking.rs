@@ -4,9 +4,10 @@
 #[path = "common/kvm.rs"]
 mod kvm;
 
+use ftvm_devices::world::live::IdlePacing;
 use ftvm_devices::world::{LiveWorld, SharedBuffer};
 use ftvm_guest_images::{PAGE_SIZE, TEST_GUEST_ELF, WORK_BASE};
-use ftvm_vmm::{IdlePolicy, RunLimits, RunStop, Vm, VmConfig};
+use ftvm_vmm::{RunLimits, RunStop, Vm, VmConfig};
 
 fn boot(cmdline: &str) -> (Vm, SharedBuffer) {
     let console = SharedBuffer::default();
@@ -16,9 +17,14 @@ fn boot(cmdline: &str) -> (Vm, SharedBuffer) {
         cmdline: cmdline.to_string(),
         initrd: None,
         entropy_seed: 0,
-        idle: IdlePolicy::Skip,
+        devices: Vec::new(),
+        attachments: Default::default(),
     };
-    let vm = Vm::boot(&config, Box::new(LiveWorld::new(console.clone()))).expect("boot");
+    let vm = Vm::boot(
+        &config,
+        Box::new(LiveWorld::new(console.clone()).with_pacing(IdlePacing::Skip)),
+    )
+    .expect("boot");
     (vm, console)
 }
 
@@ -102,8 +108,7 @@ fn a_restored_vm_reports_only_new_writes() {
     vm.save(dir.path()).expect("save");
     let mut restored = Vm::restore(
         dir.path(),
-        Box::new(LiveWorld::new(SharedBuffer::default())),
-        IdlePolicy::Skip,
+        Box::new(LiveWorld::new(SharedBuffer::default()).with_pacing(IdlePacing::Skip)),
     )
     .expect("restore");
     assert!(

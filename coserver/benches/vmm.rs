@@ -5,9 +5,10 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ftvm_devices::world::live::IdlePacing;
 use ftvm_devices::world::{LiveWorld, SharedBuffer};
 use ftvm_guest_images::TEST_GUEST_ELF;
-use ftvm_vmm::{IdlePolicy, RunLimits, RunStop, Vm, VmConfig};
+use ftvm_vmm::{RunLimits, RunStop, Vm, VmConfig};
 
 fn boot(mem_mib: u64, cmdline: &str) -> Vm {
     let config = VmConfig {
@@ -16,9 +17,14 @@ fn boot(mem_mib: u64, cmdline: &str) -> Vm {
         cmdline: cmdline.to_string(),
         initrd: None,
         entropy_seed: 0,
-        idle: IdlePolicy::Skip,
+        devices: Vec::new(),
+        attachments: Default::default(),
     };
-    Vm::boot(&config, Box::new(LiveWorld::new(SharedBuffer::default()))).expect("boot")
+    Vm::boot(
+        &config,
+        Box::new(LiveWorld::new(SharedBuffer::default()).with_pacing(IdlePacing::Skip)),
+    )
+    .expect("boot")
 }
 
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
@@ -128,8 +134,7 @@ fn main() {
             let t = Instant::now();
             let restored = Vm::restore(
                 dir.path(),
-                Box::new(LiveWorld::new(SharedBuffer::default())),
-                IdlePolicy::Skip,
+                Box::new(LiveWorld::new(SharedBuffer::default()).with_pacing(IdlePacing::Skip)),
             )
             .expect("restore");
             let restore = t.elapsed();

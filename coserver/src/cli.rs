@@ -21,6 +21,9 @@ pub enum Command {
     Run(RunArgs),
     /// Continue a VM from a snapshot directory written by `run --save`.
     Restore(RestoreArgs),
+    /// Re-run a recorded run (`run --record`) from its input log, with no disk or tap,
+    /// and report whether it retraced the recording.
+    Replay(ReplayArgs),
 }
 
 /// How an idle guest waits for its timer.
@@ -31,6 +34,17 @@ pub enum Idle {
     Sleep,
     /// Skip ahead at once (same guest-visible behaviour, less wall time).
     Skip,
+}
+
+/// Host attachments shared by `run` and `restore`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct AttachArgs {
+    /// Disk image for a virtio-blk device; append ",ro" for a read-only disk.
+    #[arg(long, value_name = "FILE[,ro]")]
+    pub disk: Option<String>,
+    /// Existing tap interface for a virtio-net device.
+    #[arg(long, value_name = "IFNAME")]
+    pub tap: Option<String>,
 }
 
 /// Options of `ftvm run`.
@@ -53,13 +67,28 @@ pub struct RunArgs {
     /// Seed of the guest's entropy stream (runs with the same seed are identical).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub entropy_seed: u64,
+    /// Disk and tap.
+    #[command(flatten)]
+    pub attach: AttachArgs,
+    /// The guest's MAC address (with --tap).
+    #[arg(
+        long,
+        value_name = "MAC",
+        requires = "tap",
+        default_value = "52:54:00:f7:00:01"
+    )]
+    pub mac: String,
     /// Stop after N VM exits and write a snapshot (requires --save).
     #[arg(long, value_name = "N", requires = "save")]
     pub save_at_exit: Option<u64>,
     /// Snapshot directory for --save-at-exit.
     #[arg(long, value_name = "DIR", requires = "save_at_exit")]
     pub save: Option<PathBuf>,
-    /// Print exits, exit-trace, memory-hash and exit-code at the end (on stderr).
+    /// Record the run's inputs (packets, disk reads, wake-ups) to LOG for `ftvm replay`.
+    #[arg(long, value_name = "LOG")]
+    pub record: Option<PathBuf>,
+    /// Print exits, exit-trace, memory-hash, output-digest and exit-code at the end
+    /// (on stderr).
     #[arg(long)]
     pub report: bool,
     /// How an idle guest waits for its timer.
@@ -73,10 +102,25 @@ pub struct RestoreArgs {
     /// Snapshot directory.
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
-    /// Print exits, exit-trace, memory-hash and exit-code at the end (on stderr).
+    /// Reattach to another disk or tap than the snapshot names.
+    #[command(flatten)]
+    pub attach: AttachArgs,
+    /// Print exits, exit-trace, memory-hash, output-digest and exit-code at the end
+    /// (on stderr).
     #[arg(long)]
     pub report: bool,
     /// How an idle guest waits for its timer.
     #[arg(long, value_enum, default_value_t = Idle::Sleep)]
     pub idle: Idle,
+}
+
+/// Options of `ftvm replay`.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Recording written by `run --record`.
+    #[arg(value_name = "LOG")]
+    pub log: PathBuf,
+    /// Print the report of the replayed run (on stderr).
+    #[arg(long)]
+    pub report: bool,
 }

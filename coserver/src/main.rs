@@ -1,6 +1,8 @@
 //! `ftvm`: runs a guest on KVM, snapshots and restores it.
 
+mod attach;
 mod cli;
+mod recording;
 mod run;
 
 use clap::Parser;
@@ -20,6 +22,7 @@ fn main() {
     let result = match args.command {
         cli::Command::Run(a) => run::run(&a),
         cli::Command::Restore(a) => run::restore(&a),
+        cli::Command::Replay(a) => run::replay(&a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1,11 +1,15 @@
-//! `ftvm run` and `ftvm restore`: a standalone VM with a live World on stdout.
+//! `ftvm run`, `ftvm restore` and `ftvm replay`: a standalone VM with a live, recording
+//! or replaying World.
 
 use std::path::{Path, PathBuf};
 
-use ftvm_devices::world::LiveWorld;
-use ftvm_vmm::{IdlePolicy, RunLimits, RunStop, Vm, VmConfig, VmError};
+use ftvm_devices::world::record::{RecordingWorld, ReplayWorld};
+use ftvm_devices::world::World;
+use ftvm_vmm::{snapshot, Attachments, RunLimits, RunStop, Vm, VmConfig, VmError};
 
-use crate::cli::{Idle, RestoreArgs, RunArgs};
+use crate::attach::{self, AttachError};
+use crate::cli::{ReplayArgs, RestoreArgs, RunArgs};
+use crate::recording::{self, KernelSource, Recording, RecordingError, Summary};
 
 /// Default command line for a kernel given with --kernel.
 const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
@@ -26,6 +30,12 @@ pub enum RunError {
     /// The VM failed.
     #[error("{0}")]
     Vm(#[from] VmError),
+    /// Disk or tap.
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    /// A recording file.
+    #[error(transparent)]
+    Recording(#[from] RecordingError),
     /// The guest stopped before the requested snapshot point.
     #[error("the guest powered off with exit code {code} after {exits} exits, before exit {wanted}; no snapshot written")]
     EndedBeforeSave {
@@ -36,6 +46,12 @@ pub enum RunError {
         /// The requested exit.
         wanted: u64,
     },
+    /// A replay did not retrace its recording.
+    #[error("the replay differs from the recording: {0}")]
+    ReplayDiffers(String),
+    /// --record together with --save.
+    #[error("--record records a whole run; it cannot be combined with --save-at-exit")]
+    RecordWithSave,
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, RunError> {
@@ -46,23 +62,40 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, RunError> {
     })
 }
 
-fn idle_policy(idle: Idle) -> IdlePolicy {
-    match idle {
-        Idle::Sleep => IdlePolicy::Sleep,
-        Idle::Skip => IdlePolicy::Skip,
-    }
-}
-
-fn stdout_world() -> Box<LiveWorld<std::io::Stdout>> {
-    Box::new(LiveWorld::new(std::io::stdout()))
+fn attachments(args: &crate::cli::AttachArgs) -> Result<Attachments, RunError> {
+    Ok(Attachments {
+        disks: args
+            .disk
+            .as_deref()
+            .map(attach::parse_disk)
+            .transpose()?
+            .into_iter()
+            .collect(),
+        tap: args.tap.clone(),
+    })
 }
 
 /// Boots a VM as `args` say; returns the process exit code.
 pub fn run(args: &RunArgs) -> Result<i32, RunError> {
-    let (kernel, default_cmdline) = match &args.kernel {
-        Some(path) => (read("kernel", path)?, DEFAULT_LINUX_CMDLINE),
+    if args.record.is_some() && args.save.is_some() {
+        return Err(RunError::RecordWithSave);
+    }
+    let (kernel, source, default_cmdline) = match &args.kernel {
+        Some(path) => {
+            let bytes = read("kernel", path)?;
+            let hash = xxhash_rust::xxh3::xxh3_64(&bytes);
+            (
+                bytes,
+                KernelSource::File {
+                    path: path.clone(),
+                    hash,
+                },
+                DEFAULT_LINUX_CMDLINE,
+            )
+        }
         None => (
             ftvm_guest_images::TEST_GUEST_ELF.to_vec(),
+            KernelSource::Builtin,
             ftvm_guest_images::DEFAULT_CMDLINE,
         ),
     };
@@ -71,66 +104,184 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
         .as_deref()
         .map(|p| read("initrd", p))
         .transpose()?;
+    let attachments = attachments(&args.attach)?;
+    let mac = attach::parse_mac(&args.mac)?;
+    let (live, devices) = attach::live_world(&attachments, mac, args.idle)?;
+    let cmdline = args
+        .cmdline
+        .clone()
+        .unwrap_or_else(|| default_cmdline.to_string());
     let config = VmConfig {
         mem_mib: args.mem,
         kernel,
-        cmdline: args
-            .cmdline
-            .clone()
-            .unwrap_or_else(|| default_cmdline.to_string()),
+        cmdline: cmdline.clone(),
         initrd,
         entropy_seed: args.entropy_seed,
-        idle: idle_policy(args.idle),
+        devices: devices.clone(),
+        attachments: attachments.clone(),
     };
-    let mut vm = Vm::boot(&config, stdout_world())?;
+    let has_network = attachments.tap.is_some();
+    let (world, log): (Box<dyn World>, _) = match &args.record {
+        Some(_) => {
+            let rec = RecordingWorld::new(live);
+            let log = rec.log_handle();
+            (Box::new(rec), Some(log))
+        }
+        None => (Box::new(live), None),
+    };
+    let mut vm = Vm::boot(&config, world)?;
     let limits = RunLimits {
         max_exits: args.save_at_exit,
         stop_at_marker: None,
     };
-    match (vm.run(&limits)?, &args.save, args.save_at_exit) {
-        (RunStop::ExitLimit, Some(dir), _) => {
-            vm.save(dir)?;
-            if args.report {
-                print_report(&vm, None)?;
-            }
-            Ok(0)
+    let stop = vm.run(&limits)?;
+    if let (RunStop::ExitLimit, Some(dir)) = (stop, &args.save) {
+        vm.save(dir)?;
+        if args.report {
+            print_report(&vm, None)?;
         }
-        (RunStop::PowerOff(code), Some(_), Some(wanted)) => Err(RunError::EndedBeforeSave {
+        return Ok(0);
+    }
+    if let (RunStop::PowerOff(code), Some(wanted)) = (stop, args.save_at_exit) {
+        return Err(RunError::EndedBeforeSave {
             code,
             exits: vm.exits(),
             wanted,
-        }),
-        (stop, _, _) => finish(&vm, stop, args.report),
+        });
     }
+    let code = exit_code(stop);
+    if let (Some(path), Some(log)) = (&args.record, log) {
+        let log = log.lock().map(|l| l.clone()).unwrap_or_default();
+        recording::write(
+            path,
+            &Recording {
+                kernel: source,
+                cmdline,
+                mem_mib: args.mem,
+                entropy_seed: args.entropy_seed,
+                devices,
+                has_network,
+                log,
+                summary: summary(&vm, code)?,
+            },
+        )?;
+    }
+    if args.report {
+        print_report(&vm, Some(code))?;
+    }
+    Ok(code as i32)
 }
 
 /// Continues a VM from a snapshot; returns the process exit code.
 pub fn restore(args: &RestoreArgs) -> Result<i32, RunError> {
-    let mut vm = Vm::restore(&args.dir, stdout_world(), idle_policy(args.idle))?;
+    let state = snapshot::read_state(&args.dir).map_err(VmError::from)?;
+    let mut attachments = state.attachments.clone();
+    if let Some(disk) = &args.attach.disk {
+        attachments.disks = vec![attach::parse_disk(disk)?];
+    }
+    if args.attach.tap.is_some() {
+        attachments.tap = args.attach.tap.clone();
+    }
+    let saved_devices: Vec<_> = state
+        .devices
+        .virtio
+        .iter()
+        .map(|v| v.config().clone())
+        .collect();
+    drop(state);
+    let mac = saved_devices
+        .iter()
+        .find_map(|d| match *d {
+            ftvm_devices::virtio::DeviceConfig::Net { mac } => Some(mac),
+            _ => None,
+        })
+        .unwrap_or([0x52, 0x54, 0, 0xf7, 0, 1]);
+    let (live, devices) = attach::live_world(&attachments, mac, args.idle)?;
+    attach::check_matches(&saved_devices, &devices)?;
+    let mut vm = Vm::restore(&args.dir, Box::new(live))?;
     let stop = vm.run(&RunLimits::default())?;
-    finish(&vm, stop, args.report)
+    let code = exit_code(stop);
+    if args.report {
+        print_report(&vm, Some(code))?;
+    }
+    Ok(code as i32)
 }
 
-fn finish(vm: &Vm, stop: RunStop, report: bool) -> Result<i32, RunError> {
-    let code = match stop {
+/// Replays a recording and checks it retraces the recorded run.
+pub fn replay(args: &ReplayArgs) -> Result<i32, RunError> {
+    let rec = recording::read(&args.log)?;
+    let kernel = match &rec.kernel {
+        KernelSource::Builtin => ftvm_guest_images::TEST_GUEST_ELF.to_vec(),
+        KernelSource::File { path, hash } => {
+            let bytes = read("kernel", path)?;
+            if xxhash_rust::xxh3::xxh3_64(&bytes) != *hash {
+                return Err(RunError::ReplayDiffers(format!(
+                    "kernel {} changed since the recording",
+                    path.display()
+                )));
+            }
+            bytes
+        }
+    };
+    let config = VmConfig {
+        mem_mib: rec.mem_mib,
+        kernel,
+        cmdline: rec.cmdline.clone(),
+        initrd: None,
+        entropy_seed: rec.entropy_seed,
+        devices: rec.devices.clone(),
+        attachments: Attachments::default(),
+    };
+    let world = ReplayWorld::new(rec.log.clone(), rec.has_network);
+    let outputs = world.outputs();
+    let mut vm = Vm::boot(&config, Box::new(world))?;
+    let stop = vm.run(&RunLimits::default())?;
+    let code = exit_code(stop);
+    if let Ok(o) = outputs.lock() {
+        // The replayed console goes to stdout like a live run's.
+        use std::io::Write;
+        let _ = std::io::stdout().write_all(&o.console);
+    }
+    if args.report {
+        print_report(&vm, Some(code))?;
+    }
+    let got = summary(&vm, code)?;
+    if got != rec.summary {
+        return Err(RunError::ReplayDiffers(format!(
+            "recorded {:?}, replayed {:?}",
+            rec.summary, got
+        )));
+    }
+    Ok(code as i32)
+}
+
+fn exit_code(stop: RunStop) -> u32 {
+    match stop {
         RunStop::PowerOff(code) => code,
         // Without limits the loop only returns on power-off.
         RunStop::ExitLimit | RunStop::Marker(_) => 0,
-    };
-    if report {
-        print_report(vm, Some(code))?;
     }
-    Ok(code as i32)
+}
+
+fn summary(vm: &Vm, exit_code: u32) -> Result<Summary, RunError> {
+    Ok(Summary {
+        exits: vm.exits(),
+        exit_trace: vm.exit_trace(),
+        memory_hash: vm.memory_hash()?,
+        output_digest: vm.output_digest(),
+        exit_code,
+    })
 }
 
 /// Prints the report on stderr, so that stdout stays exactly the guest's console bytes
 /// (a run stopped for a snapshot may end in the middle of a console line).
 fn print_report(vm: &Vm, exit_code: Option<u32>) -> Result<(), RunError> {
     let mut lines = format!(
-        "exits: {}\nexit-trace: {:016x}\nmemory-hash: {:016x}\n",
+        "exits: {}\nexit-trace: {:016x}\nmemory-hash: {:016x}\noutput-digest: {:016x}\n",
         vm.exits(),
         vm.exit_trace(),
-        vm.memory_hash()?
+        vm.memory_hash()?,
+        vm.output_digest()
     );
     if let Some(code) = exit_code {
         lines.push_str(&format!("exit-code: {code}\n"));

@@ -8,6 +8,8 @@ use crate::platform::{
     Platform, PlatformAction, PlatformState, PLATFORM_PORT_BASE, PLATFORM_PORT_LEN,
 };
 use crate::serial::{SerialConsole, SerialConsoleState, COM1_PORT_BASE, COM1_PORT_LEN};
+use crate::virtio::{self, DeviceConfig, VirtioMmio, VirtioState};
+use crate::world::{World, WorldError};
 use crate::GuestMem;
 
 /// Which device owns a port range.
@@ -40,31 +42,63 @@ pub struct DevicesState {
     pub serial: SerialConsoleState,
     /// The platform device.
     pub platform: PlatformState,
+    /// The virtio devices, in MMIO slot order.
+    pub virtio: Vec<VirtioState>,
 }
+
+/// Errors of device set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum DevicesError {
+    /// Overlapping device ranges.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// A saved queue is inconsistent.
+    #[error(transparent)]
+    Queue(#[from] virtio::transport_error::QueueStateError),
+}
+
+/// Most frames delivered at one exit, so one busy link cannot starve the guest.
+const MAX_RX_PER_EXIT: usize = 8;
 
 /// All devices of a VM.
 #[derive(Debug)]
 pub struct DeviceManager {
     pio: Bus<PioDevice>,
+    mmio: Bus<usize>,
     serial: SerialConsole,
     platform: Platform,
+    virtio: Vec<VirtioMmio>,
 }
 
 impl DeviceManager {
-    /// The standard device set; `entropy_seed` seeds the platform's entropy stream.
-    pub fn new(entropy_seed: u64) -> Result<Self, BusError> {
-        Self::with_devices(SerialConsole::default(), Platform::new(entropy_seed))
-    }
-
-    /// Rebuilds the device set from saved state.
-    pub fn from_state(state: &DevicesState) -> Result<Self, BusError> {
+    /// The standard devices plus the virtio devices `virtio` (in MMIO slot order);
+    /// `entropy_seed` seeds the platform's entropy stream.
+    pub fn new(entropy_seed: u64, virtio: &[DeviceConfig]) -> Result<Self, DevicesError> {
         Self::with_devices(
-            SerialConsole::from_state(&state.serial),
-            Platform::from_state(state.platform.clone()),
+            SerialConsole::default(),
+            Platform::new(entropy_seed),
+            virtio.iter().cloned().map(VirtioMmio::new).collect(),
         )
     }
 
-    fn with_devices(serial: SerialConsole, platform: Platform) -> Result<Self, BusError> {
+    /// Rebuilds the device set from saved state.
+    pub fn from_state(state: &DevicesState) -> Result<Self, DevicesError> {
+        Self::with_devices(
+            SerialConsole::from_state(&state.serial),
+            Platform::from_state(state.platform.clone()),
+            state
+                .virtio
+                .iter()
+                .map(VirtioMmio::from_state)
+                .collect::<Result<_, _>>()?,
+        )
+    }
+
+    fn with_devices(
+        serial: SerialConsole,
+        platform: Platform,
+        virtio: Vec<VirtioMmio>,
+    ) -> Result<Self, DevicesError> {
         let mut pio = Bus::default();
         pio.insert(
             COM1_PORT_BASE.into(),
@@ -76,11 +110,72 @@ impl DeviceManager {
             PLATFORM_PORT_LEN.into(),
             PioDevice::Platform,
         )?;
+        let mut mmio = Bus::default();
+        for i in 0..virtio.len() {
+            mmio.insert(
+                virtio::MMIO_BASE + i as u64 * virtio::MMIO_SIZE,
+                virtio::MMIO_SIZE,
+                i,
+            )?;
+        }
         Ok(Self {
             pio,
+            mmio,
             serial,
             platform,
+            virtio,
         })
+    }
+
+    /// The kernel command-line tokens announcing the virtio devices.
+    pub fn cmdline_tokens(&self) -> Vec<String> {
+        (0..self.virtio.len()).map(virtio::cmdline_token).collect()
+    }
+
+    /// The virtio devices' configurations, in slot order.
+    pub fn virtio_configs(&self) -> Vec<DeviceConfig> {
+        self.virtio.iter().map(|d| d.config().clone()).collect()
+    }
+
+    /// An MMIO read. Unclaimed addresses read as all ones.
+    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        match self.mmio.lookup(addr) {
+            Some((i, off)) => self.virtio[i].read(off, data),
+            None => {
+                tracing::trace!("mmio read from unclaimed address {addr:#x}");
+                data.fill(0xff);
+            }
+        }
+    }
+
+    /// An MMIO write. Writes to unclaimed addresses are ignored.
+    pub fn mmio_write(&mut self, addr: u64, data: &[u8], mem: &GuestMem, world: &mut dyn World) {
+        match self.mmio.lookup(addr) {
+            Some((i, off)) => self.virtio[i].write(off, data, mem, world),
+            None => tracing::trace!("mmio write to unclaimed address {addr:#x}"),
+        }
+    }
+
+    /// Delivers waiting frames from the World into network devices that have receive
+    /// buffers, at exit `exit`.
+    pub fn receive_packets(
+        &mut self,
+        exit: u64,
+        mem: &GuestMem,
+        world: &mut dyn World,
+    ) -> Result<(), WorldError> {
+        for dev in &mut self.virtio {
+            for _ in 0..MAX_RX_PER_EXIT {
+                if !dev.can_receive(mem) {
+                    break;
+                }
+                match world.receive(exit)? {
+                    Some(frame) => dev.deliver(&frame, mem),
+                    None => break,
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The saveable state of every device.
@@ -88,6 +183,7 @@ impl DeviceManager {
         DevicesState {
             serial: self.serial.state(),
             platform: self.platform.state().clone(),
+            virtio: self.virtio.iter().map(VirtioMmio::state).collect(),
         }
     }
 
@@ -147,12 +243,12 @@ impl DeviceManager {
         if self.serial.take_irq() {
             irqs.gsi_pulses.push(crate::serial::COM1_GSI);
         }
+        for (i, dev) in self.virtio.iter_mut().enumerate() {
+            if dev.take_irq() {
+                irqs.gsi_pulses.push(virtio::GSI_BASE + i as u32);
+            }
+        }
         irqs
-    }
-
-    /// Whether anything could ever wake an idle guest (an armed timer, a pending interrupt).
-    pub fn can_wake(&self) -> bool {
-        self.platform.timer_deadline().is_some() || self.platform.has_pending_irq()
     }
 }
 
@@ -164,7 +260,7 @@ mod tests {
     #[test]
     fn routes_ports_and_round_trips_state() {
         let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
-        let mut d = DeviceManager::new(3).unwrap();
+        let mut d = DeviceManager::new(3, &[]).unwrap();
         d.pio_write(0x3f8, b"A", &mem);
         d.pio_write(0x3f8, b"\n", &mem);
         assert_eq!(d.take_console_output(), b"A\n");

@@ -32,7 +32,13 @@ pub struct Outcome {
     pub stderr: String,
 }
 
-const REPORT_KEYS: [&str; 4] = ["exits", "exit-trace", "memory-hash", "exit-code"];
+const REPORT_KEYS: [&str; 5] = [
+    "exits",
+    "exit-trace",
+    "memory-hash",
+    "output-digest",
+    "exit-code",
+];
 
 /// Splits an invocation into console (stdout, exactly the guest's bytes) and the
 /// report lines `ftvm --report` prints on stderr.

@@ -10,9 +10,10 @@ pub mod boot;
 pub mod exit_trace;
 pub mod layout;
 pub mod memory;
+pub mod output_digest;
 pub mod snapshot;
 pub mod vcpu_state;
 pub mod vm;
 
 pub use memory::PageSet;
-pub use vm::{IdlePolicy, RunLimits, RunStop, Vm, VmConfig, VmError};
+pub use vm::{Attachments, RunLimits, RunStop, Vm, VmConfig, VmError};

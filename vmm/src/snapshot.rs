@@ -120,6 +120,10 @@ pub struct SnapshotState {
     pub exits: u64,
     /// Exit-trace digest since boot.
     pub exit_trace: u64,
+    /// Output digest since boot.
+    pub output_digest: u64,
+    /// Host resources the devices were attached to.
+    pub attachments: crate::vm::Attachments,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {

@@ -9,11 +9,11 @@
 //! guest image, command line, entropy seed and inputs.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
-use ftvm_devices::manager::DeviceManager;
+use ftvm_devices::manager::{DeviceManager, DevicesError};
 use ftvm_devices::platform::PlatformAction;
-use ftvm_devices::world::World;
+use ftvm_devices::virtio::DeviceConfig;
+use ftvm_devices::world::{World, WorldError};
 use ftvm_devices::GuestMem;
 use kvm_bindings::{kvm_msi, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
@@ -23,6 +23,7 @@ use crate::boot::{self, cpu, BootError, BootImage};
 use crate::exit_trace::{ExitKind, ExitTrace};
 use crate::layout;
 use crate::memory::{self, MemoryError, PageSet};
+use crate::output_digest::OutputDigestWorld;
 use crate::snapshot::{self, SavedSizes, SnapshotError, SnapshotState};
 use crate::vcpu_state::{self, StateCaps, StateError};
 
@@ -30,8 +31,6 @@ use crate::vcpu_state::{self, StateCaps, StateError};
 const MSI_ADDRESS: u32 = layout::LAPIC_BASE as u32;
 /// Address KVM needs for the TSS on Intel hosts (three pages below the BIOS).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
-/// Longest single host sleep while a guest idles (keeps the loop responsive).
-const MAX_IDLE_SLEEP: Duration = Duration::from_millis(100);
 
 /// Errors of running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +66,10 @@ pub enum VmError {
     Snapshot(#[from] SnapshotError),
     /// Device set-up.
     #[error("device set-up failed: {0}")]
-    Devices(#[from] ftvm_devices::bus::BusError),
+    Devices(#[from] DevicesError),
+    /// The World failed (a host backend, or a replay that diverged).
+    #[error(transparent)]
+    World(#[from] WorldError),
     /// The guest crashed.
     #[error("guest crashed: {0}")]
     GuestCrash(String),
@@ -77,9 +79,6 @@ pub enum VmError {
         /// RIP at the shutdown.
         rip: u64,
     },
-    /// The guest idles with nothing that could ever wake it.
-    #[error("guest waits for an event but has no timer armed and no device can wake it")]
-    IdleForever,
     /// KVM could not enter the guest.
     #[error("KVM could not enter the guest: {0}")]
     EntryFailed(String),
@@ -95,16 +94,6 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
-/// How the VMM handles a guest idling until its timer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum IdlePolicy {
-    /// Sleep until host time since boot reaches the virtual deadline (default).
-    #[default]
-    Sleep,
-    /// Jump virtual time to the deadline at once.
-    Skip,
-}
-
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -118,8 +107,20 @@ pub struct VmConfig {
     pub initrd: Option<Vec<u8>>,
     /// Seed of the platform entropy stream.
     pub entropy_seed: u64,
-    /// Idle handling.
-    pub idle: IdlePolicy,
+    /// Virtio devices, in MMIO slot order; their backends live in the World.
+    pub devices: Vec<DeviceConfig>,
+    /// The host resources the World attaches them to (kept in snapshots so a restore
+    /// can reattach them).
+    pub attachments: Attachments,
+}
+
+/// Host resources behind the virtio devices: recorded, not opened, by the VMM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Attachments {
+    /// Disk images (path, read-only), in World disk order.
+    pub disks: Vec<(std::path::PathBuf, bool)>,
+    /// The tap interface.
+    pub tap: Option<String>,
 }
 
 /// When [`Vm::run`] should return before the guest powers off.
@@ -158,7 +159,7 @@ pub struct Vm {
     mem: GuestMem,
     mem_mib: u64,
     devices: DeviceManager,
-    world: Box<dyn World>,
+    world: OutputDigestWorld,
     caps: StateCaps,
     cpuid: CpuId,
     sync_regs: bool,
@@ -168,9 +169,7 @@ pub struct Vm {
     touched: PageSet,
     /// Pages written since the last [`Vm::take_dirty_pages`].
     dirty: PageSet,
-    idle: IdlePolicy,
-    /// Host instant that corresponds to virtual time zero (for idle pacing).
-    host_epoch: Instant,
+    attachments: Attachments,
 }
 
 impl std::fmt::Debug for Vm {
@@ -230,12 +229,20 @@ impl Vm {
     /// Creates a VM, loads the kernel and prepares the vCPU to enter it.
     pub fn boot(config: &VmConfig, world: Box<dyn World>) -> Result<Self, VmError> {
         let mem = memory::allocate(config.mem_mib)?;
+        let devices = DeviceManager::new(config.entropy_seed, &config.devices)?;
+        let mut cmdline = config.cmdline.clone();
+        for token in devices.cmdline_tokens() {
+            if !cmdline.is_empty() {
+                cmdline.push(' ');
+            }
+            cmdline.push_str(&token);
+        }
         let entry = boot::load(
             &mem,
             config.mem_mib,
             &BootImage {
                 kernel: &config.kernel,
-                cmdline: &config.cmdline,
+                cmdline: &cmdline,
                 initrd: config.initrd.as_deref(),
             },
         )?;
@@ -250,7 +257,6 @@ impl Vm {
             .map_err(kvm("KVM_SET_CPUID2"))?;
         cpu::configure(&parts.vcpu, entry.entry)?;
         let caps = StateCaps::probe(&parts.kvm, &parts.vcpu)?;
-        let devices = DeviceManager::new(config.entropy_seed)?;
         let touched = PageSet::empty_for(&mem);
         tracing::debug!(entry = format_args!("{:#x}", entry.entry), kind = ?entry.kind, "kernel loaded");
         Ok(Self {
@@ -261,20 +267,19 @@ impl Vm {
             mem,
             mem_mib: config.mem_mib,
             devices,
-            world,
+            world: OutputDigestWorld::new(world, 0),
+            attachments: config.attachments.clone(),
             caps,
             cpuid,
             sync_regs: parts.sync_regs,
             exits: 0,
             trace: ExitTrace::default(),
-            idle: config.idle,
-            host_epoch: Instant::now(),
         })
     }
 
     /// Creates a VM from the snapshot in `dir`; it continues exactly where the saved VM
     /// stopped.
-    pub fn restore(dir: &Path, world: Box<dyn World>, idle: IdlePolicy) -> Result<Self, VmError> {
+    pub fn restore(dir: &Path, mut world: Box<dyn World>) -> Result<Self, VmError> {
         let state = snapshot::read_state(dir)?;
         let mem = memory::allocate(state.mem_mib)?;
         snapshot::read_memory(dir, &state.memory, &mem)?;
@@ -292,7 +297,7 @@ impl Vm {
                 touched.insert(gpa + p * layout::PAGE_SIZE);
             }
         }
-        let now = Duration::from_nanos(state.devices.platform.clock.now_ns());
+        world.set_virtual_now(state.devices.platform.clock.now_ns());
         Ok(Self {
             vm: parts.vm,
             vcpu: parts.vcpu,
@@ -301,14 +306,13 @@ impl Vm {
             mem,
             mem_mib: state.mem_mib,
             devices,
-            world,
+            world: OutputDigestWorld::new(world, state.output_digest),
+            attachments: state.attachments.clone(),
             caps,
             cpuid: state.vcpu.cpuid.clone(),
             sync_regs: parts.sync_regs,
             exits: state.exits,
             trace: ExitTrace::from_digest(state.exit_trace),
-            idle,
-            host_epoch: Instant::now().checked_sub(now).unwrap_or_else(Instant::now),
         })
     }
 
@@ -320,6 +324,16 @@ impl Vm {
     /// The exit-trace digest since boot.
     pub fn exit_trace(&self) -> u64 {
         self.trace.digest()
+    }
+
+    /// The digest of every output since boot (console, frames, disk writes, flushes).
+    pub fn output_digest(&self) -> u64 {
+        self.world.digest()
+    }
+
+    /// The virtio device configurations, in slot order.
+    pub fn device_configs(&self) -> Vec<DeviceConfig> {
+        self.devices.virtio_configs()
     }
 
     /// Guest memory.
@@ -366,6 +380,10 @@ impl Vm {
             let out = self.devices.take_console_output();
             if !out.is_empty() {
                 self.world.console_output(&out);
+            }
+            if self.world.has_network() {
+                self.devices
+                    .receive_packets(self.exits, &self.mem, &mut self.world)?;
             }
             match exit.action {
                 PlatformAction::None => {}
@@ -420,16 +438,17 @@ impl Vm {
                 copy(&mut rec, data);
             }
             VcpuExit::MmioRead(addr, data) => {
-                // No MMIO device yet: unclaimed addresses read as all ones.
                 rec.kind = ExitKind::MmioRead;
                 rec.addr = addr;
-                data.fill(0xff);
+                self.devices.mmio_read(addr, data);
                 copy(&mut rec, data);
             }
             VcpuExit::MmioWrite(addr, data) => {
                 rec.kind = ExitKind::MmioWrite;
                 rec.addr = addr;
                 copy(&mut rec, data);
+                self.devices
+                    .mmio_write(addr, data, &self.mem, &mut self.world);
             }
             VcpuExit::Shutdown => {
                 let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
@@ -480,27 +499,17 @@ impl Vm {
         Ok(())
     }
 
-    /// The guest idles: advance virtual time to its timer (pacing against host time if
-    /// so configured) so the timer interrupt is injected before it resumes.
+    /// The guest idles: the World decides when it resumes (its timer deadline, or a
+    /// packet), virtual time advances to that point, and a due timer fires so its
+    /// interrupt is injected before the guest runs again.
     fn idle(&mut self) -> Result<(), VmError> {
         let platform = self.devices.platform();
         if platform.has_pending_irq() {
             return Ok(());
         }
-        let Some(deadline) = platform.timer_deadline() else {
-            return Err(VmError::IdleForever);
-        };
-        if self.idle == IdlePolicy::Sleep {
-            let due = self.host_epoch + Duration::from_nanos(deadline);
-            loop {
-                let now = Instant::now();
-                if now >= due {
-                    break;
-                }
-                std::thread::sleep((due - now).min(MAX_IDLE_SLEEP));
-            }
-        }
-        self.devices.platform().advance_to(deadline);
+        let (now, deadline) = (platform.now_ns(), platform.timer_deadline());
+        let wake = self.world.idle(self.exits, now, deadline)?;
+        self.devices.platform().advance_to(wake.at_ns);
         Ok(())
     }
 
@@ -585,6 +594,8 @@ impl Vm {
             devices: self.devices.state(),
             exits: self.exits,
             exit_trace: self.trace.digest(),
+            output_digest: self.world.digest(),
+            attachments: self.attachments.clone(),
         };
         Ok(snapshot::write(dir, &self.mem, &self.touched, state)?)
     }
