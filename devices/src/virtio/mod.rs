@@ -51,7 +51,10 @@ pub enum DeviceConfig {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod token_tests {
     #[test]
     fn cmdline_tokens_follow_the_linux_format() {
         assert_eq!(
