@@ -1,0 +1,99 @@
+//! A network namespace with a tap inside, made by the test and removed on drop, and a
+//! way to run client code inside it.
+#![allow(dead_code)]
+
+use std::process::Command;
+
+/// Guest address used in the namespace.
+pub const GUEST_IP: &str = "10.0.99.2";
+/// Host-side (tap) address in the namespace.
+pub const HOST_IP: &str = "10.0.99.1";
+
+/// A namespace `name` holding tap `tap` with [`HOST_IP`]/24.
+pub struct NetNs {
+    /// Namespace name.
+    pub name: String,
+    /// Tap name.
+    pub tap: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl NetNs {
+    /// Creates the namespace and tap. Under FTVM_REQUIRE_KVM=1 a failure panics;
+    /// otherwise the test prints why it skips and gets `None`.
+    pub fn create(test: &str) -> Option<Self> {
+        let name = format!("ftvmt{}{}", std::process::id(), test.len());
+        let ns = Self {
+            name: name.clone(),
+            tap: "ftvmtap0".to_string(),
+        };
+        let setup = || -> Result<(), String> {
+            ip(&["netns", "add", &name])?;
+            let ex = |args: &[&str]| {
+                let mut a = vec!["netns", "exec", name.as_str(), "ip"];
+                a.extend_from_slice(args);
+                ip(&a)
+            };
+            ex(&["link", "set", "lo", "up"])?;
+            ex(&["tuntap", "add", "dev", "ftvmtap0", "mode", "tap"])?;
+            ex(&["addr", "add", &format!("{HOST_IP}/24"), "dev", "ftvmtap0"])?;
+            ex(&["link", "set", "ftvmtap0", "up"])
+        };
+        match setup() {
+            Ok(()) => Some(ns),
+            Err(e) => {
+                drop(ns);
+                if std::env::var("FTVM_REQUIRE_KVM").as_deref() == Ok("1") {
+                    panic!(
+                        "{test}: FTVM_REQUIRE_KVM=1 but the network namespace cannot be made: {e}"
+                    );
+                }
+                eprintln!("{test}: SKIPPED: cannot make a network namespace and tap: {e}");
+                None
+            }
+        }
+    }
+
+    /// A command run inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Runs `f` on a thread that has entered the namespace (sockets it opens live there).
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open netns");
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns with a valid namespace fd affects only this thread.
+            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("client thread")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
