@@ -14,8 +14,21 @@
 //!   writes one u64 into each `pages` page and has the platform device ENTROPY_FILL each
 //!   `dma` page, MARKER 2; exit code 0 (3 if a fill fails).
 //! - `workload=fault kind=pf|ud|panic`: crashes on purpose (GUEST_PANIC 14, 6 or 0x100).
+//! - `workload=disk [blocks=256] [gen=1] [mode=both|write|verify]`: writes `blocks` 4 KiB
+//!   blocks (magic `FTVMBLK1`, block number, generation, FNV-1a-64 checksum, SplitMix64
+//!   payload) from sector 0 of the first virtio-blk device, flushes, reads them back and
+//!   verifies them; prints `disk: wrote N blocks` / `disk: verified N blocks ok`; exit code
+//!   0, 4 on a verify failure (`disk: verify FAILED at block B: ...`), 3 if the device
+//!   rejects a request (`disk: write rejected by the device (status S)`), 2 without a disk.
+//! - `workload=net [ip=10.0.99.2/24] [udp=7] [kv=7000]`: on the first virtio-net device
+//!   (smoltcp), answers ARP and ICMP echo, echoes UDP on `udp`, and serves `SET k v` /
+//!   `GET k` / `SHUTDOWN` lines on TCP port `kv` with values stored durably on the first
+//!   virtio-blk device (`ERR no disk` without one); prints `net: up <ip>/<prefix> mac
+//!   <mac>` when ready; `SHUTDOWN` answers `BYE` and powers off with exit code 0.
 //!
-//! A bad command line prints `ftvm-testguest: error: ...` and exits with code 2.
+//! The virtio devices are found through the `virtio_mmio.device=` tokens the VMM appends
+//! to the command line. A bad command line prints `ftvm-testguest: error: ...` and exits
+//! with code 2.
 
 #![warn(missing_docs)]
 

@@ -53,6 +53,11 @@ const PD0_FLAGS: u64 = PTE_P | PTE_W | PTE_U | PTE_PS;
 const PD3_MMIO_INDEX: u64 = (0xD000_0000 - 0xC000_0000) >> 21;
 /// The PD3 entry of the virtio MMIO window: uncached, user-accessible.
 const PD3_MMIO_ENTRY: u64 = 0xD000_0000 | PTE_P | PTE_W | PTE_U | PTE_PS | PTE_PCD | PTE_PWT;
+/// Index in PD3 of the IOAPIC.
+const PD3_IOAPIC_INDEX: u64 = (0xFEC0_0000 - 0xC000_0000) >> 21;
+/// The PD3 entry of the IOAPIC: uncached, user-accessible (the devices' interrupt lines are
+/// routed from CPL3, see `crate::ioapic`).
+const PD3_IOAPIC_ENTRY: u64 = 0xFEC0_0000 | PTE_P | PTE_W | PTE_U | PTE_PS | PTE_PCD | PTE_PWT;
 /// Index in PD3 of the local APIC.
 const PD3_LAPIC_INDEX: u64 = (0xFEE0_0000 - 0xC000_0000) >> 21;
 /// The PD3 entry of the local APIC: uncached, supervisor only.
@@ -244,16 +249,21 @@ unsafe fn set_gate(gate: *mut [u64; 2], handler: u64) {
 }
 
 // The entry point. Boot state (docs/guest-abi.md): long mode, CPL0, IF=0, RSI = zero
-// page. Clears .bss (__bss_start/__bss_end are 16-byte aligned), switches to the kernel
-// stack, enables SSE (CR0.EM=0, MP=1, TS=0; CR4.OSFXSR|OSXMMEXCPT) and clears CR4.PGE (to
-// flush any global boot translations), SMEP and SMAP (the stubs run from user-accessible
-// pages), before any Rust code runs. After `cpl0_init` it loads the GDT, IDT, TR, segment
-// registers and CR3, and IRETQs to `user_main(boot_params)` at CPL3 with IF=1.
+// page. Masks both 8259 PICs (the VMM leaves LINT0 in ExtINT mode for Linux; device
+// interrupts must arrive only through the IOAPIC), clears .bss (__bss_start/__bss_end are
+// 16-byte aligned), switches to the kernel stack, enables SSE (CR0.EM=0, MP=1, TS=0;
+// CR4.OSFXSR|OSXMMEXCPT) and clears CR4.PGE (to flush any global boot translations), SMEP
+// and SMAP (the stubs run from user-accessible pages), before any Rust code runs. After
+// `cpl0_init` it loads the GDT, IDT, TR, segment registers and CR3, and IRETQs to
+// `user_main(boot_params)` at CPL3 with IF=1.
 global_asm!(
     ".section .text._start, \"ax\"",
     ".globl _start",
     "_start:",
     "    cli",
+    "    mov al, 0xff",
+    "    out 0x21, al",
+    "    out 0xa1, al",
     "    mov r12, rsi",
     "    lea rdi, [rip + __bss_start]",
     "    lea rcx, [rip + __bss_end]",
@@ -347,7 +357,7 @@ global_asm!(
     ".endr",
     "",
     // Page tables: PML4[0] -> PDPT; PDPT[0] -> PD0 (RAM, filled in at boot), PDPT[3] ->
-    // PD3 (virtio MMIO window and local APIC).
+    // PD3 (virtio MMIO window, IOAPIC and local APIC).
     ".section .data.ftvm_pagetables, \"aw\", @progbits",
     ".balign 4096",
     "ftvm_pml4:",
@@ -362,7 +372,9 @@ global_asm!(
     "ftvm_pd3:",
     "    .fill {mmio_index}, 8, 0",
     "    .quad {mmio_entry}",
-    "    .fill {lapic_index} - {mmio_index} - 1, 8, 0",
+    "    .fill {ioapic_index} - {mmio_index} - 1, 8, 0",
+    "    .quad {ioapic_entry}",
+    "    .fill {lapic_index} - {ioapic_index} - 1, 8, 0",
     "    .quad {lapic_entry}",
     "    .fill 511 - {lapic_index}, 8, 0",
     ".globl ftvm_pd0",
@@ -395,6 +407,8 @@ global_asm!(
     table = const PTE_P | PTE_W | PTE_U,
     mmio_index = const PD3_MMIO_INDEX,
     mmio_entry = const PD3_MMIO_ENTRY,
+    ioapic_index = const PD3_IOAPIC_INDEX,
+    ioapic_entry = const PD3_IOAPIC_ENTRY,
     lapic_index = const PD3_LAPIC_INDEX,
     lapic_entry = const PD3_LAPIC_ENTRY,
     gdt_limit = const core::mem::size_of::<Gdt>() - 1,

@@ -1,5 +1,7 @@
 //! Command-line parsing: `workload=NAME` plus the workload's `key=value` parameters,
-//! separated by whitespace. Errors are fatal (`fatal!`: message, exit code 2).
+//! separated by whitespace, and the `virtio_mmio.device=<size>@<base>:<gsi>[:<id>]` tokens
+//! the VMM appends (one per virtio device, in device order; docs/guest-abi.md). Errors are
+//! fatal (`fatal!`: message, exit code 2).
 
 /// Most parameters (besides `workload=`) a command line may carry.
 const MAX_PARAMS: usize = 16;
@@ -7,6 +9,27 @@ const MAX_PARAMS: usize = 16;
 const MAX_CMDLINE: usize = 4096;
 /// Most entries of a list parameter.
 pub const MAX_LIST: usize = 64;
+/// Most virtio devices a command line may announce.
+pub const MAX_DEVICES: usize = 8;
+/// The key of a virtio device announcement.
+const VIRTIO_KEY: &str = "virtio_mmio.device";
+/// The guest-physical window the test guest maps for virtio MMIO devices (one 2 MiB page).
+const MMIO_WINDOW: core::ops::Range<u64> = 0xd000_0000..0xd020_0000;
+/// Smallest register window of a virtio-mmio device (registers up to the config space).
+const MIN_MMIO_SIZE: u64 = 0x200;
+/// Highest GSI the guest can route: vector 0x30 + gsi must stay within 0x31..=0x3f.
+const MAX_GSI: u32 = 15;
+
+/// A virtio-mmio device announced on the command line.
+#[derive(Clone, Copy)]
+pub struct VirtioMmio {
+    /// Guest-physical (= virtual) base address of its registers.
+    pub base: u64,
+    /// Size of its register window.
+    pub size: u64,
+    /// Its interrupt line (IOAPIC pin), routed to vector 0x30 + gsi.
+    pub gsi: u32,
+}
 
 /// Reads the NUL-terminated command line the zero page at `boot_params` points to
 /// (leading and trailing whitespace removed). If it is not UTF-8, returns its valid prefix
@@ -41,6 +64,10 @@ pub struct Cmdline {
     params: [(&'static str, &'static str, bool); MAX_PARAMS],
     /// Number of entries of `params` in use.
     len: usize,
+    /// The announced virtio devices, in order.
+    devices: [VirtioMmio; MAX_DEVICES],
+    /// Number of entries of `devices` in use.
+    ndevices: usize,
 }
 
 impl Cmdline {
@@ -50,6 +77,12 @@ impl Cmdline {
             workload: "",
             params: [("", "", false); MAX_PARAMS],
             len: 0,
+            devices: [VirtioMmio {
+                base: 0,
+                size: 0,
+                gsi: 0,
+            }; MAX_DEVICES],
+            ndevices: 0,
         };
         for token in line.split_ascii_whitespace() {
             let Some((key, value)) = token.split_once('=') else {
@@ -57,6 +90,14 @@ impl Cmdline {
             };
             if key.is_empty() {
                 fatal!("malformed parameter {token:?} (empty key)");
+            }
+            if key == VIRTIO_KEY {
+                if cmdline.ndevices == MAX_DEVICES {
+                    fatal!("too many virtio devices (at most {MAX_DEVICES})");
+                }
+                cmdline.devices[cmdline.ndevices] = parse_device(value);
+                cmdline.ndevices += 1;
+                continue;
             }
             if key == "workload" {
                 if !cmdline.workload.is_empty() {
@@ -78,6 +119,11 @@ impl Cmdline {
             fatal!("no workload= in the command line");
         }
         cmdline
+    }
+
+    /// The virtio devices the command line announces, in device order.
+    pub fn devices(&self) -> &[VirtioMmio] {
+        &self.devices[..self.ndevices]
     }
 
     /// The value of `key`, marking it as used.
@@ -129,6 +175,66 @@ impl Cmdline {
             fatal!("{}: unknown parameter {:?}", self.workload, p.0);
         }
     }
+}
+
+/// Parses the value of a `virtio_mmio.device=` token: `<size>@<base>:<gsi>[:<id>]` (size
+/// and base decimal or 0x-hex, size with an optional K/M suffix as Linux's `memparse`; gsi
+/// decimal; a trailing platform-device id is accepted and ignored).
+fn parse_device(value: &'static str) -> VirtioMmio {
+    let parsed = value.split_once('@').and_then(|(size, rest)| {
+        let mut parts = rest.split(':');
+        let base = parse_number(parts.next()?, false)?;
+        let gsi: u32 = parts.next()?.parse().ok()?;
+        if let Some(id) = parts.next() {
+            id.parse::<u32>().ok()?;
+        }
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(VirtioMmio {
+            base,
+            size: parse_number(size, true)?,
+            gsi,
+        })
+    });
+    let Some(dev) = parsed else {
+        fatal!("malformed {VIRTIO_KEY}={value:?} (expected <size>@<base>:<gsi>)");
+    };
+    let end = dev.base.saturating_add(dev.size);
+    if dev.base < MMIO_WINDOW.start || end > MMIO_WINDOW.end {
+        let (start, end) = (MMIO_WINDOW.start, MMIO_WINDOW.end);
+        fatal!("{VIRTIO_KEY}={value:?}: not inside the MMIO window {start:#x}..{end:#x}");
+    }
+    if dev.size < MIN_MMIO_SIZE {
+        fatal!("{VIRTIO_KEY}={value:?}: smaller than {MIN_MMIO_SIZE:#x} bytes");
+    }
+    if !dev.base.is_multiple_of(4) {
+        fatal!("{VIRTIO_KEY}={value:?}: the base address is not 4-byte aligned");
+    }
+    if dev.gsi == 0 || dev.gsi > MAX_GSI {
+        fatal!(
+            "{VIRTIO_KEY}={value:?}: gsi {} is not in 1..={MAX_GSI}",
+            dev.gsi
+        );
+    }
+    dev
+}
+
+/// Parses a decimal or `0x` hexadecimal number, with a K or M suffix if `suffix`.
+fn parse_number(text: &str, suffix: bool) -> Option<u64> {
+    let (digits, shift) = match text.as_bytes().last() {
+        Some(b'k' | b'K') if suffix => (&text[..text.len() - 1], 10),
+        Some(b'm' | b'M') if suffix => (&text[..text.len() - 1], 20),
+        _ => (text, 0),
+    };
+    let n = match digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
+        Some(hex) => u64::from_str_radix(hex, 16).ok()?,
+        None => digits.parse().ok()?,
+    };
+    n.checked_mul(1 << shift)
 }
 
 /// A list parameter: up to [`MAX_LIST`] u64 values.

@@ -4,9 +4,11 @@
 //! `_start` (in [`boot`]) runs a few hundred instructions at CPL0 to install its own page
 //! tables, GDT, TSS (I/O bitmap) and IDT, then drops to CPL3 in [`user_main`], which parses
 //! the command line and runs a workload (see [`workloads`]). Console output goes to COM1;
-//! time, timer, entropy, markers and power-off go through the platform ports.
+//! time, timer, entropy, markers and power-off go through the platform ports. Virtio-mmio
+//! devices announced on the command line are driven from CPL3 too (see [`virtio`]).
 //!
-//! Exit codes: 0 success, 2 bad command line or parameters, 3 a device request failed.
+//! Exit codes: 0 success, 2 bad command line or parameters (or a missing device), 3 a
+//! device request failed, 4 a verification failed.
 
 #![no_std]
 #![no_main]
@@ -28,7 +30,9 @@ macro_rules! fatal {
 mod boot;
 mod cmdline;
 mod io;
+mod ioapic;
 mod mem;
+mod virtio;
 mod workloads;
 
 use core::fmt;

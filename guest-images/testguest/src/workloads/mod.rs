@@ -5,10 +5,17 @@
 //! - `dirty` (`pages`, `dma`): writes the listed pages and has the platform device fill
 //!   others, between markers 1 and 2 (for dirty-page tracking tests).
 //! - `fault` (`kind` = `pf` | `ud` | `panic`): crashes on purpose.
+//! - `disk` (`blocks`, `gen`, `mode`): writes and verifies blocks on the virtio disk.
+//! - `net` (`ip`, `udp`, `kv`): ARP, ICMP echo, UDP echo and a TCP key-value service
+//!   stored on the virtio disk, over virtio-net with smoltcp.
 
 mod counter;
 mod dirty;
+mod disk;
 mod fault;
+mod kv;
+mod kvproto;
+mod net;
 
 use core::fmt;
 
@@ -21,7 +28,9 @@ pub fn run(cmdline: &mut Cmdline, ram_end: u64) -> ! {
         "counter" => counter::run(cmdline, ram_end),
         "dirty" => dirty::run(cmdline, ram_end),
         "fault" => fault::run(cmdline),
-        other => fatal!("unknown workload {other:?} (known: counter, dirty, fault)"),
+        "disk" => disk::run(cmdline),
+        "net" => net::run(cmdline),
+        other => fatal!("unknown workload {other:?} (known: counter, dirty, fault, disk, net)"),
     }
 }
 
