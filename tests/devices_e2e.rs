@@ -251,6 +251,16 @@ fn network_ping_udp_echo_and_durable_tcp_kv() {
         let mut buf = [0u8; 64];
         let (n, _) = udp.recv_from(&mut buf).expect("udp echo");
         assert_eq!(&buf[..n], b"echo me");
+        // Every datagram of a sequential stream comes back (a frame that arrives as the
+        // guest goes idle must wake it, not wait for its next timer).
+        for i in 0..200u32 {
+            let msg = i.to_le_bytes();
+            udp.send_to(&msg, format!("{}:7", netns::GUEST_IP)).unwrap();
+            let (n, _) = udp
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("udp echo {i} not answered in 5 s: {e}"));
+            assert_eq!(&buf[..n], &msg, "echo {i}");
+        }
 
         let mut a = connect();
         let mut b = connect();

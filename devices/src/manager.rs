@@ -234,6 +234,14 @@ impl DeviceManager {
         self.serial.take_output()
     }
 
+    /// Whether any device has an interrupt waiting to be injected: a guest that asks to
+    /// wait for an event then resumes at once (the event has already happened).
+    pub fn has_pending_irq(&self) -> bool {
+        self.platform.has_pending_irq()
+            || self.serial.irq_pending()
+            || self.virtio.iter().any(VirtioMmio::irq_pending)
+    }
+
     /// Takes the interrupts due at this exit boundary.
     pub fn take_pending_irqs(&mut self) -> PendingIrqs {
         let mut irqs = PendingIrqs::default();
@@ -256,6 +264,22 @@ impl DeviceManager {
 mod tests {
     use super::*;
     use vm_memory::GuestAddress;
+
+    #[test]
+    fn a_raised_interrupt_is_pending_until_taken() {
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let mut d = DeviceManager::new(3, &[]).unwrap();
+        assert!(!d.has_pending_irq());
+        // Transmit-holding-register-empty interrupt enabled, then one byte sent.
+        d.pio_write(0x3f9, &[0x02], &mem);
+        d.pio_write(0x3f8, b"x", &mem);
+        assert!(d.has_pending_irq());
+        assert_eq!(
+            d.take_pending_irqs().gsi_pulses,
+            vec![crate::serial::COM1_GSI]
+        );
+        assert!(!d.has_pending_irq());
+    }
 
     #[test]
     fn routes_ports_and_round_trips_state() {

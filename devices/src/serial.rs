@@ -150,6 +150,11 @@ impl SerialConsole {
     pub fn take_irq(&self) -> bool {
         self.irq.take()
     }
+
+    /// Whether an interrupt is raised and not yet taken.
+    pub fn irq_pending(&self) -> bool {
+        self.irq.0.load(Ordering::Acquire)
+    }
 }
 
 #[cfg(test)]

@@ -14,8 +14,8 @@
 //!   writes one u64 into each `pages` page and has the platform device ENTROPY_FILL each
 //!   `dma` page, MARKER 2; exit code 0 (3 if a fill fails).
 //! - `workload=fault kind=pf|ud|panic`: crashes on purpose (GUEST_PANIC 14, 6 or 0x100).
-//! - `workload=disk [blocks=256] [gen=1] [mode=both|write|verify]`: writes `blocks` 4 KiB
-//!   blocks (magic `FTVMBLK1`, block number, generation, FNV-1a-64 checksum, SplitMix64
+//! - `workload=disk [blocks=256] [gen=1] [mode=both|write|verify] [batch=16]`: writes
+//!   `blocks` 4 KiB blocks, `batch` per request (magic `FTVMBLK1`, block number, generation, FNV-1a-64 checksum, SplitMix64
 //!   payload) from sector 0 of the first virtio-blk device, flushes, reads them back and
 //!   verifies them; prints `disk: wrote N blocks` / `disk: verified N blocks ok`; exit code
 //!   0, 4 on a verify failure (`disk: verify FAILED at block B: ...`), 3 if the device

@@ -34,30 +34,32 @@ fn ip(args: &[&str]) -> Result<(), String> {
 }
 
 impl NetNs {
-    /// Creates the namespace and tap. Under FTVM_REQUIRE_KVM=1 a failure panics;
-    /// otherwise the test prints why it skips and gets `None`.
-    pub fn create(test: &str) -> Option<Self> {
+    /// Creates the namespace and tap, or says why it cannot.
+    pub fn try_create(test: &str) -> Result<Self, String> {
         let name = format!("ftvmt{}{}", std::process::id(), test.len());
         let ns = Self {
             name: name.clone(),
             tap: "ftvmtap0".to_string(),
         };
-        let setup = || -> Result<(), String> {
-            ip(&["netns", "add", &name])?;
-            let ex = |args: &[&str]| {
-                let mut a = vec!["netns", "exec", name.as_str(), "ip"];
-                a.extend_from_slice(args);
-                ip(&a)
-            };
-            ex(&["link", "set", "lo", "up"])?;
-            ex(&["tuntap", "add", "dev", "ftvmtap0", "mode", "tap"])?;
-            ex(&["addr", "add", &format!("{HOST_IP}/24"), "dev", "ftvmtap0"])?;
-            ex(&["link", "set", "ftvmtap0", "up"])
+        ip(&["netns", "add", &name])?;
+        let ex = |args: &[&str]| {
+            let mut a = vec!["netns", "exec", name.as_str(), "ip"];
+            a.extend_from_slice(args);
+            ip(&a)
         };
-        match setup() {
-            Ok(()) => Some(ns),
+        ex(&["link", "set", "lo", "up"])?;
+        ex(&["tuntap", "add", "dev", "ftvmtap0", "mode", "tap"])?;
+        ex(&["addr", "add", &format!("{HOST_IP}/24"), "dev", "ftvmtap0"])?;
+        ex(&["link", "set", "ftvmtap0", "up"])?;
+        Ok(ns)
+    }
+
+    /// Creates the namespace and tap. Under FTVM_REQUIRE_KVM=1 a failure panics;
+    /// otherwise the test prints why it skips and gets `None`.
+    pub fn create(test: &str) -> Option<Self> {
+        match Self::try_create(test) {
+            Ok(ns) => Some(ns),
             Err(e) => {
-                drop(ns);
                 if std::env::var("FTVM_REQUIRE_KVM").as_deref() == Ok("1") {
                     panic!(
                         "{test}: FTVM_REQUIRE_KVM=1 but the network namespace cannot be made: {e}"

@@ -503,10 +503,12 @@ impl Vm {
     /// packet), virtual time advances to that point, and a due timer fires so its
     /// interrupt is injected before the guest runs again.
     fn idle(&mut self) -> Result<(), VmError> {
-        let platform = self.devices.platform();
-        if platform.has_pending_irq() {
+        // An interrupt raised at this very exit (a frame delivered, a completion, the
+        // timer) is the event the guest waits for.
+        if self.devices.has_pending_irq() {
             return Ok(());
         }
+        let platform = self.devices.platform();
         let (now, deadline) = (platform.now_ns(), platform.timer_deadline());
         let wake = self.world.idle(self.exits, now, deadline)?;
         self.devices.platform().advance_to(wake.at_ns);

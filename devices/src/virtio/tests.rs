@@ -431,4 +431,9 @@ fn receive_fills_posted_buffers_and_returns_small_ones_empty() {
     assert_eq!(&got[12..], &frame[..]);
     assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
     assert!(!rig.dev.can_receive(&rig.mem));
+    // A delivered frame leaves an interrupt pending until it is taken: a guest that asks
+    // to wait for an event at this exit must resume at once, not sleep past its frame.
+    assert!(rig.dev.irq_pending());
+    assert!(rig.dev.take_irq());
+    assert!(!rig.dev.irq_pending());
 }

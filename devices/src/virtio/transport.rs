@@ -387,6 +387,11 @@ impl VirtioMmio {
         std::mem::take(&mut self.irq_pending)
     }
 
+    /// Whether an interrupt is raised and not yet taken.
+    pub fn irq_pending(&self) -> bool {
+        self.irq_pending
+    }
+
     /// For a network device: whether the guest has a receive buffer posted.
     pub fn can_receive(&self, mem: &GuestMem) -> bool {
         match &self.model {

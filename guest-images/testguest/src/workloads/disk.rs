@@ -2,7 +2,8 @@
 //! device.
 //!
 //! Parameters: `blocks` (default 256, >= 1; 4 KiB blocks from sector 0), `gen` (default
-//! 1) and `mode` = `both` (default: write, flush, read back, verify) | `write` | `verify`.
+//! 1), `mode` = `both` (default: write, flush, read back, verify) | `write` | `verify`, and
+//! `batch` (blocks per request, 1 to 16, default 16).
 //!
 //! Block `b` (sectors `8b..8b+8`), all integers little endian:
 //!
@@ -17,7 +18,7 @@
 //! Payload word `j` is `splitmix64(seed + j)` (wrapping) with
 //! `seed = splitmix64(splitmix64(gen) ^ b)`.
 //!
-//! Transfers are 16 blocks (64 KiB) per request. Output: `disk: wrote N blocks`,
+//! Transfers are `batch` blocks (up to 64 KiB) per request. Output: `disk: wrote N blocks`,
 //! `disk: verified N blocks ok` or `disk: verify FAILED at block B: <why>` (exit code 4);
 //! a request the device rejects prints `disk: <write|read|flush> rejected by the device
 //! (status S)` (exit code 3); no disk, a disk too small or bad parameters exit with 2.
@@ -34,7 +35,7 @@ use crate::virtio::{self, noinit_zeroed, DEVICE_BLK};
 const BLOCK: usize = 4096;
 /// Sectors of a block.
 const SECTORS_PER_BLOCK: u64 = (BLOCK / SECTOR) as u64;
-/// Blocks per request.
+/// Most blocks per request.
 const BATCH: usize = MAX_TRANSFER / BLOCK;
 /// The block magic.
 const MAGIC: &[u8; 8] = b"FTVMBLK1";
@@ -63,6 +64,7 @@ enum Mode {
 pub fn run(cmdline: &mut Cmdline) -> ! {
     let blocks = cmdline.u64_or("blocks", 256);
     let generation = cmdline.u64_or("gen", 1);
+    let batch = cmdline.u64_or("batch", BATCH as u64);
     let mode = match cmdline.get("mode").unwrap_or("both") {
         "both" => Mode::Both,
         "write" => Mode::Write,
@@ -72,6 +74,9 @@ pub fn run(cmdline: &mut Cmdline) -> ! {
     cmdline.finish();
     if blocks == 0 {
         fatal!("disk: blocks must be at least 1");
+    }
+    if !(1..=BATCH as u64).contains(&batch) {
+        fatal!("disk: batch must be 1 to {BATCH}");
     }
     let Some(transport) = virtio::find(cmdline.devices(), DEVICE_BLK) else {
         fatal!("disk: no virtio-blk device");
@@ -97,7 +102,7 @@ pub fn run(cmdline: &mut Cmdline) -> ! {
     if mode != Mode::Verify {
         let mut block = 0;
         while block < blocks {
-            let n = (blocks - block).min(BATCH as u64) as usize;
+            let n = (blocks - block).min(batch) as usize;
             for (i, data) in buf[..n].iter_mut().enumerate() {
                 fill_block(data, block + i as u64, generation);
             }
@@ -113,7 +118,7 @@ pub fn run(cmdline: &mut Cmdline) -> ! {
     if mode != Mode::Write {
         let mut block = 0;
         while block < blocks {
-            let n = (blocks - block).min(BATCH as u64) as usize;
+            let n = (blocks - block).min(batch) as usize;
             let bytes = buf[..n].as_flattened_mut();
             check(blk.read(block * SECTORS_PER_BLOCK, bytes), "read");
             for (i, data) in buf[..n].iter().enumerate() {
