@@ -9,7 +9,8 @@ mod netns;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ChildStdout, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -159,21 +160,55 @@ fn snapshot_in_the_middle_of_disk_io_restores_and_completes() {
 }
 
 /// Waits for `needle` on a child's stdout, returning everything read.
-fn wait_for(out: &mut impl BufRead, needle: &str, limit: Duration) -> String {
-    let start = Instant::now();
-    let mut seen = String::new();
-    let mut line = String::new();
-    while start.elapsed() < limit {
-        line.clear();
-        if out.read_line(&mut line).unwrap_or(0) == 0 {
-            break;
-        }
-        seen.push_str(&line);
-        if line.contains(needle) {
-            return seen;
+/// The guest's console lines, read on a thread so that waiting for one has a time limit
+/// even when the guest has gone quiet.
+struct ConsoleLines(mpsc::Receiver<String>);
+
+impl ConsoleLines {
+    fn new(out: ChildStdout) -> Self {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line + "\n").is_err() {
+                    break;
+                }
+            }
+        });
+        Self(rx)
+    }
+
+    /// Lines up to and including the first that contains `needle`.
+    fn wait_for(&self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        let mut seen = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.0.recv_timeout(left) {
+                Ok(line) => {
+                    seen.push_str(&line);
+                    if line.contains(needle) {
+                        return seen;
+                    }
+                }
+                Err(e) => panic!("did not see {needle:?} ({e}); console so far:\n{seen}"),
+            }
         }
     }
-    panic!("did not see {needle:?}; console so far:\n{seen}");
+
+    /// Every remaining line, until the guest's console closes.
+    fn rest(self, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        let mut seen = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.0.recv_timeout(left) {
+                Ok(line) => seen.push_str(&line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return seen,
+                Err(e) => panic!("console did not close ({e}); so far:\n{seen}"),
+            }
+        }
+    }
 }
 
 fn kv(stream: &mut BufReader<TcpStream>, request: &str) -> String {
@@ -229,8 +264,8 @@ fn network_ping_udp_echo_and_durable_tcp_kv() {
     };
 
     let mut vm = boot(Some(&log));
-    let mut out = BufReader::new(vm.stdout.take().unwrap());
-    wait_for(&mut out, "net: up", Duration::from_secs(30));
+    let out = ConsoleLines::new(vm.stdout.take().unwrap());
+    out.wait_for("net: up", Duration::from_secs(30));
 
     let ping = ns
         .command("ping")
@@ -293,8 +328,8 @@ fn network_ping_udp_echo_and_durable_tcp_kv() {
 
     // Boot again from the same image: every acknowledged SET is there.
     let mut vm = boot(None);
-    let mut out = BufReader::new(vm.stdout.take().unwrap());
-    wait_for(&mut out, "net: up", Duration::from_secs(30));
+    let out = ConsoleLines::new(vm.stdout.take().unwrap());
+    out.wait_for("net: up", Duration::from_secs(30));
     ns.run(move || {
         let mut c = connect();
         for (k, v) in &acked {
@@ -303,4 +338,64 @@ fn network_ping_udp_echo_and_durable_tcp_kv() {
         assert_eq!(kv(&mut c, "SHUTDOWN"), "BYE");
     });
     assert!(vm.wait().unwrap().success());
+}
+
+#[test]
+fn console_input_reaches_the_guest_and_replays_identically() {
+    if !kvm_available("console_input") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("console.log");
+    let mut vm = ftvm()
+        .args(["run", "--cmdline", "workload=echo", "--report", "--record"])
+        .arg(&log)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ftvm");
+    let mut input = vm.stdin.take().unwrap();
+    let out = ConsoleLines::new(vm.stdout.take().unwrap());
+    let limit = Duration::from_secs(30);
+    let mut console = out.wait_for("echo: ready", limit);
+    input.write_all(b"first line\n").unwrap();
+    console += &out.wait_for("echo: first line", limit);
+    // A line in two pieces, the second after the guest has gone idle again.
+    input.write_all(b"sec").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    input.write_all(b"ond\r\n").unwrap();
+    console += &out.wait_for("echo: second", limit);
+    // More than the UART's 64-byte receive FIFO at once: nothing is lost.
+    let long = "0123456789".repeat(12);
+    input
+        .write_all(format!("{long}\nquit\n").as_bytes())
+        .unwrap();
+    console += &out.wait_for(&format!("echo: {long}"), limit);
+    console += &out.rest(limit);
+    let status = vm.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut vm.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "guest exit {status:?}:\n{stderr}");
+    assert!(console.ends_with("echo: bye\n"), "console:\n{console}");
+    let recorded = outcome(&std::process::Output {
+        status,
+        stdout: console.clone().into_bytes(),
+        stderr: stderr.into_bytes(),
+    });
+
+    let rep = ftvm_outcome(&["replay", s(&log), "--report"]);
+    assert_eq!(rep.code, 0, "replay stderr:\n{}", rep.stderr);
+    assert_eq!(rep.report, recorded.report);
+    assert_eq!(rep.console, console);
+
+    // No input source and nothing else to wait for: a clear error, not a hang.
+    let o = ftvm_outcome(&[
+        "run",
+        "--cmdline",
+        "workload=echo",
+        "--console-input",
+        "none",
+    ]);
+    assert_clean_error(&o, "waits for an event");
 }

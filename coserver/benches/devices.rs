@@ -58,6 +58,7 @@ fn disk_run(blocks: u64, batch: u64) -> (Duration, Duration) {
             "--cmdline",
             &format!("workload=disk blocks={blocks} gen=3 batch={batch}"),
         ])
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn ftvm");
@@ -114,6 +115,7 @@ fn start_net_guest() -> Result<NetGuest, String> {
             "--cmdline",
             &format!("workload=net ip={}/24", netns::GUEST_IP),
         ])
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("spawn ftvm: {e}"))?;

@@ -1,7 +1,9 @@
-//! Building the live World from command-line attachments: disk images and a tap.
+//! Building the live World from command-line attachments: disk images, a tap and the
+//! console input.
 
 use std::path::PathBuf;
 
+use ftvm_devices::backend::console_in::{ConsoleInput, ConsoleInputError};
 use ftvm_devices::backend::disk::{DiskError, DiskFile};
 use ftvm_devices::backend::tap::{Tap, TapError};
 use ftvm_devices::virtio::DeviceConfig;
@@ -9,7 +11,7 @@ use ftvm_devices::world::live::IdlePacing;
 use ftvm_devices::world::LiveWorld;
 use ftvm_vmm::Attachments;
 
-use crate::cli::Idle;
+use crate::cli::{ConsoleIn, Idle};
 
 /// Errors of attaching host resources.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +22,9 @@ pub enum AttachError {
     /// A tap.
     #[error(transparent)]
     Tap(#[from] TapError),
+    /// Console input.
+    #[error(transparent)]
+    ConsoleInput(#[from] ConsoleInputError),
     /// A malformed --disk value.
     #[error("invalid --disk {0:?}: expected FILE or FILE,ro")]
     DiskSpec(String),
@@ -74,8 +79,12 @@ pub fn live_world(
     attachments: &Attachments,
     mac: [u8; 6],
     idle: Idle,
+    console: ConsoleIn,
 ) -> Result<(LiveWorld<std::io::Stdout>, Vec<DeviceConfig>), AttachError> {
     let mut world = LiveWorld::new(std::io::stdout()).with_pacing(pacing(idle));
+    if console == ConsoleIn::Stdin {
+        world = world.with_console_input(ConsoleInput::stdin()?);
+    }
     let mut devices = Vec::new();
     for (i, (path, ro)) in attachments.disks.iter().enumerate() {
         let disk = DiskFile::open(path, *ro)?;

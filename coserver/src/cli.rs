@@ -36,9 +36,22 @@ pub enum Idle {
     Skip,
 }
 
+/// Where the guest's console input comes from.
+#[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
+pub enum ConsoleIn {
+    /// This process's stdin (end of file ends input; the guest keeps running).
+    #[default]
+    Stdin,
+    /// No console input.
+    None,
+}
+
 /// Host attachments shared by `run` and `restore`.
 #[derive(Debug, Args, Clone, Default)]
 pub struct AttachArgs {
+    /// Source of the guest's console (COM1) input.
+    #[arg(long, value_enum, value_name = "FROM", default_value_t = ConsoleIn::Stdin)]
+    pub console_input: ConsoleIn,
     /// Disk image for a virtio-blk device; append ",ro" for a read-only disk.
     #[arg(long, value_name = "FILE[,ro]")]
     pub disk: Option<String>,

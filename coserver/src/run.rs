@@ -106,7 +106,8 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
         .transpose()?;
     let attachments = attachments(&args.attach)?;
     let mac = attach::parse_mac(&args.mac)?;
-    let (live, devices) = attach::live_world(&attachments, mac, args.idle)?;
+    let (live, devices) =
+        attach::live_world(&attachments, mac, args.idle, args.attach.console_input)?;
     let cmdline = args
         .cmdline
         .clone()
@@ -196,7 +197,8 @@ pub fn restore(args: &RestoreArgs) -> Result<i32, RunError> {
             _ => None,
         })
         .unwrap_or([0x52, 0x54, 0, 0xf7, 0, 1]);
-    let (live, devices) = attach::live_world(&attachments, mac, args.idle)?;
+    let (live, devices) =
+        attach::live_world(&attachments, mac, args.idle, args.attach.console_input)?;
     attach::check_matches(&saved_devices, &devices)?;
     let mut vm = Vm::restore(&args.dir, Box::new(live))?;
     let stop = vm.run(&RunLimits::default())?;

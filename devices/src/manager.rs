@@ -178,6 +178,34 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// Room in the UART's receive FIFO for console input.
+    pub fn console_input_room(&self) -> usize {
+        self.serial.input_room()
+    }
+
+    /// Moves waiting console input from the World into the UART, as much as it has room
+    /// for, at exit `exit`.
+    pub fn receive_console_input(
+        &mut self,
+        exit: u64,
+        world: &mut dyn World,
+    ) -> Result<(), WorldError> {
+        let room = self.serial.input_room();
+        if room == 0 {
+            return Ok(());
+        }
+        if let Some(bytes) = world.console_input(exit, room)? {
+            let taken = self.serial.enqueue_input(&bytes);
+            if taken < bytes.len() {
+                tracing::warn!(
+                    dropped = bytes.len() - taken,
+                    "console input beyond the UART's room dropped"
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The saveable state of every device.
     pub fn state(&self) -> DevicesState {
         DevicesState {

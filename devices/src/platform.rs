@@ -79,6 +79,9 @@ pub struct PlatformState {
     pub timer_deadline: Option<u64>,
     /// A fired timer whose interrupt the VMM has not injected yet.
     pub timer_irq_pending: bool,
+    /// An interrupt was delivered since the guest's last WAIT: the next WAIT returns at
+    /// once, so a guest that checks for work and then waits never misses a wake-up.
+    pub woken_since_wait: bool,
     /// DMA address for ENTROPY_FILL.
     pub dma_addr: u64,
     /// Result of the last ENTROPY_FILL.
@@ -103,11 +106,23 @@ impl Platform {
                 timer_lo: 0,
                 timer_deadline: None,
                 timer_irq_pending: false,
+                woken_since_wait: false,
                 dma_addr: 0,
                 fill_status: 0,
                 rng: ChaCha20Rng::seed_from_u64(entropy_seed),
             },
         }
+    }
+
+    /// Notes that an interrupt was delivered to the guest.
+    pub fn note_interrupt_delivered(&mut self) {
+        self.state.woken_since_wait = true;
+    }
+
+    /// At a WAIT: whether an interrupt was delivered since the previous WAIT (then the
+    /// guest resumes at once). Clears the latch.
+    pub fn take_wake_latch(&mut self) -> bool {
+        std::mem::take(&mut self.state.woken_since_wait)
     }
 
     /// Rebuilds the device from saved state.
@@ -252,6 +267,25 @@ mod tests {
         assert_eq!(p.take_pending_irq(), Some(TIMER_VECTOR));
         assert_eq!(p.take_pending_irq(), None);
         assert_eq!(p.timer_deadline(), None);
+    }
+
+    #[test]
+    fn a_delivered_interrupt_lets_exactly_the_next_wait_return() {
+        let mut p = Platform::new(0);
+        assert!(!p.take_wake_latch());
+        p.note_interrupt_delivered();
+        p.note_interrupt_delivered();
+        let saved = Platform::from_state(p.state().clone());
+        assert!(p.take_wake_latch());
+        assert!(
+            !p.take_wake_latch(),
+            "the latch is cleared by the WAIT it releases"
+        );
+        let mut restored = saved;
+        assert!(
+            restored.take_wake_latch(),
+            "the latch is part of the saved state"
+        );
     }
 
     #[test]

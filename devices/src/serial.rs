@@ -151,6 +151,18 @@ impl SerialConsole {
         self.irq.take()
     }
 
+    /// How many input bytes the receive FIFO can take now.
+    pub fn input_room(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+
+    /// Queues console input for the guest (raising the data-available interrupt if the
+    /// guest enabled it). Returns how many bytes were taken: at most [`Self::input_room`],
+    /// none in loopback mode.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+
     /// Whether an interrupt is raised and not yet taken.
     pub fn irq_pending(&self) -> bool {
         self.irq.0.load(Ordering::Acquire)

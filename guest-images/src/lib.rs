@@ -13,6 +13,8 @@
 //! - `workload=dirty pages=A,B,.. dma=C,D,..`: pre-touches the listed pages, MARKER 1,
 //!   writes one u64 into each `pages` page and has the platform device ENTROPY_FILL each
 //!   `dma` page, MARKER 2; exit code 0 (3 if a fill fails).
+//! - `workload=echo`: prints `echo: ready`, echoes each console input line as
+//!   `echo: <line>`; the line `quit` prints `echo: bye` and powers off with exit code 0.
 //! - `workload=fault kind=pf|ud|panic`: crashes on purpose (GUEST_PANIC 14, 6 or 0x100).
 //! - `workload=disk [blocks=256] [gen=1] [mode=both|write|verify] [batch=16]`: writes
 //!   `blocks` 4 KiB blocks, `batch` per request (magic `FTVMBLK1`, block number, generation, FNV-1a-64 checksum, SplitMix64

@@ -9,9 +9,12 @@ use std::process::{Command, Output};
 mod kvm;
 pub use kvm::*;
 
-/// Path of the `ftvm` binary under test.
+/// A command running the `ftvm` binary under test. Its stdin (the guest's console input)
+/// is empty unless the test sets it.
 pub fn ftvm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ftvm"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ftvm"));
+    c.stdin(std::process::Stdio::null());
+    c
 }
 
 /// Runs `ftvm` with `args`.

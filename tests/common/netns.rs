@@ -75,6 +75,7 @@ impl NetNs {
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name, program]);
+        c.stdin(std::process::Stdio::null());
         c
     }
 

@@ -1,7 +1,7 @@
 //! A World wrapper that folds every outbound effect (console bytes, frames, disk writes
 //! and flushes) into one running digest, so two runs can be compared by their outputs.
 
-use ftvm_devices::world::{Wake, World, WorldError};
+use ftvm_devices::world::{IdleRequest, Wake, World, WorldError};
 
 /// Forwards to an inner World and digests the outputs on the way.
 pub struct OutputDigestWorld {
@@ -64,13 +64,12 @@ impl World for OutputDigestWorld {
         self.inner.disk_flush(disk)
     }
 
-    fn idle(
-        &mut self,
-        exit: u64,
-        now_ns: u64,
-        deadline_ns: Option<u64>,
-    ) -> Result<Wake, WorldError> {
-        self.inner.idle(exit, now_ns, deadline_ns)
+    fn console_input(&mut self, exit: u64, max: usize) -> Result<Option<Vec<u8>>, WorldError> {
+        self.inner.console_input(exit, max)
+    }
+
+    fn idle(&mut self, request: &IdleRequest) -> Result<Wake, WorldError> {
+        self.inner.idle(request)
     }
 
     fn set_virtual_now(&mut self, now_ns: u64) {

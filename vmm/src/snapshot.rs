@@ -19,7 +19,7 @@ use crate::vcpu_state::{VcpuState, VmLevelState};
 /// First bytes of `vm.state`.
 pub const MAGIC: [u8; 8] = *b"FTVMSNAP";
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Size of the `vm.state` header.
 pub const HEADER_LEN: usize = 32;
 /// Name of the state file.

@@ -13,7 +13,7 @@ use std::path::Path;
 use ftvm_devices::manager::{DeviceManager, DevicesError};
 use ftvm_devices::platform::PlatformAction;
 use ftvm_devices::virtio::DeviceConfig;
-use ftvm_devices::world::{World, WorldError};
+use ftvm_devices::world::{IdleRequest, World, WorldError};
 use ftvm_devices::GuestMem;
 use kvm_bindings::{kvm_msi, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
@@ -385,6 +385,8 @@ impl Vm {
                 self.devices
                     .receive_packets(self.exits, &self.mem, &mut self.world)?;
             }
+            self.devices
+                .receive_console_input(self.exits, &mut self.world)?;
             match exit.action {
                 PlatformAction::None => {}
                 PlatformAction::PowerOff(code) => return Ok(RunStop::PowerOff(code)),
@@ -481,6 +483,9 @@ impl Vm {
     /// Delivers the interrupts the devices raised, at this exit boundary.
     fn inject_pending_irqs(&mut self) -> Result<(), VmError> {
         let irqs = self.devices.take_pending_irqs();
+        if !irqs.msi_vectors.is_empty() || !irqs.gsi_pulses.is_empty() {
+            self.devices.platform().note_interrupt_delivered();
+        }
         for vector in irqs.msi_vectors {
             let msi = kvm_msi {
                 address_lo: MSI_ADDRESS,
@@ -503,14 +508,23 @@ impl Vm {
     /// packet), virtual time advances to that point, and a due timer fires so its
     /// interrupt is injected before the guest runs again.
     fn idle(&mut self) -> Result<(), VmError> {
-        // An interrupt raised at this very exit (a frame delivered, a completion, the
-        // timer) is the event the guest waits for.
-        if self.devices.has_pending_irq() {
+        // An interrupt delivered since the previous WAIT may have come after the guest
+        // last looked for work (its handler ran just before this WAIT), and one raised at
+        // this very exit (a frame, a completion, the timer) is the event the guest waits
+        // for: either way it resumes at once and looks again.
+        let woken = self.devices.platform().take_wake_latch();
+        if woken || self.devices.has_pending_irq() {
             return Ok(());
         }
+        let console_room = self.devices.console_input_room() > 0;
         let platform = self.devices.platform();
-        let (now, deadline) = (platform.now_ns(), platform.timer_deadline());
-        let wake = self.world.idle(self.exits, now, deadline)?;
+        let request = IdleRequest {
+            exit: self.exits,
+            now_ns: platform.now_ns(),
+            deadline_ns: platform.timer_deadline(),
+            console_room,
+        };
+        let wake = self.world.idle(&request)?;
         self.devices.platform().advance_to(wake.at_ns);
         Ok(())
     }

@@ -4,9 +4,8 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::time::Duration;
 
 /// Largest frame read from the tap (an Ethernet frame with a VLAN tag fits easily).
 pub const MAX_FRAME: usize = 65_562;
@@ -110,29 +109,11 @@ impl Tap {
     pub fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
         self.file.write(frame).map(|_| ())
     }
+}
 
-    /// Waits up to `timeout` for a frame to be readable.
-    pub fn wait_readable(&self, timeout: Duration) -> std::io::Result<bool> {
-        let mut pfd = libc::pollfd {
-            fd: self.file.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: `pfd` is one valid pollfd for the duration of the call.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-        match r {
-            r if r > 0 => Ok(true),
-            0 => Ok(false),
-            _ => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    Ok(false)
-                } else {
-                    Err(e)
-                }
-            }
-        }
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
     }
 }
 

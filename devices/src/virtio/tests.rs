@@ -7,7 +7,7 @@ use super::blk::{S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_IN, T_OUT};
 use super::{DeviceConfig, VirtioMmio, F_VERSION_1};
 use crate::backend::disk::DiskFile;
 use crate::world::live::{LiveWorld, SharedBuffer};
-use crate::world::{Wake, World, WorldError};
+use crate::world::{IdleRequest, Wake, World, WorldError};
 use crate::GuestMem;
 
 const DESC: u64 = 0x1000;
@@ -40,8 +40,8 @@ impl World for TestWorld {
     fn disk_flush(&mut self, d: usize) -> Result<(), WorldError> {
         self.live.disk_flush(d)
     }
-    fn idle(&mut self, e: u64, n: u64, d: Option<u64>) -> Result<Wake, WorldError> {
-        self.live.idle(e, n, d)
+    fn idle(&mut self, request: &IdleRequest) -> Result<Wake, WorldError> {
+        self.live.idle(request)
     }
 }
 

@@ -1,15 +1,23 @@
-//! The live World: console to a host writer, packets to and from a tap, disks on image
-//! files, and idling against the host clock.
+//! The live World: console to a host writer and from a host descriptor, packets to and
+//! from a tap, disks on image files, and idling against the host clock.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use super::{Wake, World, WorldError};
+use super::{IdleRequest, Wake, World, WorldError};
+use std::os::fd::AsRawFd;
+
+use crate::backend::console_in::{ConsoleInput, ConsoleInputError};
 use crate::backend::disk::DiskFile;
+use crate::backend::poll_readable;
 use crate::backend::tap::Tap;
 
 /// Longest single host wait while a guest idles (keeps the loop responsive).
 const MAX_IDLE_SLICE: Duration = Duration::from_millis(100);
+
+/// Shortest host time between two polls of console input while the guest runs (a poll
+/// is a system call; typing needs no faster service).
+const CONSOLE_POLL_INTERVAL: Duration = Duration::from_millis(1);
 
 /// How the live World lets an idle guest wait for its timer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -27,6 +35,10 @@ pub struct LiveWorld<W: Write + Send> {
     console_failed: bool,
     disks: Vec<DiskFile>,
     tap: Option<Tap>,
+    console_in: Option<ConsoleInput>,
+    /// When console input was last polled; it is polled at most every
+    /// [`CONSOLE_POLL_INTERVAL`] while the guest runs, and at once after it woke for it.
+    console_polled: Option<Instant>,
     pacing: IdlePacing,
     /// Host instant corresponding to virtual time zero.
     epoch: Instant,
@@ -40,6 +52,8 @@ impl<W: Write + Send> LiveWorld<W> {
             console_failed: false,
             disks: Vec::new(),
             tap: None,
+            console_in: None,
+            console_polled: None,
             pacing: IdlePacing::Sleep,
             epoch: Instant::now(),
         }
@@ -54,6 +68,12 @@ impl<W: Write + Send> LiveWorld<W> {
     /// Attaches a tap.
     pub fn with_tap(mut self, tap: Tap) -> Self {
         self.tap = Some(tap);
+        self
+    }
+
+    /// Takes console input for the guest's UART from `input`.
+    pub fn with_console_input(mut self, input: ConsoleInput) -> Self {
+        self.console_in = Some(input);
         self
     }
 
@@ -125,13 +145,35 @@ impl<W: Write + Send> World for LiveWorld<W> {
             .map_err(|source| WorldError::Disk { disk, source })
     }
 
-    fn idle(
-        &mut self,
-        _exit: u64,
-        now_ns: u64,
-        deadline_ns: Option<u64>,
-    ) -> Result<Wake, WorldError> {
-        if deadline_ns.is_none() && self.tap.is_none() {
+    fn console_input(&mut self, _exit: u64, max: usize) -> Result<Option<Vec<u8>>, WorldError> {
+        let Some(input) = &mut self.console_in else {
+            return Ok(None);
+        };
+        if !input.is_open()
+            || self
+                .console_polled
+                .is_some_and(|t| t.elapsed() < CONSOLE_POLL_INTERVAL)
+        {
+            return Ok(None);
+        }
+        self.console_polled = Some(Instant::now());
+        Ok(input.read_available(max)?)
+    }
+
+    fn idle(&mut self, request: &IdleRequest) -> Result<Wake, WorldError> {
+        let (now_ns, deadline_ns) = (request.now_ns, request.deadline_ns);
+        // What can wake the guest besides its timer: the tap, and console input while the
+        // UART has room for it.
+        let mut wakers = Vec::with_capacity(2);
+        if let Some(tap) = &self.tap {
+            wakers.push(tap.as_raw_fd());
+        }
+        if request.console_room {
+            if let Some(fd) = self.console_in.as_ref().and_then(ConsoleInput::poll_fd) {
+                wakers.push(fd);
+            }
+        }
+        if deadline_ns.is_none() && wakers.is_empty() {
             return Err(WorldError::IdleForever);
         }
         loop {
@@ -143,30 +185,34 @@ impl<W: Write + Send> World for LiveWorld<W> {
             };
             if wait == Some(Duration::ZERO) {
                 if let Some(d) = deadline_ns {
-                    // Deadline reached (or skipped to); a waiting packet is seen at the
-                    // next exit anyway.
+                    // Deadline reached (or skipped to); waiting input is seen at the next
+                    // exit anyway.
                     return Ok(Wake {
                         at_ns: now_ns.max(d),
                     });
                 }
             }
             let slice = wait.unwrap_or(MAX_IDLE_SLICE).min(MAX_IDLE_SLICE);
-            match &self.tap {
-                Some(tap) => {
-                    let ready = tap.wait_readable(slice).map_err(|source| WorldError::Tap {
-                        name: tap.name().to_string(),
-                        source,
-                    })?;
-                    if ready {
-                        let host = self.host_now_ns();
-                        let at = match deadline_ns {
-                            Some(d) => host.clamp(now_ns, d.max(now_ns)),
-                            None => host.max(now_ns),
-                        };
-                        return Ok(Wake { at_ns: at });
-                    }
-                }
-                None => std::thread::sleep(slice),
+            if wakers.is_empty() {
+                std::thread::sleep(slice);
+                continue;
+            }
+            let ready = poll_readable(&wakers, slice).map_err(|source| match &self.tap {
+                Some(tap) => WorldError::Tap {
+                    name: tap.name().to_string(),
+                    source,
+                },
+                None => WorldError::ConsoleInput(ConsoleInputError::Io(source)),
+            })?;
+            if ready {
+                // Whatever woke the guest is taken at its next exit.
+                self.console_polled = None;
+                let host = self.host_now_ns();
+                let at = match deadline_ns {
+                    Some(d) => host.clamp(now_ns, d.max(now_ns)),
+                    None => host.max(now_ns),
+                };
+                return Ok(Wake { at_ns: at });
             }
         }
     }
@@ -216,6 +262,15 @@ impl Write for SharedBuffer {
 mod tests {
     use super::*;
 
+    fn request(now_ns: u64, deadline_ns: Option<u64>) -> IdleRequest {
+        IdleRequest {
+            exit: 1,
+            now_ns,
+            deadline_ns,
+            console_room: true,
+        }
+    }
+
     #[test]
     fn live_world_forwards_console_bytes() {
         let buf = SharedBuffer::default();
@@ -230,10 +285,10 @@ mod tests {
     fn idle_without_timer_or_network_is_an_error() {
         let mut world = LiveWorld::new(SharedBuffer::default());
         assert!(matches!(
-            world.idle(1, 0, None),
+            world.idle(&request(0, None)),
             Err(WorldError::IdleForever)
         ));
-        let wake = world.idle(1, 5, Some(1_000)).unwrap();
+        let wake = world.idle(&request(5, Some(1_000))).unwrap();
         assert_eq!(wake.at_ns, 1_000);
     }
 
@@ -241,7 +296,7 @@ mod tests {
     fn skip_pacing_resumes_at_the_deadline_at_once() {
         let mut world = LiveWorld::new(SharedBuffer::default()).with_pacing(IdlePacing::Skip);
         let t = Instant::now();
-        let wake = world.idle(1, 0, Some(10_000_000_000)).unwrap();
+        let wake = world.idle(&request(0, Some(10_000_000_000))).unwrap();
         assert_eq!(wake.at_ns, 10_000_000_000);
         assert!(t.elapsed() < Duration::from_secs(5));
     }

@@ -1,8 +1,8 @@
 //! The World seam: the one interface through which everything crosses between the guest
 //! and the outside world.
 //!
-//! Inbound: packets received, disk read data, and the virtual time at which an idle
-//! guest wakes. Outbound: console bytes, packets sent, disk writes and flushes. A
+//! Inbound: packets received, console input, disk read data, and the virtual time at
+//! which an idle guest wakes. Outbound: console bytes, packets sent, disk writes and flushes. A
 //! standalone VM uses the [`live::LiveWorld`]; [`record::RecordingWorld`] wraps a live
 //! World and writes every inbound event to an input log; [`record::ReplayWorld`] feeds
 //! such a log to a second VM, which then retraces the first exactly. Virtual time at
@@ -35,6 +35,9 @@ pub enum WorldError {
         /// Cause.
         source: std::io::Error,
     },
+    /// Console input failed.
+    #[error(transparent)]
+    ConsoleInput(#[from] crate::backend::console_in::ConsoleInputError),
     /// A replayed run asked for something the log does not hold at this point.
     #[error("replay diverged at exit {exit}: {what}")]
     Diverged {
@@ -46,6 +49,19 @@ pub enum WorldError {
     /// The guest idles and nothing can ever wake it.
     #[error("guest waits for an event but has no timer armed and no device can wake it")]
     IdleForever,
+}
+
+/// What the VM knows when its guest idles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdleRequest {
+    /// Exit number of the guest's wait.
+    pub exit: u64,
+    /// Virtual time now (ns).
+    pub now_ns: u64,
+    /// The guest's armed timer, if any (ns).
+    pub deadline_ns: Option<u64>,
+    /// Whether the UART can take console input (so input may wake the guest).
+    pub console_room: bool,
 }
 
 /// Why an idle guest is resumed.
@@ -69,6 +85,12 @@ pub trait World: Send {
         Ok(None)
     }
 
+    /// Takes up to `max` bytes of console input for the guest's UART, if some are
+    /// waiting, at exit `exit`. Called only when the UART has room for them.
+    fn console_input(&mut self, _exit: u64, _max: usize) -> Result<Option<Vec<u8>>, WorldError> {
+        Ok(None)
+    }
+
     /// Whether this World can deliver packets (an idle guest may wait for one).
     fn has_network(&self) -> bool {
         false
@@ -89,15 +111,10 @@ pub trait World: Send {
         Err(WorldError::NoDisk(disk))
     }
 
-    /// The guest idles at exit `exit` with virtual time `now_ns` and its timer (if
-    /// armed) at `deadline_ns`. Returns when it should resume: at the deadline, or
-    /// earlier if a packet arrived. Errors if nothing can ever wake it.
-    fn idle(
-        &mut self,
-        exit: u64,
-        now_ns: u64,
-        deadline_ns: Option<u64>,
-    ) -> Result<Wake, WorldError>;
+    /// The guest idles (see [`IdleRequest`]). Returns when it should resume: at its timer
+    /// deadline, or earlier if a packet or console input arrived. Errors if nothing can
+    /// ever wake it.
+    fn idle(&mut self, request: &IdleRequest) -> Result<Wake, WorldError>;
 
     /// Tells the World the VM's virtual time after a restore (a live World aligns its
     /// host clock with it so idle pacing continues where it was).

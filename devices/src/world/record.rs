@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Wake, World, WorldError};
+use super::{IdleRequest, Wake, World, WorldError};
 
 /// One inbound event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +26,13 @@ pub enum InputEvent {
         exit: u64,
         /// Virtual time.
         at_ns: u64,
+    },
+    /// Console input delivered to the UART at `exit`.
+    ConsoleInput {
+        /// Exit number.
+        exit: u64,
+        /// The bytes.
+        bytes: Vec<u8>,
     },
     /// Data read from a disk (in request order).
     DiskRead {
@@ -136,15 +143,21 @@ impl<W: World> World for RecordingWorld<W> {
         r
     }
 
-    fn idle(
-        &mut self,
-        exit: u64,
-        now_ns: u64,
-        deadline_ns: Option<u64>,
-    ) -> Result<Wake, WorldError> {
-        let wake = self.inner.idle(exit, now_ns, deadline_ns)?;
+    fn console_input(&mut self, exit: u64, max: usize) -> Result<Option<Vec<u8>>, WorldError> {
+        let bytes = self.inner.console_input(exit, max)?;
+        if let Some(bytes) = &bytes {
+            self.push(InputEvent::ConsoleInput {
+                exit,
+                bytes: bytes.clone(),
+            });
+        }
+        Ok(bytes)
+    }
+
+    fn idle(&mut self, request: &IdleRequest) -> Result<Wake, WorldError> {
+        let wake = self.inner.idle(request)?;
         self.push(InputEvent::Wake {
-            exit,
+            exit: request.exit,
             at_ns: wake.at_ns,
         });
         Ok(wake)
@@ -272,12 +285,33 @@ impl World for ReplayWorld {
         self.disk_status(disk)
     }
 
-    fn idle(
-        &mut self,
-        exit: u64,
-        _now_ns: u64,
-        _deadline_ns: Option<u64>,
-    ) -> Result<Wake, WorldError> {
+    fn console_input(&mut self, exit: u64, max: usize) -> Result<Option<Vec<u8>>, WorldError> {
+        match self.events.front() {
+            Some(InputEvent::ConsoleInput { exit: e, bytes }) if *e == exit => {
+                if bytes.len() > max {
+                    return Err(Self::diverged(
+                        exit,
+                        format!(
+                            "{} console bytes logged, the UART has room for {max}",
+                            bytes.len()
+                        ),
+                    ));
+                }
+                match self.events.pop_front() {
+                    Some(InputEvent::ConsoleInput { bytes, .. }) => Ok(Some(bytes)),
+                    _ => Ok(None),
+                }
+            }
+            Some(InputEvent::ConsoleInput { exit: e, .. }) if *e < exit => Err(Self::diverged(
+                exit,
+                format!("console input logged for exit {e} was not taken"),
+            )),
+            _ => Ok(None),
+        }
+    }
+
+    fn idle(&mut self, request: &IdleRequest) -> Result<Wake, WorldError> {
+        let exit = request.exit;
         match self.events.pop_front() {
             Some(InputEvent::Wake { exit: e, at_ns }) if e == exit => Ok(Wake { at_ns }),
             other => Err(Self::diverged(
@@ -314,10 +348,19 @@ mod tests {
     use super::*;
     use crate::world::live::{LiveWorld, SharedBuffer};
 
+    fn request(exit: u64, deadline_ns: Option<u64>) -> IdleRequest {
+        IdleRequest {
+            exit,
+            now_ns: 0,
+            deadline_ns,
+            console_room: true,
+        }
+    }
+
     #[test]
     fn replay_feeds_back_what_was_recorded() {
         let mut rec = RecordingWorld::new(LiveWorld::new(SharedBuffer::default()));
-        let wake = rec.idle(10, 0, Some(5_000)).unwrap();
+        let wake = rec.idle(&request(10, Some(5_000))).unwrap();
         let log = rec.log();
         assert_eq!(
             log.events,
@@ -329,11 +372,11 @@ mod tests {
 
         let mut replay = ReplayWorld::new(log, false);
         assert!(
-            replay.idle(9, 0, Some(5_000)).is_err(),
+            replay.idle(&request(9, Some(5_000))).is_err(),
             "wrong exit diverges"
         );
         let mut replay = ReplayWorld::new(rec.log(), false);
-        assert_eq!(replay.idle(10, 0, Some(5_000)).unwrap(), wake);
+        assert_eq!(replay.idle(&request(10, Some(5_000))).unwrap(), wake);
         assert_eq!(replay.remaining(), 0);
     }
 
@@ -353,6 +396,33 @@ mod tests {
         assert!(
             late.receive(9).is_err(),
             "a packet the VM did not take at its exit diverges"
+        );
+    }
+
+    #[test]
+    fn replayed_console_input_arrives_at_its_exit_and_within_the_room() {
+        let log = InputLog {
+            events: vec![InputEvent::ConsoleInput {
+                exit: 4,
+                bytes: b"hello".to_vec(),
+            }],
+        };
+        let mut replay = ReplayWorld::new(log.clone(), false);
+        assert_eq!(replay.console_input(3, 64).unwrap(), None);
+        assert!(
+            replay.console_input(4, 2).is_err(),
+            "more bytes than the UART has room for diverges"
+        );
+        let mut replay = ReplayWorld::new(log.clone(), false);
+        assert_eq!(
+            replay.console_input(4, 64).unwrap(),
+            Some(b"hello".to_vec())
+        );
+        assert_eq!(replay.remaining(), 0);
+        let mut late = ReplayWorld::new(log, false);
+        assert!(
+            late.console_input(5, 64).is_err(),
+            "input not taken diverges"
         );
     }
 }

@@ -10,8 +10,18 @@ use core::sync::atomic::Ordering;
 
 use crate::boot::IRQ_COUNTS;
 
-/// COM1 transmit holding register.
+/// COM1 transmit holding register (write) and receive buffer register (read).
 const COM1_THR: u16 = 0x3f8;
+/// COM1 interrupt enable register.
+const COM1_IER: u16 = 0x3f9;
+/// COM1 line status register.
+const COM1_LSR: u16 = 0x3fd;
+/// Line status: a received byte is waiting.
+const LSR_DATA_READY: u8 = 0x01;
+/// Interrupt enable: received data available.
+const IER_RX_AVAILABLE: u8 = 0x01;
+/// COM1's interrupt line (GSI).
+pub const COM1_GSI: u32 = 4;
 /// Platform device: stop the VM with the written exit code.
 const POWER_OFF: u16 = 0x600;
 /// Platform device: virtual time in ns, low half (latches the high half).
@@ -52,6 +62,15 @@ fn outb(port: u16, value: u8) {
     unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nostack, preserves_flags)) };
 }
 
+/// Reads a byte from an I/O port.
+#[inline(always)]
+fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: port I/O to a port opened in the TSS bitmap; no Rust memory is accessed.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nostack, preserves_flags)) };
+    value
+}
+
 /// Writes a 32-bit value to an I/O port.
 #[inline(always)]
 fn outl(port: u16, value: u32) {
@@ -83,6 +102,17 @@ impl fmt::Write for Console {
         }
         Ok(())
     }
+}
+
+/// Enables COM1's received-data interrupt, so that console input ends a
+/// [`wait_for_event`] (route [`COM1_GSI`] through the IOAPIC first).
+pub fn console_rx_interrupts() {
+    outb(COM1_IER, IER_RX_AVAILABLE);
+}
+
+/// A byte of console input, if one is waiting.
+pub fn console_read() -> Option<u8> {
+    (inb(COM1_LSR) & LSR_DATA_READY != 0).then(|| inb(COM1_THR))
 }
 
 /// Prints `args` and a newline to the console (used by `println!`).

@@ -8,10 +8,12 @@
 //! - `disk` (`blocks`, `gen`, `mode`): writes and verifies blocks on the virtio disk.
 //! - `net` (`ip`, `udp`, `kv`): ARP, ICMP echo, UDP echo and a TCP key-value service
 //!   stored on the virtio disk, over virtio-net with smoltcp.
+//! - `echo`: echoes console input lines until `quit`.
 
 mod counter;
 mod dirty;
 mod disk;
+mod echo;
 mod fault;
 mod kv;
 mod kvproto;
@@ -30,7 +32,10 @@ pub fn run(cmdline: &mut Cmdline, ram_end: u64) -> ! {
         "fault" => fault::run(cmdline),
         "disk" => disk::run(cmdline),
         "net" => net::run(cmdline),
-        other => fatal!("unknown workload {other:?} (known: counter, dirty, fault, disk, net)"),
+        "echo" => echo::run(cmdline),
+        other => {
+            fatal!("unknown workload {other:?} (known: counter, dirty, fault, disk, net, echo)")
+        }
     }
 }
 
