@@ -1,7 +1,11 @@
 //! `ftvm`: runs a guest on KVM, snapshots and restores it.
 
+mod arbiter;
 mod attach;
 mod cli;
+mod config;
+mod link;
+mod protocol;
 mod recording;
 mod run;
 

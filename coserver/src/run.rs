@@ -260,8 +260,8 @@ pub fn replay(args: &ReplayArgs) -> Result<i32, RunError> {
 fn exit_code(stop: RunStop) -> u32 {
     match stop {
         RunStop::PowerOff(code) => code,
-        // Without limits the loop only returns on power-off.
-        RunStop::ExitLimit | RunStop::Marker(_) => 0,
+        // Without limits (and no replication World) the loop only returns on power-off.
+        RunStop::ExitLimit | RunStop::Marker(_) | RunStop::Paused => 0,
     }
 }
 

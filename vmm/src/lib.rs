@@ -16,4 +16,4 @@ pub mod vcpu_state;
 pub mod vm;
 
 pub use memory::PageSet;
-pub use vm::{Attachments, RunLimits, RunStop, Vm, VmConfig, VmError};
+pub use vm::{Attachments, PageBatch, RunLimits, RunStop, Standby, Vm, VmConfig, VmError};

@@ -76,6 +76,10 @@ impl World for OutputDigestWorld {
         self.inner.set_virtual_now(now_ns);
     }
 
+    fn pause_requested(&mut self) -> bool {
+        self.inner.pause_requested()
+    }
+
     fn flush(&mut self) {
         self.inner.flush();
     }

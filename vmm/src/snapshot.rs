@@ -264,6 +264,22 @@ pub fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
         .map_err(|source| SnapshotError::Decode { path, source })
 }
 
+/// Encodes `state` for sending (checkpoints): the snapshot payload without the file
+/// header; the carrier checks integrity.
+pub fn encode_state(state: &SnapshotState) -> Result<Vec<u8>, SnapshotError> {
+    codec().serialize(state).map_err(SnapshotError::Encode)
+}
+
+/// Decodes what [`encode_state`] produced; `from` names the source in errors.
+pub fn decode_state(bytes: &[u8], from: &str) -> Result<SnapshotState, SnapshotError> {
+    codec()
+        .deserialize(bytes)
+        .map_err(|source| SnapshotError::Decode {
+            path: PathBuf::from(from),
+            source,
+        })
+}
+
 /// Reads `memory.bin` in `dir` into `mem` (fresh, all-zero guest memory) as `index`
 /// describes, verifying its length and checksum.
 pub fn read_memory(dir: &Path, index: &MemoryIndex, mem: &GuestMem) -> Result<(), SnapshotError> {

@@ -88,6 +88,9 @@ pub enum VmError {
     /// A snapshot cannot be taken now.
     #[error("cannot capture state: {0}")]
     NotQuiescent(&'static str),
+    /// A checkpoint from a peer does not fit this VM.
+    #[error("bad checkpoint: {0}")]
+    BadCheckpoint(String),
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -141,6 +144,8 @@ pub enum RunStop {
     ExitLimit,
     /// The guest passed the requested marker.
     Marker(u32),
+    /// The World asked for the VM back (the end of a replication epoch).
+    Paused,
 }
 
 /// One VM exit, copied out of the kvm_run area.
@@ -180,6 +185,9 @@ impl std::fmt::Debug for Vm {
             .finish_non_exhaustive()
     }
 }
+
+mod checkpoint;
+pub use checkpoint::{PageBatch, Standby};
 
 /// The KVM objects of a VM before a guest is put into it.
 struct KvmParts {
@@ -279,11 +287,30 @@ impl Vm {
 
     /// Creates a VM from the snapshot in `dir`; it continues exactly where the saved VM
     /// stopped.
-    pub fn restore(dir: &Path, mut world: Box<dyn World>) -> Result<Self, VmError> {
+    pub fn restore(dir: &Path, world: Box<dyn World>) -> Result<Self, VmError> {
         let state = snapshot::read_state(dir)?;
         let mem = memory::allocate(state.mem_mib)?;
         snapshot::read_memory(dir, &state.memory, &mem)?;
         let parts = create_kvm(&mem)?;
+        let mut touched = PageSet::empty_for(&mem);
+        for &(gpa, n) in &state.memory.runs {
+            for p in 0..n {
+                touched.insert(gpa + p * layout::PAGE_SIZE);
+            }
+        }
+        Self::assemble(state, mem, parts, touched, world)
+    }
+
+    /// Puts saved state into a created VM whose memory already holds the guest's pages
+    /// (`touched`: the pages that are not zero). KVM's ordering: VM-level state (irqchip,
+    /// clock) before the vCPU, and within the vCPU the order `restore_vcpu` documents.
+    fn assemble(
+        state: SnapshotState,
+        mem: GuestMem,
+        parts: KvmParts,
+        touched: PageSet,
+        mut world: Box<dyn World>,
+    ) -> Result<Self, VmError> {
         vcpu_state::restore_vm(&parts.vm, &state.vm)?;
         vcpu_state::restore_vcpu(&parts.vcpu, &state.vcpu)?;
         let caps = StateCaps::probe(&parts.kvm, &parts.vcpu)?;
@@ -291,12 +318,6 @@ impl Vm {
             return Err(StateError::MissingCapability("XSAVE").into());
         }
         let devices = DeviceManager::from_state(&state.devices)?;
-        let mut touched = PageSet::empty_for(&mem);
-        for &(gpa, n) in &state.memory.runs {
-            for p in 0..n {
-                touched.insert(gpa + p * layout::PAGE_SIZE);
-            }
-        }
         world.set_virtual_now(state.devices.platform.clock.now_ns());
         Ok(Self {
             vm: parts.vm,
@@ -367,6 +388,9 @@ impl Vm {
         loop {
             if limits.max_exits.is_some_and(|n| self.exits >= n) {
                 return Ok(RunStop::ExitLimit);
+            }
+            if self.world.pause_requested() {
+                return Ok(RunStop::Paused);
             }
             self.inject_pending_irqs()?;
             let Some(exit) = self.run_vcpu_once()? else {
@@ -523,6 +547,7 @@ impl Vm {
             now_ns: platform.now_ns(),
             deadline_ns: platform.timer_deadline(),
             console_room,
+            give_up_at: None,
         };
         let wake = self.world.idle(&request)?;
         self.devices.platform().advance_to(wake.at_ns);
@@ -594,11 +619,17 @@ impl Vm {
     /// Captures the whole VM into a snapshot directory. The VM can keep running
     /// afterwards.
     pub fn save(&mut self, dir: &Path) -> Result<SavedSizes, VmError> {
+        let state = self.capture_snapshot_state()?;
+        self.collect_dirty()?;
+        Ok(snapshot::write(dir, &self.mem, &self.touched, state)?)
+    }
+
+    /// Everything but the page contents, with the last exit's I/O completed first.
+    fn capture_snapshot_state(&mut self) -> Result<SnapshotState, VmError> {
         self.complete_pending_io()?;
         let vcpu = vcpu_state::capture_vcpu(&self.vcpu, &self.caps, &self.cpuid)?;
         let vm = vcpu_state::capture_vm(&self.vm)?;
-        self.collect_dirty()?;
-        let state = SnapshotState {
+        Ok(SnapshotState {
             writer: env!("CARGO_PKG_VERSION").to_string(),
             mem_mib: self.mem_mib,
             memory: snapshot::MemoryIndex {
@@ -612,8 +643,7 @@ impl Vm {
             exit_trace: self.trace.digest(),
             output_digest: self.world.digest(),
             attachments: self.attachments.clone(),
-        };
-        Ok(snapshot::write(dir, &self.mem, &self.touched, state)?)
+        })
     }
 
     /// Captures vCPU, VM-level and device state without writing anything (what a

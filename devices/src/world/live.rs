@@ -173,7 +173,7 @@ impl<W: Write + Send> World for LiveWorld<W> {
                 wakers.push(fd);
             }
         }
-        if deadline_ns.is_none() && wakers.is_empty() {
+        if deadline_ns.is_none() && wakers.is_empty() && request.give_up_at.is_none() {
             return Err(WorldError::IdleForever);
         }
         loop {
@@ -192,7 +192,20 @@ impl<W: Write + Send> World for LiveWorld<W> {
                     });
                 }
             }
-            let slice = wait.unwrap_or(MAX_IDLE_SLICE).min(MAX_IDLE_SLICE);
+            let mut slice = wait.unwrap_or(MAX_IDLE_SLICE).min(MAX_IDLE_SLICE);
+            if let Some(limit) = request.give_up_at {
+                let left = limit.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    // The owner wants the VM back: a spurious wake-up, at no later a
+                    // virtual time than the guest's deadline.
+                    let at = match deadline_ns {
+                        Some(d) => self.host_now_ns().clamp(now_ns, d.max(now_ns)),
+                        None => self.host_now_ns().max(now_ns),
+                    };
+                    return Ok(Wake { at_ns: at });
+                }
+                slice = slice.min(left);
+            }
             if wakers.is_empty() {
                 std::thread::sleep(slice);
                 continue;
@@ -268,6 +281,7 @@ mod tests {
             now_ns,
             deadline_ns,
             console_room: true,
+            give_up_at: None,
         }
     }
 

@@ -62,6 +62,10 @@ pub struct IdleRequest {
     pub deadline_ns: Option<u64>,
     /// Whether the UART can take console input (so input may wake the guest).
     pub console_room: bool,
+    /// Host instant by which the World should resume the guest even if nothing is due
+    /// (the end of a replication epoch); the guest sees a spurious wake-up and waits
+    /// again. Live Worlds honour it; a replay follows its log.
+    pub give_up_at: Option<std::time::Instant>,
 }
 
 /// Why an idle guest is resumed.
@@ -122,4 +126,10 @@ pub trait World: Send {
 
     /// Called when the VM stops or is snapshotted: flush buffered output.
     fn flush(&mut self) {}
+
+    /// Asked after every exit: whether the VM should return to its owner now (the end
+    /// of a replication epoch). The guest is between two exits then, ready to capture.
+    fn pause_requested(&mut self) -> bool {
+        false
+    }
 }

@@ -154,6 +154,10 @@ impl<W: World> World for RecordingWorld<W> {
         Ok(bytes)
     }
 
+    fn pause_requested(&mut self) -> bool {
+        self.inner.pause_requested()
+    }
+
     fn idle(&mut self, request: &IdleRequest) -> Result<Wake, WorldError> {
         let wake = self.inner.idle(request)?;
         self.push(InputEvent::Wake {
@@ -354,6 +358,7 @@ mod tests {
             now_ns: 0,
             deadline_ns,
             console_room: true,
+            give_up_at: None,
         }
     }
 

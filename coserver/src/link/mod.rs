@@ -1,0 +1,594 @@
+//! Links: the redundant connections between two CoServers.
+//!
+//! Each configured link is one TCP connection (the end whose local address sorts lower
+//! dials, the other accepts), re-established whenever it breaks. Every protocol message
+//! gets a sequence number, is sent on every connected link and is de-duplicated on
+//! receipt, so losing a link costs nothing. Each link carries its own heartbeat (ping and
+//! pong), which measures its round trip and, by silence, its loss. Frames that fail the
+//! CRC, the MAC or decoding are dropped and counted; a stream that loses its framing, or a
+//! peer that fails authentication, is disconnected and counted.
+
+pub mod frame;
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rand_core::RngCore;
+
+use crate::config::LinkConfig;
+use crate::protocol::{Message, Role, PROTOCOL_VERSION};
+use frame::{Codec, FrameError};
+
+/// Frames queued per link before the link counts as stalled and is reset.
+const QUEUE_FRAMES: usize = 512;
+/// How long a dialer waits for a connection attempt.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Errors of setting links up.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// A listen address cannot be bound.
+    #[error("link {index}: cannot listen on {addr}: {source}")]
+    Listen {
+        /// Link index.
+        index: usize,
+        /// Address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// What the links deliver to the CoServer.
+#[derive(Debug)]
+pub enum Event {
+    /// A protocol message from the peer (de-duplicated).
+    Message(Message),
+    /// The peer introduced itself on a link.
+    Hello {
+        /// The link.
+        link: usize,
+        /// Peer's node name.
+        node: String,
+        /// Peer's role.
+        role: Role,
+        /// Peer's arbiter generation.
+        generation: u64,
+        /// Peer's guest memory.
+        mem_mib: u64,
+        /// Peer's disk size.
+        disk_bytes: Option<u64>,
+    },
+    /// The peer's heartbeat (role and generation as it sees them).
+    Heartbeat {
+        /// Peer's role.
+        role: Role,
+        /// Peer's generation.
+        generation: u64,
+    },
+}
+
+/// Counters and health of one link.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LinkStatus {
+    /// "link0", "link1", ...
+    pub name: String,
+    /// Local address.
+    pub local: String,
+    /// Peer address.
+    pub peer: String,
+    /// Connected and heard from within the heartbeat timeout.
+    pub healthy: bool,
+    /// Last measured round trip (ms).
+    pub rtt_ms: Option<f64>,
+    /// Frames received and accepted.
+    pub frames_in: u64,
+    /// Frames queued for sending.
+    pub frames_out: u64,
+    /// Bytes queued for sending.
+    pub bytes_out: u64,
+    /// Frames dropped: corrupt, undecodable or unexpected.
+    pub bad_frames: u64,
+    /// Frames or peers that failed authentication.
+    pub auth_failures: u64,
+    /// Connections established.
+    pub connects: u64,
+}
+
+struct LinkState {
+    status: LinkStatus,
+    /// The writer queue of the current connection.
+    writer: Option<SyncSender<Arc<Vec<u8>>>>,
+    /// The current connection (to shut it down).
+    stream: Option<TcpStream>,
+    /// Connection generation, so that a stale connection's end does not tear down a
+    /// newer one.
+    conn_id: u64,
+    last_rx: Option<Instant>,
+    /// Frames queued on the current connection and not yet written.
+    queued: Arc<AtomicUsize>,
+}
+
+/// Recently seen (session, sequence) pairs.
+#[derive(Debug, Default)]
+struct Dedup {
+    session: u64,
+    max: u64,
+    seen: HashSet<u64>,
+}
+
+/// Sequence numbers remembered below the highest seen.
+const DEDUP_WINDOW: u64 = 1 << 16;
+
+impl Dedup {
+    /// Whether (session, seq) is new; remembers it.
+    fn fresh(&mut self, session: u64, seq: u64) -> bool {
+        if session != self.session {
+            *self = Dedup {
+                session,
+                ..Dedup::default()
+            };
+        }
+        if seq + DEDUP_WINDOW <= self.max || !self.seen.insert(seq) {
+            return false;
+        }
+        if seq > self.max {
+            self.max = seq;
+            if self.seen.len() as u64 > 2 * DEDUP_WINDOW {
+                let floor = self.max.saturating_sub(DEDUP_WINDOW);
+                self.seen.retain(|&s| s > floor);
+            }
+        }
+        true
+    }
+}
+
+/// This node's view that links advertise in hellos and heartbeats.
+#[derive(Debug, Clone)]
+pub struct LocalInfo {
+    /// Node name.
+    pub node: String,
+    /// Role.
+    pub role: Role,
+    /// Highest arbiter generation known.
+    pub generation: u64,
+    /// Guest memory.
+    pub mem_mib: u64,
+    /// Disk size.
+    pub disk_bytes: Option<u64>,
+}
+
+struct Inner {
+    codec: Codec,
+    session: u64,
+    next_seq: AtomicU64,
+    local: Mutex<LocalInfo>,
+    links: Vec<Mutex<LinkState>>,
+    configs: Vec<LinkConfig>,
+    events: Mutex<Sender<Event>>,
+    dedup: Mutex<Dedup>,
+    interval: Duration,
+    timeout: Duration,
+    clock: Instant,
+    stopped: AtomicBool,
+}
+
+/// The set of links to the peer.
+#[derive(Clone)]
+pub struct Links {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking holder cannot leave these plain counters inconsistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Links {
+    /// Binds the listening ends, starts connecting, and returns the links and the
+    /// receiver of their events.
+    pub fn start(
+        configs: &[LinkConfig],
+        key: &[u8],
+        local: LocalInfo,
+        interval: Duration,
+        timeout: Duration,
+    ) -> Result<(Self, Receiver<Event>), LinkError> {
+        let (tx, rx) = mpsc::channel();
+        let mut session = [0u8; 8];
+        // A failed entropy read only weakens session uniqueness; fall back to the clock.
+        if rand_core::OsRng.try_fill_bytes(&mut session).is_err() {
+            session = (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1))
+            .to_le_bytes();
+        }
+        let inner = Arc::new(Inner {
+            codec: Codec::new(key),
+            session: u64::from_le_bytes(session),
+            next_seq: AtomicU64::new(1),
+            local: Mutex::new(local),
+            links: configs
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    Mutex::new(LinkState {
+                        status: LinkStatus {
+                            name: format!("link{i}"),
+                            local: c.local.to_string(),
+                            peer: c.peer.to_string(),
+                            ..LinkStatus::default()
+                        },
+                        writer: None,
+                        stream: None,
+                        conn_id: 0,
+                        last_rx: None,
+                        queued: Arc::new(AtomicUsize::new(0)),
+                    })
+                })
+                .collect(),
+            configs: configs.to_vec(),
+            events: Mutex::new(tx),
+            dedup: Mutex::new(Dedup::default()),
+            interval,
+            timeout,
+            clock: Instant::now(),
+            stopped: AtomicBool::new(false),
+        });
+        for (index, c) in configs.iter().enumerate() {
+            let dials = c.local.to_string() < c.peer.to_string();
+            let inner = inner.clone();
+            if dials {
+                std::thread::spawn(move || dial_loop(inner, index));
+            } else {
+                let listener = TcpListener::bind(c.local).map_err(|source| LinkError::Listen {
+                    index,
+                    addr: c.local,
+                    source,
+                })?;
+                std::thread::spawn(move || accept_loop(inner, index, listener));
+            }
+        }
+        let hb = inner.clone();
+        std::thread::spawn(move || heartbeat_loop(hb));
+        Ok((Self { inner }, rx))
+    }
+
+    /// Updates what hellos and heartbeats advertise.
+    pub fn set_local(&self, role: Role, generation: u64) {
+        let mut l = lock(&self.inner.local);
+        l.role = role;
+        l.generation = generation;
+    }
+
+    /// Sends `msg` on every connected link. Returns on how many links it was queued.
+    pub fn send(&self, msg: &Message) -> usize {
+        let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
+        let frame = Arc::new(
+            self.inner
+                .codec
+                .encode(self.inner.session, seq, &msg.encode()),
+        );
+        (0..self.inner.links.len())
+            .filter(|&i| queue(&self.inner, i, frame.clone()))
+            .count()
+    }
+
+    /// When the peer was last heard on any link.
+    pub fn last_heard(&self) -> Option<Instant> {
+        self.inner
+            .links
+            .iter()
+            .filter_map(|l| lock(l).last_rx)
+            .max()
+    }
+
+    /// Frames waiting in the least loaded connected link's queue (flow control for
+    /// bulk copy: one link that keeps up is enough). `None` with no link connected.
+    pub fn backlog(&self) -> Option<usize> {
+        self.inner
+            .links
+            .iter()
+            .filter_map(|l| {
+                let l = lock(l);
+                l.writer.as_ref().map(|_| l.queued.load(Ordering::Relaxed))
+            })
+            .min()
+    }
+
+    /// Status of every link.
+    pub fn status(&self) -> Vec<LinkStatus> {
+        let now = Instant::now();
+        self.inner
+            .links
+            .iter()
+            .map(|l| {
+                let l = lock(l);
+                let mut s = l.status.clone();
+                s.healthy =
+                    l.writer.is_some() && l.last_rx.is_some_and(|t| now - t < self.inner.timeout);
+                s
+            })
+            .collect()
+    }
+
+    /// Closes every connection and stops reconnecting.
+    pub fn shutdown(&self) {
+        self.inner.stopped.store(true, Ordering::SeqCst);
+        for l in &self.inner.links {
+            let mut l = lock(l);
+            if let Some(s) = l.stream.take() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            l.writer = None;
+        }
+    }
+}
+
+/// Queues a frame on link `i`; a stalled link is reset. Returns whether it was queued.
+fn queue(inner: &Inner, i: usize, frame: Arc<Vec<u8>>) -> bool {
+    let mut l = lock(&inner.links[i]);
+    let Some(w) = &l.writer else { return false };
+    let len = frame.len() as u64;
+    match w.try_send(frame) {
+        Ok(()) => {
+            l.queued.fetch_add(1, Ordering::Relaxed);
+            l.status.frames_out += 1;
+            l.status.bytes_out += len;
+            true
+        }
+        Err(TrySendError::Full(_)) => {
+            tracing::warn!(link = i, "link stalled (send queue full); resetting it");
+            if let Some(s) = l.stream.take() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            l.writer = None;
+            false
+        }
+        Err(TrySendError::Disconnected(_)) => {
+            l.writer = None;
+            false
+        }
+    }
+}
+
+fn dial_loop(inner: Arc<Inner>, index: usize) {
+    let peer = inner.configs[index].peer;
+    while !inner.stopped.load(Ordering::SeqCst) {
+        match TcpStream::connect_timeout(&peer, CONNECT_TIMEOUT) {
+            Ok(s) => serve(&inner, index, s),
+            Err(e) => tracing::trace!(link = index, "connect {peer}: {e}"),
+        }
+        std::thread::sleep(inner.interval);
+    }
+}
+
+fn accept_loop(inner: Arc<Inner>, index: usize, listener: TcpListener) {
+    for stream in listener.incoming() {
+        if inner.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(stream) = stream else { continue };
+        let inner = inner.clone();
+        std::thread::spawn(move || serve(&inner, index, stream));
+    }
+}
+
+/// Runs one connection of link `index` until it breaks.
+fn serve(inner: &Arc<Inner>, index: usize, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(inner.timeout.max(Duration::from_millis(50))));
+    let _ = stream.set_write_timeout(Some(inner.timeout.max(Duration::from_millis(500))));
+    let (Ok(mut reader), Ok(mut writer), Ok(closer)) =
+        (stream.try_clone(), stream.try_clone(), stream.try_clone())
+    else {
+        return;
+    };
+    let (tx, rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(QUEUE_FRAMES);
+    let queued = Arc::new(AtomicUsize::new(0));
+    let pending = queued.clone();
+    let conn_id = {
+        let mut l = lock(&inner.links[index]);
+        l.queued = queued;
+        if let Some(old) = l.stream.replace(closer) {
+            let _ = old.shutdown(Shutdown::Both);
+        }
+        l.writer = Some(tx.clone());
+        l.conn_id += 1;
+        l.status.connects += 1;
+        l.conn_id
+    };
+    std::thread::spawn(move || {
+        for frame in rx {
+            pending.fetch_sub(1, Ordering::Relaxed);
+            if writer.write_all(&frame).is_err() {
+                let _ = writer.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+    });
+    let hello = {
+        let l = lock(&inner.local);
+        Message::Hello {
+            version: PROTOCOL_VERSION,
+            node: l.node.clone(),
+            role: l.role,
+            generation: l.generation,
+            mem_mib: l.mem_mib,
+            disk_bytes: l.disk_bytes,
+        }
+    };
+    drop(tx);
+    queue(
+        inner,
+        index,
+        Arc::new(inner.codec.encode(inner.session, 0, &hello.encode())),
+    );
+    tracing::info!(link = index, peer = %inner.configs[index].peer, "link connected");
+    let mut authenticated = false;
+    loop {
+        match inner.codec.read(&mut reader) {
+            Ok(frame) => {
+                authenticated = true;
+                if !deliver(inner, index, frame) {
+                    break;
+                }
+            }
+            Err(FrameError::Auth) => {
+                lock(&inner.links[index]).status.auth_failures += 1;
+                tracing::warn!(link = index, "frame failed authentication");
+                if !authenticated {
+                    tracing::warn!(link = index, "peer failed authentication; disconnecting");
+                    break;
+                }
+            }
+            Err(FrameError::Crc) => {
+                lock(&inner.links[index]).status.bad_frames += 1;
+                tracing::warn!(link = index, "corrupt frame dropped");
+            }
+            Err(e) => {
+                if !matches!(e, FrameError::Io(_)) {
+                    lock(&inner.links[index]).status.bad_frames += 1;
+                    tracing::warn!(link = index, "link stream broken: {e}");
+                }
+                break;
+            }
+        }
+    }
+    let mut l = lock(&inner.links[index]);
+    if l.conn_id == conn_id {
+        if let Some(s) = l.stream.take() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        l.writer = None;
+        tracing::info!(link = index, "link disconnected");
+    }
+}
+
+/// Handles one verified frame. Returns false to drop the connection.
+fn deliver(inner: &Inner, index: usize, frame: frame::Frame) -> bool {
+    let msg = match Message::decode(&frame.payload) {
+        Ok(m) => m,
+        Err(e) => {
+            lock(&inner.links[index]).status.bad_frames += 1;
+            tracing::warn!(link = index, "{e}; frame dropped");
+            return true;
+        }
+    };
+    {
+        let mut l = lock(&inner.links[index]);
+        l.last_rx = Some(Instant::now());
+        l.status.frames_in += 1;
+    }
+    let events = lock(&inner.events).clone();
+    let send_here = |m: &Message| {
+        let f = Arc::new(inner.codec.encode(inner.session, 0, &m.encode()));
+        queue(inner, index, f);
+    };
+    match (frame.seq, msg) {
+        (
+            0,
+            Message::Hello {
+                version,
+                node,
+                role,
+                generation,
+                mem_mib,
+                disk_bytes,
+            },
+        ) => {
+            if version != PROTOCOL_VERSION {
+                let reason = format!(
+                    "peer {node} speaks protocol version {version}; this ftvm speaks version {PROTOCOL_VERSION}"
+                );
+                tracing::error!(link = index, "{reason}");
+                send_here(&Message::Refuse { reason });
+                return false;
+            }
+            let _ = events.send(Event::Hello {
+                link: index,
+                node,
+                role,
+                generation,
+                mem_mib,
+                disk_bytes,
+            });
+        }
+        (0, Message::Refuse { reason }) => {
+            tracing::error!(link = index, "peer refused this node: {reason}");
+            return false;
+        }
+        (
+            0,
+            Message::Ping {
+                sent_us,
+                role,
+                generation,
+            },
+        ) => {
+            send_here(&Message::Pong { sent_us });
+            let _ = events.send(Event::Heartbeat { role, generation });
+        }
+        (0, Message::Pong { sent_us }) => {
+            let now = inner.clock.elapsed().as_micros() as u64;
+            let rtt = now.saturating_sub(sent_us) as f64 / 1000.0;
+            lock(&inner.links[index]).status.rtt_ms = Some(rtt);
+        }
+        (0, other) => {
+            lock(&inner.links[index]).status.bad_frames += 1;
+            tracing::warn!(
+                link = index,
+                kind = other.kind(),
+                "unexpected unsequenced message dropped"
+            );
+        }
+        (seq, msg) => {
+            if lock(&inner.dedup).fresh(frame.session, seq) {
+                let _ = events.send(Event::Message(msg));
+            }
+        }
+    }
+    true
+}
+
+fn heartbeat_loop(inner: Arc<Inner>) {
+    while !inner.stopped.load(Ordering::SeqCst) {
+        let (role, generation) = {
+            let l = lock(&inner.local);
+            (l.role, l.generation)
+        };
+        let ping = Message::Ping {
+            sent_us: inner.clock.elapsed().as_micros() as u64,
+            role,
+            generation,
+        };
+        let frame = Arc::new(inner.codec.encode(inner.session, 0, &ping.encode()));
+        for i in 0..inner.links.len() {
+            queue(&inner, i, frame.clone());
+        }
+        std::thread::sleep(inner.interval);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_accepts_each_sequence_once_and_resets_per_session() {
+        let mut d = Dedup::default();
+        assert!(d.fresh(1, 1));
+        assert!(d.fresh(1, 3));
+        assert!(!d.fresh(1, 1));
+        assert!(d.fresh(1, 2), "late but unseen");
+        assert!(!d.fresh(1, 3));
+        assert!(d.fresh(2, 1), "a restarted peer starts again");
+        assert!(!d.fresh(2, 1));
+    }
+}

@@ -1,0 +1,186 @@
+//! The messages two CoServers exchange (docs/protocol.md), encoded with bincode inside
+//! link frames.
+
+use bincode::Options;
+use ftvm_vmm::PageBatch;
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks; a peer with another is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest message decoded (matches the frame limit).
+const MAX_MESSAGE: u64 = crate::link::frame::MAX_PAYLOAD as u64;
+
+/// A CoServer's role as its peer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Starting: looking for a peer.
+    Starting,
+    /// Running the guest.
+    Primary,
+    /// Holding a replica (or receiving the first copy).
+    Secondary,
+    /// Stopped after losing the arbiter.
+    Fenced,
+}
+
+impl Role {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Starting => "starting",
+            Role::Primary => "primary",
+            Role::Secondary => "secondary",
+            Role::Fenced => "fenced",
+        }
+    }
+}
+
+/// One disk write of an epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskWrite {
+    /// Byte offset.
+    pub offset: u64,
+    /// The data.
+    pub data: Vec<u8>,
+}
+
+/// A message between CoServers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// First message on every connection.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the sender.
+        version: u32,
+        /// Sender's node name.
+        node: String,
+        /// Sender's role.
+        role: Role,
+        /// Highest arbiter generation the sender knows.
+        generation: u64,
+        /// Guest memory of the sender's configuration.
+        mem_mib: u64,
+        /// Size of the sender's disk replica, if any.
+        disk_bytes: Option<u64>,
+    },
+    /// The sender refuses this peer (and closes the connection).
+    Refuse {
+        /// Why.
+        reason: String,
+    },
+    /// Heartbeat on one link; answered by [`Message::Pong`] on the same link.
+    Ping {
+        /// Sender's clock (µs) for the round trip.
+        sent_us: u64,
+        /// Sender's role.
+        role: Role,
+        /// Highest arbiter generation the sender knows.
+        generation: u64,
+    },
+    /// Answer to a ping.
+    Pong {
+        /// The ping's `sent_us`.
+        sent_us: u64,
+    },
+    /// A secondary asks the primary for a full copy.
+    Join,
+    /// Part of the full copy: guest pages (sent while the guest runs).
+    SyncPages(PageBatch),
+    /// Part of the full copy: a range of the disk.
+    SyncDisk(DiskWrite),
+    /// The end of an epoch. `full` marks the checkpoint that completes a full copy.
+    Checkpoint {
+        /// Epoch number.
+        epoch: u64,
+        /// Whether this completes a full copy (the secondary may take over after it).
+        full: bool,
+        /// vCPU, VM-level and device state.
+        state: Vec<u8>,
+        /// Pages written during the epoch (or still unsent from the copy).
+        pages: PageBatch,
+        /// Disk writes of the epoch, in order.
+        disk_writes: Vec<DiskWrite>,
+        /// Whether the guest flushed its disk during the epoch.
+        flush: bool,
+    },
+    /// The secondary holds checkpoint `epoch` completely.
+    Ack {
+        /// Epoch number.
+        epoch: u64,
+    },
+    /// The secondary cannot follow (a gap in epochs); it needs a new full copy.
+    Resync {
+        /// Why.
+        reason: String,
+    },
+}
+
+fn codec() -> impl Options {
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_limit(MAX_MESSAGE)
+}
+
+/// Errors of decoding a message.
+#[derive(Debug, thiserror::Error)]
+#[error("undecodable message: {0}")]
+pub struct DecodeError(#[from] bincode::Error);
+
+impl Message {
+    /// Encodes the message.
+    pub fn encode(&self) -> Vec<u8> {
+        // Encoding plain data with a limit above any message we build cannot fail.
+        codec().serialize(self).unwrap_or_default()
+    }
+
+    /// Decodes a message; garbage is an error, never a panic.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        Ok(codec().deserialize(bytes)?)
+    }
+
+    /// A short name for logs and counters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Refuse { .. } => "refuse",
+            Message::Ping { .. } => "ping",
+            Message::Pong { .. } => "pong",
+            Message::Join => "join",
+            Message::SyncPages(_) => "sync-pages",
+            Message::SyncDisk(_) => "sync-disk",
+            Message::Checkpoint { .. } => "checkpoint",
+            Message::Ack { .. } => "ack",
+            Message::Resync { .. } => "resync",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_garbage_is_an_error() {
+        let m = Message::Checkpoint {
+            epoch: 9,
+            full: true,
+            state: vec![1, 2, 3],
+            pages: PageBatch {
+                gpas: vec![0x1000],
+                data: vec![5; 4096],
+            },
+            disk_writes: vec![DiskWrite {
+                offset: 512,
+                data: vec![7; 512],
+            }],
+            flush: true,
+        };
+        assert_eq!(Message::decode(&m.encode()).unwrap(), m);
+        assert!(Message::decode(&[0xff; 3]).is_err());
+        assert!(Message::decode(&[]).is_err());
+        // A huge length prefix is refused, not allocated.
+        let mut huge = vec![5, 0, 0, 0];
+        huge.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(Message::decode(&huge).is_err());
+    }
+}
