@@ -102,15 +102,6 @@ impl Arbiter {
         }
     }
 
-    /// The highest generation granted so far (0 if none).
-    pub fn current(&self) -> Result<u64, ArbiterError> {
-        match self {
-            Arbiter::None => Ok(0),
-            Arbiter::SharedStorage { dir } if !dir.exists() => Ok(0),
-            Arbiter::SharedStorage { dir } => highest_generation(dir),
-        }
-    }
-
     /// A short description for status output.
     pub fn describe(&self) -> String {
         match self {
@@ -212,7 +203,6 @@ mod tests {
             arb.claim("a", 1).unwrap(),
             Claim::Lost { generation: 2, .. }
         ));
-        assert_eq!(arb.current().unwrap(), 2);
         assert_eq!(Arbiter::None.claim("a", 0).unwrap(), Claim::Refused);
     }
 

@@ -24,6 +24,40 @@ pub enum Command {
     /// Re-run a recorded run (`run --record`) from its input log, with no disk or tap,
     /// and report whether it retraced the recording.
     Replay(ReplayArgs),
+    /// Run one CoServer of a fault-tolerant pair (docs/operations.md).
+    Coserver(CoserverArgs),
+    /// Query a running CoServer.
+    Ctl(CtlArgs),
+}
+
+/// Options of `ftvm coserver`.
+#[derive(Debug, Args)]
+pub struct CoserverArgs {
+    /// The CoServer's configuration (TOML).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+/// Options of `ftvm ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The CoServer's control address (host:port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7200")]
+    pub connect: String,
+    /// What to ask.
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// `ftvm ctl` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Role, peer, links, epochs, pauses, output-commit delay, replication rate, alerts.
+    Status {
+        /// Print the JSON document instead.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// How an idle guest waits for its timer.

@@ -4,15 +4,35 @@ mod arbiter;
 mod attach;
 mod cli;
 mod config;
+mod control;
 mod link;
+mod node;
 mod protocol;
 mod recording;
+mod replication;
 mod run;
 
 use clap::Parser;
 
 /// Process exit code for errors of ftvm itself (as opposed to the guest's exit code).
 const EXIT_VMM_ERROR: i32 = 125;
+
+fn ctl(args: &cli::CtlArgs) -> Result<i32, String> {
+    match args.command {
+        cli::CtlCommand::Status { json } => {
+            let status = control::fetch(&args.connect).map_err(|e| e.to_string())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).unwrap_or_default()
+                );
+            } else {
+                print!("{}", control::render(&status));
+            }
+            Ok(0)
+        }
+    }
+}
 
 fn main() {
     let args = cli::Cli::parse();
@@ -24,9 +44,11 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = match args.command {
-        cli::Command::Run(a) => run::run(&a),
-        cli::Command::Restore(a) => run::restore(&a),
-        cli::Command::Replay(a) => run::replay(&a),
+        cli::Command::Run(a) => run::run(&a).map_err(|e| e.to_string()),
+        cli::Command::Restore(a) => run::restore(&a).map_err(|e| e.to_string()),
+        cli::Command::Replay(a) => run::replay(&a).map_err(|e| e.to_string()),
+        cli::Command::Coserver(a) => node::run(&a.config).map_err(|e| e.to_string()),
+        cli::Command::Ctl(a) => ctl(&a),
     };
     match result {
         Ok(code) => std::process::exit(code),

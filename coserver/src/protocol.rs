@@ -42,6 +42,7 @@ pub struct DiskWrite {
     /// Byte offset.
     pub offset: u64,
     /// The data.
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -84,6 +85,8 @@ pub enum Message {
     },
     /// A secondary asks the primary for a full copy.
     Join,
+    /// A full copy begins: everything the secondary held is superseded.
+    CopyStart,
     /// Part of the full copy: guest pages (sent while the guest runs).
     SyncPages(PageBatch),
     /// Part of the full copy: a range of the disk.
@@ -95,6 +98,7 @@ pub enum Message {
         /// Whether this completes a full copy (the secondary may take over after it).
         full: bool,
         /// vCPU, VM-level and device state.
+        #[serde(with = "serde_bytes")]
         state: Vec<u8>,
         /// Pages written during the epoch (or still unsent from the copy).
         pages: PageBatch,
@@ -112,6 +116,11 @@ pub enum Message {
     Resync {
         /// Why.
         reason: String,
+    },
+    /// The guest powered off (after the checkpoint of its last epoch): the pair ends.
+    Stopped {
+        /// The guest's exit code.
+        exit_code: u32,
     },
 }
 
@@ -146,11 +155,13 @@ impl Message {
             Message::Ping { .. } => "ping",
             Message::Pong { .. } => "pong",
             Message::Join => "join",
+            Message::CopyStart => "copy-start",
             Message::SyncPages(_) => "sync-pages",
             Message::SyncDisk(_) => "sync-disk",
             Message::Checkpoint { .. } => "checkpoint",
             Message::Ack { .. } => "ack",
             Message::Resync { .. } => "resync",
+            Message::Stopped { .. } => "stopped",
         }
     }
 }

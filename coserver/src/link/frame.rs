@@ -59,14 +59,6 @@ pub enum FrameError {
     Auth,
 }
 
-impl FrameError {
-    /// Whether the stream's framing can no longer be trusted (the connection must be
-    /// dropped), as opposed to one bad frame in a well-framed stream.
-    pub fn desyncs(&self) -> bool {
-        !matches!(self, FrameError::Crc | FrameError::Auth)
-    }
-}
-
 /// A received, verified frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
@@ -224,6 +216,5 @@ mod tests {
             c.read(&mut &long[..]),
             Err(FrameError::TooLong(_))
         ));
-        assert!(!FrameError::Crc.desyncs() && FrameError::BadMagic.desyncs());
     }
 }

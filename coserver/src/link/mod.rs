@@ -51,8 +51,6 @@ pub enum Event {
     Message(Message),
     /// The peer introduced itself on a link.
     Hello {
-        /// The link.
-        link: usize,
         /// Peer's node name.
         node: String,
         /// Peer's role.
@@ -74,7 +72,7 @@ pub enum Event {
 }
 
 /// Counters and health of one link.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct LinkStatus {
     /// "link0", "link1", ...
     pub name: String,
@@ -473,6 +471,8 @@ fn serve(inner: &Arc<Inner>, index: usize, stream: TcpStream) {
 
 /// Handles one verified frame. Returns false to drop the connection.
 fn deliver(inner: &Inner, index: usize, frame: frame::Frame) -> bool {
+    // Authenticated: the peer is alive, even if what it sent turns out undecodable.
+    lock(&inner.links[index]).last_rx = Some(Instant::now());
     let msg = match Message::decode(&frame.payload) {
         Ok(m) => m,
         Err(e) => {
@@ -483,7 +483,6 @@ fn deliver(inner: &Inner, index: usize, frame: frame::Frame) -> bool {
     };
     {
         let mut l = lock(&inner.links[index]);
-        l.last_rx = Some(Instant::now());
         l.status.frames_in += 1;
     }
     let events = lock(&inner.events).clone();
@@ -512,7 +511,6 @@ fn deliver(inner: &Inner, index: usize, frame: frame::Frame) -> bool {
                 return false;
             }
             let _ = events.send(Event::Hello {
-                link: index,
                 node,
                 role,
                 generation,

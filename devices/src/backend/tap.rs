@@ -105,6 +105,12 @@ impl Tap {
         }
     }
 
+    /// A second handle on the tap for sending frames from another thread (output
+    /// commit releases held frames there).
+    pub fn sender(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
+
     /// Sends one frame.
     pub fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
         self.file.write(frame).map(|_| ())

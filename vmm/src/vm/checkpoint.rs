@@ -22,6 +22,7 @@ pub struct PageBatch {
     /// Guest-physical addresses, page aligned.
     pub gpas: Vec<u64>,
     /// The pages' contents, in `gpas` order.
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 

@@ -1,0 +1,256 @@
+//! The control API: a CoServer's status as JSON over HTTP (`GET /status`), and the
+//! `ftvm ctl` client that prints it.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::link::LinkStatus;
+
+/// Errors of the control API.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The server cannot listen.
+    #[error("control API cannot listen on {addr}: {message}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        message: String,
+    },
+    /// The client cannot reach a CoServer.
+    #[error("cannot reach the CoServer at {addr}: {source}")]
+    Connect {
+        /// Address.
+        addr: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The answer is not a status.
+    #[error("unexpected answer from {addr}: {message}")]
+    Answer {
+        /// Address.
+        addr: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Percentiles of a recent sample.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: Option<u64>,
+    /// 99th percentile.
+    pub p99: Option<u64>,
+    /// Sample size.
+    pub samples: usize,
+}
+
+impl Percentiles {
+    /// Percentiles of `values`.
+    pub fn of(values: &[u64]) -> Self {
+        let mut v = values.to_vec();
+        v.sort_unstable();
+        let at = |q: f64| (!v.is_empty()).then(|| v[((v.len() - 1) as f64 * q).round() as usize]);
+        Self {
+            p50: at(0.5),
+            p99: at(0.99),
+            samples: v.len(),
+        }
+    }
+}
+
+/// What the peer looks like from here.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// Its node name, once known.
+    pub name: Option<String>,
+    /// Its role as it last said.
+    pub role: Option<String>,
+    /// Heard within the heartbeat timeout.
+    pub alive: bool,
+    /// Time since it was last heard (ms).
+    pub last_heard_ms: Option<u64>,
+}
+
+/// A CoServer's status.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    /// This node.
+    pub node: String,
+    /// starting / primary / secondary / fenced.
+    pub role: String,
+    /// For a primary: degraded / syncing / awaiting-full-ack / protected.
+    pub mode: Option<String>,
+    /// Whether this node runs the guest now.
+    pub guest_running: bool,
+    /// The arbiter and the highest generation this node knows.
+    pub arbiter: String,
+    /// Generation.
+    pub generation: u64,
+    /// The peer.
+    pub peer: PeerStatus,
+    /// Each link.
+    pub links: Vec<LinkStatus>,
+    /// Last epoch sealed (primary) or applied (secondary).
+    pub epoch: u64,
+    /// Highest epoch acknowledged (primary).
+    pub acked_epoch: u64,
+    /// Checkpoint pause (µs).
+    pub checkpoint_pause_us: Percentiles,
+    /// Output-commit delay (µs).
+    pub output_commit_delay_us: Percentiles,
+    /// Replication bytes per second sent over all links (last second).
+    pub replication_bytes_per_s: u64,
+    /// Pages and disk bytes still to copy to a joining secondary.
+    pub copy_left: Option<(usize, u64)>,
+    /// Alerts, oldest first.
+    pub alerts: Vec<String>,
+}
+
+/// Serves `status` on `addr` from a background thread.
+pub fn serve(addr: SocketAddr, status: Arc<Mutex<Status>>) -> Result<(), ControlError> {
+    let server = tiny_http::Server::http(addr).map_err(|e| ControlError::Listen {
+        addr,
+        message: e.to_string(),
+    })?;
+    std::thread::spawn(move || {
+        for request in server.incoming_requests() {
+            let (code, body) = if request.url() == "/status" {
+                let s = status.lock().map(|s| s.clone()).unwrap_or_default();
+                (200, serde_json::to_string_pretty(&s).unwrap_or_default())
+            } else {
+                (404, "{\"error\":\"not found; try /status\"}".to_string())
+            };
+            let header =
+                tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]);
+            let mut response = tiny_http::Response::from_string(body).with_status_code(code);
+            if let Ok(h) = header {
+                response = response.with_header(h);
+            }
+            let _ = request.respond(response);
+        }
+    });
+    Ok(())
+}
+
+/// Fetches the status from the CoServer at `addr` (host:port).
+pub fn fetch(addr: &str) -> Result<Status, ControlError> {
+    let connect = |source| ControlError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
+    let mut s = TcpStream::connect(addr).map_err(connect)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(connect)?;
+    write!(s, "GET /status HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(connect)?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).map_err(connect)?;
+    let bad = |message: String| ControlError::Answer {
+        addr: addr.to_string(),
+        message,
+    };
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("no HTTP header".into()))?;
+    if !head.starts_with("HTTP/1.") || !head.split_whitespace().nth(1).is_some_and(|c| c == "200") {
+        return Err(bad(head.lines().next().unwrap_or("").to_string()));
+    }
+    serde_json::from_str(body).map_err(|e| bad(e.to_string()))
+}
+
+fn opt(v: Option<u64>, unit: &str) -> String {
+    v.map_or("-".to_string(), |v| format!("{v} {unit}"))
+}
+
+/// The status for people.
+pub fn render(s: &Status) -> String {
+    let mut out = format!(
+        "node {}: {}{}{}\n",
+        s.node,
+        s.role,
+        s.mode
+            .as_ref()
+            .map(|m| format!(" ({m})"))
+            .unwrap_or_default(),
+        if s.guest_running {
+            ", guest running"
+        } else {
+            ""
+        }
+    );
+    out += &format!(
+        "peer: {} {} {}\n",
+        s.peer.name.as_deref().unwrap_or("?"),
+        s.peer.role.as_deref().unwrap_or("?"),
+        if s.peer.alive { "alive" } else { "not heard" }
+    );
+    out += &format!("arbiter: {} (generation {})\n", s.arbiter, s.generation);
+    for l in &s.links {
+        out += &format!(
+            "{}: {} -> {} {} rtt {} in {} out {} bad {} auth-fail {}\n",
+            l.name,
+            l.local,
+            l.peer,
+            if l.healthy { "up" } else { "DOWN" },
+            l.rtt_ms.map_or("-".into(), |r| format!("{r:.3} ms")),
+            l.frames_in,
+            l.frames_out,
+            l.bad_frames,
+            l.auth_failures
+        );
+    }
+    out += &format!(
+        "epochs: {} (acked {})\ncheckpoint pause: p50 {} p99 {}\noutput-commit delay: p50 {} p99 {}\nreplication: {} bytes/s\n",
+        s.epoch,
+        s.acked_epoch,
+        opt(s.checkpoint_pause_us.p50, "µs"),
+        opt(s.checkpoint_pause_us.p99, "µs"),
+        opt(s.output_commit_delay_us.p50, "µs"),
+        opt(s.output_commit_delay_us.p99, "µs"),
+        s.replication_bytes_per_s
+    );
+    if let Some((pages, bytes)) = s.copy_left {
+        out += &format!("copy to secondary: {pages} pages and {bytes} disk bytes left\n");
+    }
+    for a in &s.alerts {
+        out += &format!("alert: {a}\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let p = Percentiles::of(&[5, 1, 3, 2, 4]);
+        assert_eq!((p.p50, p.p99, p.samples), (Some(3), Some(5), 5));
+        assert_eq!(Percentiles::of(&[]).p50, None);
+    }
+
+    #[test]
+    fn status_is_served_and_fetched() {
+        let status = Arc::new(Mutex::new(Status {
+            node: "a".into(),
+            role: "primary".into(),
+            ..Status::default()
+        }));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        serve(addr, status).unwrap();
+        let got = fetch(&addr.to_string()).unwrap();
+        assert_eq!((got.node.as_str(), got.role.as_str()), ("a", "primary"));
+        assert!(render(&got).starts_with("node a: primary"));
+        assert!(fetch("127.0.0.1:1").is_err());
+    }
+}

@@ -1,0 +1,673 @@
+//! One CoServer (`ftvm coserver --config FILE`): its role state machine and event loop.
+//!
+//! ```text
+//! starting --(peer is primary)--> secondary --(full copy applied)--> secondary, ready
+//! starting --(no primary heard; arbiter won)--> primary (degraded)
+//! primary: degraded --(join)--> syncing --(full checkpoint sent)--> awaiting-full-ack
+//!          --(ack)--> protected --(peer lost; arbiter won)--> degraded
+//! primary  --(peer lost; arbiter lost)--> fenced
+//! secondary, ready --(peer lost; arbiter won)--> primary (degraded), from the last
+//!          applied checkpoint; --(arbiter lost)--> fenced
+//! ```
+
+use std::path::Path;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ftvm_devices::backend::disk::DiskFile;
+use ftvm_devices::backend::tap::Tap;
+use ftvm_devices::virtio::DeviceConfig;
+use ftvm_devices::world::{LiveWorld, World};
+use ftvm_vmm::{Attachments, Standby, Vm, VmConfig};
+
+use crate::arbiter::{Arbiter, Claim, KnownGeneration};
+use crate::config::{ArbiterConfig, Config};
+use crate::control::{self, PeerStatus, Percentiles, Status};
+use crate::link::{Event, Links, LocalInfo};
+use crate::protocol::{Message, Role};
+use crate::replication::commit::{Commit, CommitWorld, Sinks};
+use crate::replication::primary::{EpochLoop, Mode, Shared};
+use crate::replication::secondary::{Replica, Staged};
+
+/// Errors that stop a CoServer.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The links.
+    #[error(transparent)]
+    Link(#[from] crate::link::LinkError),
+    /// The arbiter.
+    #[error(transparent)]
+    Arbiter(#[from] crate::arbiter::ArbiterError),
+    /// The control API.
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    /// Starting the guest.
+    #[error("cannot start the guest: {0}")]
+    Guest(String),
+    /// The replica.
+    #[error(transparent)]
+    Replica(#[from] crate::replication::secondary::ReplicaError),
+}
+
+struct Running {
+    shared: Arc<Shared>,
+    commit: Commit,
+}
+
+struct Node {
+    cfg: Config,
+    links: Links,
+    events: Receiver<Event>,
+    out: Sender<Message>,
+    arbiter: Arbiter,
+    known: KnownGeneration,
+    role: Role,
+    started: Instant,
+    peer_name: Option<String>,
+    peer_role: Option<Role>,
+    running: Option<Running>,
+    replica: Option<Replica>,
+    alerts: Vec<String>,
+    link_was_healthy: Vec<bool>,
+    status: Arc<Mutex<Status>>,
+    bytes_sample: (Instant, u64, u64),
+    exit_code: Option<i32>,
+}
+
+/// Runs a CoServer until its guest powers off; returns the process exit code.
+pub fn run(config_path: &Path) -> Result<i32, NodeError> {
+    let cfg = Config::load(config_path)?;
+    let key = cfg.psk()?;
+    let known = KnownGeneration::load(&cfg.host.state_dir)?;
+    let arbiter = match &cfg.arbiter {
+        ArbiterConfig::SharedStorage { path } => Arbiter::SharedStorage { dir: path.clone() },
+        ArbiterConfig::None { .. } => Arbiter::None,
+    };
+    let disk_bytes = match &cfg.host.disk {
+        Some(p) => Some(
+            std::fs::metadata(p)
+                .map_err(|e| NodeError::Guest(format!("disk replica {}: {e}", p.display())))?
+                .len(),
+        ),
+        None => None,
+    };
+    let status = Arc::new(Mutex::new(Status::default()));
+    control::serve(cfg.control.listen, status.clone())?;
+    let (links, events) = Links::start(
+        &cfg.links,
+        &key,
+        LocalInfo {
+            node: cfg.node.clone(),
+            role: Role::Starting,
+            generation: known.get(),
+            mem_mib: cfg.guest.mem_mib,
+            disk_bytes,
+        },
+        cfg.heartbeat.interval(),
+        cfg.heartbeat.timeout(),
+    )?;
+    let (out, out_rx) = mpsc::channel::<Message>();
+    let sender = links.clone();
+    std::thread::spawn(move || {
+        for msg in out_rx {
+            sender.send(&msg);
+        }
+    });
+    tracing::info!(node = %cfg.node, "CoServer starting; looking for a peer");
+    let mut node = Node {
+        link_was_healthy: vec![false; cfg.links.len()],
+        cfg,
+        links,
+        events,
+        out,
+        arbiter,
+        known,
+        role: Role::Starting,
+        started: Instant::now(),
+        peer_name: None,
+        peer_role: None,
+        running: None,
+        replica: None,
+        alerts: Vec::new(),
+        status,
+        bytes_sample: (Instant::now(), 0, 0),
+        exit_code: None,
+    };
+    node.event_loop()
+}
+
+impl Node {
+    fn event_loop(&mut self) -> Result<i32, NodeError> {
+        let tick = self.cfg.heartbeat.interval().min(Duration::from_millis(20));
+        loop {
+            match self.events.recv_timeout(tick) {
+                Ok(ev) => self.handle(ev)?,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Ok(125),
+            }
+            self.tick()?;
+            if let Some(code) = self.exit_code {
+                // Let the last messages (the pair's end) leave.
+                std::thread::sleep(self.cfg.heartbeat.interval() * 2);
+                self.links.shutdown();
+                return Ok(code);
+            }
+        }
+    }
+
+    fn alert(&mut self, text: String) {
+        tracing::warn!("{text}");
+        let secs = self.started.elapsed().as_secs_f64();
+        self.alerts.push(format!("[{secs:.3}s] {text}"));
+        if self.alerts.len() > 100 {
+            self.alerts.remove(0);
+        }
+    }
+
+    fn peer_alive(&self) -> bool {
+        self.links
+            .last_heard()
+            .is_some_and(|t| t.elapsed() < self.cfg.heartbeat.timeout())
+    }
+
+    fn learn_generation(&mut self, g: u64) -> Result<(), NodeError> {
+        if g > self.known.get() {
+            self.known.raise(g)?;
+            self.links.set_local(self.role, g);
+        }
+        Ok(())
+    }
+
+    fn set_role(&mut self, role: Role) {
+        self.role = role;
+        self.links.set_local(role, self.known.get());
+    }
+
+    fn handle(&mut self, ev: Event) -> Result<(), NodeError> {
+        match ev {
+            Event::Hello {
+                node,
+                role,
+                generation,
+                mem_mib,
+                disk_bytes,
+            } => {
+                let mine = self
+                    .cfg
+                    .host
+                    .disk
+                    .as_ref()
+                    .and_then(|p| std::fs::metadata(p).ok())
+                    .map(|m| m.len());
+                if disk_bytes != mine {
+                    self.alert(format!(
+                        "peer {node} has a disk replica of {disk_bytes:?} bytes, this node {mine:?}"
+                    ));
+                }
+                if mem_mib != self.cfg.guest.mem_mib {
+                    self.alert(format!(
+                        "peer {node} configures {mem_mib} MiB of guest memory, this node {}",
+                        self.cfg.guest.mem_mib
+                    ));
+                }
+                self.peer_name = Some(node);
+                self.peer_role = Some(role);
+                self.learn_generation(generation)?;
+            }
+            Event::Heartbeat { role, generation } => {
+                self.peer_role = Some(role);
+                self.learn_generation(generation)?;
+            }
+            Event::Message(msg) => self.message(msg)?,
+        }
+        Ok(())
+    }
+
+    fn message(&mut self, msg: Message) -> Result<(), NodeError> {
+        match (self.role, msg) {
+            (Role::Primary, Message::Join) => {
+                // A joining secondary holds nothing: (re)start the copy whatever the mode.
+                if let Some(r) = &self.running {
+                    r.commit.set_holding(false);
+                    let mut s = r.shared.lock();
+                    s.mode = Mode::Degraded;
+                    s.join_requested = true;
+                }
+            }
+            (Role::Primary, Message::Resync { reason }) => {
+                self.alert(format!("secondary asks for a new copy: {reason}"));
+                if let Some(r) = &self.running {
+                    r.commit.set_holding(false);
+                    let mut s = r.shared.lock();
+                    s.mode = Mode::Degraded;
+                    s.join_requested = true;
+                }
+            }
+            (Role::Primary, Message::Ack { epoch }) => {
+                if let Some(r) = &self.running {
+                    let protected = {
+                        let mut s = r.shared.lock();
+                        s.acked = s.acked.max(epoch);
+                        let now_protected =
+                            s.mode == Mode::AwaitingFullAck && epoch >= s.full_epoch;
+                        if now_protected {
+                            s.mode = Mode::Protected;
+                        }
+                        now_protected
+                    };
+                    r.commit.acked(epoch);
+                    r.shared.notify();
+                    if protected {
+                        self.alert("secondary holds a full copy: the pair is protected".into());
+                    }
+                }
+            }
+            (Role::Secondary, msg) => self.secondary_message(msg)?,
+            (_, other) => {
+                tracing::debug!(
+                    kind = other.kind(),
+                    role = self.role.name(),
+                    "message ignored"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn secondary_message(&mut self, msg: Message) -> Result<(), NodeError> {
+        let Some(replica) = self.replica.as_mut() else {
+            return Ok(());
+        };
+        let result = match msg {
+            Message::CopyStart => {
+                replica.start_copy();
+                Ok(())
+            }
+            Message::SyncPages(batch) => replica.copy_pages(&batch),
+            Message::SyncDisk(w) => replica.copy_disk(&w),
+            Message::Checkpoint {
+                epoch,
+                full,
+                state,
+                pages,
+                disk_writes,
+                flush,
+            } => {
+                let staged = Staged {
+                    epoch,
+                    full,
+                    state,
+                    pages,
+                    disk_writes,
+                    flush,
+                };
+                // Staged whole and checked: acknowledge, then apply.
+                match replica.check(&staged) {
+                    Ok(()) => {
+                        let _ = self.out.send(Message::Ack { epoch });
+                        let was_ready = replica.ready();
+                        let r = replica.apply(staged);
+                        if r.is_ok() && full && !was_ready {
+                            tracing::info!(epoch, "full copy applied; ready to take over");
+                        }
+                        r
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Message::Stopped { exit_code } => {
+                tracing::info!(exit_code, "the guest powered off on the primary");
+                self.exit_code = Some(exit_code as i32);
+                return Ok(());
+            }
+            other => {
+                tracing::debug!(kind = other.kind(), "message ignored by the secondary");
+                return Ok(());
+            }
+        };
+        if let Err(e) = result {
+            replica.reset();
+            self.alert(format!(
+                "replica cannot follow ({e}); asking for a new copy"
+            ));
+            let _ = self.out.send(Message::Resync {
+                reason: e.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self) -> Result<(), NodeError> {
+        let alive = self.peer_alive();
+        match self.role {
+            Role::Starting => self.tick_starting(alive)?,
+            Role::Primary => self.tick_primary(alive)?,
+            Role::Secondary => self.tick_secondary(alive)?,
+            Role::Fenced => {}
+        }
+        self.watch_links(alive);
+        self.publish_status(alive);
+        Ok(())
+    }
+
+    fn tick_starting(&mut self, alive: bool) -> Result<(), NodeError> {
+        if alive && self.peer_role == Some(Role::Primary) {
+            tracing::info!("peer is primary: joining as secondary");
+            self.replica = Some(Replica::new(
+                self.cfg.guest.mem_mib,
+                self.cfg.host.disk.as_deref(),
+            )?);
+            self.set_role(Role::Secondary);
+            let _ = self.out.send(Message::Join);
+            return Ok(());
+        }
+        // Give a running primary time to be heard before claiming the guest.
+        let wait = self.cfg.heartbeat.timeout() * 2 + Duration::from_millis(200);
+        if self.started.elapsed() < wait || (alive && self.peer_role == Some(Role::Primary)) {
+            return Ok(());
+        }
+        if let ArbiterConfig::None { primary } = &self.cfg.arbiter {
+            if *primary == self.cfg.node && !(alive && self.peer_role == Some(Role::Primary)) {
+                return self.become_primary(None);
+            }
+            return Ok(());
+        }
+        match self.arbiter.claim(&self.cfg.node, self.known.get())? {
+            Claim::Won { generation } => {
+                self.known.raise(generation)?;
+                self.alert(format!(
+                    "no primary heard: won the arbiter (generation {generation}); starting the guest"
+                ));
+                self.become_primary(None)
+            }
+            Claim::Lost { generation, holder } => {
+                // Not learned from the arbiter itself: only a peer that is heard can
+                // vouch for a generation, or a stale node could win the next one.
+                tracing::info!(
+                    holder,
+                    generation,
+                    "the arbiter is held elsewhere; waiting for the primary"
+                );
+                self.started = Instant::now();
+                Ok(())
+            }
+            Claim::Refused => Ok(()),
+        }
+    }
+
+    fn tick_primary(&mut self, alive: bool) -> Result<(), NodeError> {
+        let Some(r) = &self.running else {
+            return Ok(());
+        };
+        let (mode, finished) = {
+            let s = r.shared.lock();
+            (s.mode, s.finished.clone())
+        };
+        if let Some(result) = finished {
+            self.exit_code = Some(match result {
+                Ok(code) => code as i32,
+                Err(e) => {
+                    eprintln!("ftvm: error: {e}");
+                    125
+                }
+            });
+            return Ok(());
+        }
+        if alive || mode == Mode::Degraded {
+            return Ok(());
+        }
+        // The secondary is silent on every link.
+        if mode == Mode::Syncing {
+            self.degrade("secondary lost during the copy; running degraded".into());
+            return Ok(());
+        }
+        match self.arbiter.claim(&self.cfg.node, self.known.get())? {
+            Claim::Won { generation } => {
+                self.known.raise(generation)?;
+                self.links.set_local(self.role, generation);
+                self.degrade(format!(
+                    "secondary lost; won the arbiter (generation {generation}); running degraded"
+                ));
+            }
+            Claim::Refused => {
+                self.degrade("secondary lost; running degraded (arbiter none)".into());
+            }
+            Claim::Lost { generation, holder } => {
+                self.fence(format!(
+                    "secondary lost and {holder} won the arbiter (generation {generation}): fencing"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn degrade(&mut self, why: String) {
+        if let Some(r) = &self.running {
+            r.shared.lock().mode = Mode::Degraded;
+            r.commit.set_recording(false);
+            r.commit.set_holding(false);
+            r.shared.notify();
+        }
+        self.alert(why);
+    }
+
+    fn fence(&mut self, why: String) {
+        if let Some(r) = self.running.take() {
+            r.commit.discard();
+            r.shared.lock().stop = true;
+            r.shared.notify();
+        }
+        self.replica = None;
+        self.set_role(Role::Fenced);
+        self.alert(why);
+    }
+
+    fn tick_secondary(&mut self, alive: bool) -> Result<(), NodeError> {
+        if alive {
+            return Ok(());
+        }
+        let ready = self.replica.as_ref().is_some_and(Replica::ready);
+        if !ready {
+            self.alert("primary lost before the copy completed; waiting for a primary".into());
+            self.replica = None;
+            self.set_role(Role::Starting);
+            self.started = Instant::now();
+            return Ok(());
+        }
+        match self.arbiter.claim(&self.cfg.node, self.known.get())? {
+            Claim::Won { generation } => {
+                self.known.raise(generation)?;
+                let epoch = self.replica.as_ref().and_then(Replica::last_epoch);
+                self.alert(format!(
+                    "primary lost; won the arbiter (generation {generation}); taking over from checkpoint {}",
+                    epoch.unwrap_or(0)
+                ));
+                let standby = self.replica.take().map(Replica::into_standby).transpose()?;
+                self.become_primary(standby.map(|s| (s, epoch.unwrap_or(0))))
+            }
+            Claim::Lost { generation, holder } => {
+                self.fence(format!(
+                    "primary lost and {holder} holds the arbiter (generation {generation}): fencing"
+                ));
+                Ok(())
+            }
+            Claim::Refused => {
+                if !self
+                    .alerts
+                    .last()
+                    .is_some_and(|a| a.contains("arbiter none"))
+                {
+                    self.alert("primary lost; not taking over (arbiter none)".into());
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Starts the guest here: booted fresh, or from the standby at `epoch`.
+    fn become_primary(&mut self, from: Option<(Standby, u64)>) -> Result<(), NodeError> {
+        let guest = |e: String| NodeError::Guest(e);
+        let mac =
+            crate::attach::parse_mac(&self.cfg.guest.mac).map_err(|e| guest(e.to_string()))?;
+        let mut live = LiveWorld::new(std::io::sink());
+        let mut devices = Vec::new();
+        if let Some(p) = &self.cfg.host.disk {
+            let disk = DiskFile::open(p, false).map_err(|e| guest(e.to_string()))?;
+            devices.push(DeviceConfig::Block {
+                disk: 0,
+                capacity_sectors: disk.capacity_sectors(),
+                read_only: false,
+            });
+            live = live.with_disk(disk);
+        }
+        let mut tap_sender = None;
+        if let Some(name) = &self.cfg.host.tap {
+            let tap = Tap::open(name).map_err(|e| guest(e.to_string()))?;
+            tap_sender = Some(
+                tap.sender()
+                    .map_err(|e| guest(format!("tap {name}: {e}")))?,
+            );
+            live = live.with_tap(tap);
+            devices.push(DeviceConfig::Net { mac });
+        }
+        let commit = Commit::new(Sinks {
+            console: Box::new(std::io::stdout()),
+            tap: tap_sender,
+        });
+        let world: Box<dyn World> = Box::new(CommitWorld::new(Box::new(live), commit.clone()));
+        let shared = Shared::new();
+        let vm = match from {
+            Some((standby, epoch)) => {
+                shared.lock().epoch = epoch;
+                standby.activate(world).map_err(|e| guest(e.to_string()))?
+            }
+            None => {
+                let kernel = match &self.cfg.guest.kernel {
+                    Some(p) => std::fs::read(p)
+                        .map_err(|e| guest(format!("kernel {}: {e}", p.display())))?,
+                    None => ftvm_guest_images::TEST_GUEST_ELF.to_vec(),
+                };
+                let config = VmConfig {
+                    mem_mib: self.cfg.guest.mem_mib,
+                    kernel,
+                    cmdline: self.cfg.guest.cmdline.clone(),
+                    initrd: None,
+                    entropy_seed: 0,
+                    devices,
+                    attachments: Attachments {
+                        disks: self
+                            .cfg
+                            .host
+                            .disk
+                            .iter()
+                            .map(|p| (p.clone(), false))
+                            .collect(),
+                        tap: self.cfg.host.tap.clone(),
+                    },
+                };
+                Vm::boot(&config, world).map_err(|e| guest(e.to_string()))?
+            }
+        };
+        if let (Some(ip), Some(_)) = (self.cfg.guest.ip, &self.cfg.host.tap) {
+            commit.announce(&crate::replication::garp::frame(mac, ip));
+        }
+        let epoch_loop = EpochLoop {
+            vm,
+            commit: commit.clone(),
+            shared: shared.clone(),
+            out: self.out.clone(),
+            links: self.links.clone(),
+            disk: self.cfg.host.disk.clone(),
+            epoch_length: Duration::from_millis(self.cfg.replication.epoch_ms),
+            final_wait: self.cfg.heartbeat.timeout(),
+        };
+        std::thread::Builder::new()
+            .name("vcpu".into())
+            .spawn(move || epoch_loop.run())
+            .map_err(|e| guest(format!("cannot start the vCPU thread: {e}")))?;
+        self.running = Some(Running { shared, commit });
+        self.set_role(Role::Primary);
+        Ok(())
+    }
+
+    fn watch_links(&mut self, alive: bool) {
+        let status = self.links.status();
+        for (i, l) in status.iter().enumerate() {
+            if l.healthy {
+                if !self.link_was_healthy[i]
+                    && self
+                        .alerts
+                        .iter()
+                        .any(|a| a.contains(&format!("{} lost", l.name)))
+                {
+                    self.alert(format!("{} restored", l.name));
+                }
+                self.link_was_healthy[i] = true;
+            } else if self.link_was_healthy[i] {
+                self.link_was_healthy[i] = false;
+                if alive {
+                    self.alert(format!(
+                        "{} lost ({} -> {}); the pair carries on over the others",
+                        l.name, l.local, l.peer
+                    ));
+                }
+            }
+        }
+    }
+
+    fn publish_status(&mut self, alive: bool) {
+        let links = self.links.status();
+        let sent: u64 = links.iter().map(|l| l.bytes_out).sum();
+        let (t, _, rate) = self.bytes_sample;
+        if t.elapsed() >= Duration::from_secs(1) {
+            let (_, before, _) = self.bytes_sample;
+            let r = ((sent - before.min(sent)) as f64 / t.elapsed().as_secs_f64()) as u64;
+            self.bytes_sample = (Instant::now(), sent, r);
+        } else {
+            self.bytes_sample.2 = rate;
+        }
+        let mut st = Status {
+            node: self.cfg.node.clone(),
+            role: self.role.name().to_string(),
+            arbiter: self.arbiter.describe(),
+            generation: self.known.get(),
+            peer: PeerStatus {
+                name: self.peer_name.clone(),
+                role: self.peer_role.map(|r| r.name().to_string()),
+                alive,
+                last_heard_ms: self
+                    .links
+                    .last_heard()
+                    .map(|t| t.elapsed().as_millis() as u64),
+            },
+            links,
+            replication_bytes_per_s: self.bytes_sample.2,
+            alerts: self.alerts.clone(),
+            ..Status::default()
+        };
+        if let Some(r) = &self.running {
+            let s = r.shared.lock();
+            st.mode = Some(s.mode.name().to_string());
+            st.guest_running = s.finished.is_none() && !s.stop;
+            st.epoch = s.epoch;
+            st.acked_epoch = s.acked;
+            st.checkpoint_pause_us = Percentiles::of(&s.pauses_us);
+            if s.mode == Mode::Syncing {
+                st.copy_left = Some(s.sync_left);
+            }
+            drop(s);
+            st.output_commit_delay_us = Percentiles::of(&r.commit.delays_us());
+        }
+        if let Some(rep) = &self.replica {
+            st.epoch = rep.last_epoch().unwrap_or(0);
+            st.mode = Some(if rep.ready() { "ready" } else { "copying" }.to_string());
+        }
+        if let Ok(mut s) = self.status.lock() {
+            *s = st;
+        }
+    }
+}

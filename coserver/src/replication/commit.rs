@@ -1,0 +1,294 @@
+//! Output commit: the primary's World, which holds every output of an epoch until the
+//! secondary acknowledges that epoch's checkpoint, records the epoch's disk writes for
+//! the checkpoint, and ends epochs (at their deadline, or early when the guest idles
+//! with output waiting).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ftvm_devices::world::{IdleRequest, Wake, World, WorldError};
+
+use crate::protocol::DiskWrite;
+
+/// One output of the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Output {
+    Console(Vec<u8>),
+    Frame(Vec<u8>),
+}
+
+/// Where released outputs go.
+pub struct Sinks {
+    /// Console bytes.
+    pub console: Box<dyn Write + Send>,
+    /// Frames (a second handle on the tap), if the guest has a network.
+    pub tap: Option<File>,
+}
+
+struct State {
+    /// Whether outputs wait for acknowledgement (a secondary holds a full copy).
+    holding: bool,
+    /// Whether disk writes are recorded (a secondary is being fed).
+    recording: bool,
+    outputs: Vec<Output>,
+    writes: Vec<DiskWrite>,
+    flushed: bool,
+    /// Sealed epochs waiting for their acknowledgement: (epoch, sealed at, outputs).
+    pending: VecDeque<(u64, Instant, Vec<Output>)>,
+    deadline: Instant,
+    pause: bool,
+    sinks: Sinks,
+    /// Output-commit delays of released epochs (µs), for status.
+    delays_us: Vec<u64>,
+}
+
+/// The output-commit state shared by the primary's World, its epoch loop and the
+/// thread that receives acknowledgements.
+#[derive(Clone)]
+pub struct Commit(Arc<Mutex<State>>);
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What an epoch leaves for its checkpoint.
+#[derive(Debug, Default)]
+pub struct Sealed {
+    /// Disk writes in order.
+    pub writes: Vec<DiskWrite>,
+    /// Whether the guest flushed.
+    pub flushed: bool,
+}
+
+impl Commit {
+    /// Output commit releasing to `sinks`; it starts degraded (nothing held).
+    pub fn new(sinks: Sinks) -> Self {
+        Self(Arc::new(Mutex::new(State {
+            holding: false,
+            recording: false,
+            outputs: Vec::new(),
+            writes: Vec::new(),
+            flushed: false,
+            pending: VecDeque::new(),
+            deadline: Instant::now(),
+            pause: false,
+            sinks,
+            delays_us: Vec::new(),
+        })))
+    }
+
+    /// Starts an epoch that ends by `length` from now.
+    pub fn start_epoch(&self, length: Duration) {
+        let mut s = lock(&self.0);
+        s.deadline = Instant::now() + length;
+        s.pause = false;
+    }
+
+    /// Ends the epoch: its outputs are held under `epoch` (or released at once when not
+    /// holding); returns its disk writes.
+    pub fn seal(&self, epoch: u64) -> Sealed {
+        let mut s = lock(&self.0);
+        let outputs = std::mem::take(&mut s.outputs);
+        let sealed = Sealed {
+            writes: std::mem::take(&mut s.writes),
+            flushed: std::mem::take(&mut s.flushed),
+        };
+        if s.holding {
+            if !outputs.is_empty() {
+                s.pending.push_back((epoch, Instant::now(), outputs));
+            }
+        } else {
+            release(&mut s.sinks, outputs);
+        }
+        sealed
+    }
+
+    /// The secondary holds `epoch`: release everything sealed up to it.
+    pub fn acked(&self, epoch: u64) {
+        let mut s = lock(&self.0);
+        let now = Instant::now();
+        while s.pending.front().is_some_and(|(e, _, _)| *e <= epoch) {
+            if let Some((_, at, outputs)) = s.pending.pop_front() {
+                let delay = now.duration_since(at).as_micros() as u64;
+                s.delays_us.push(delay);
+                release(&mut s.sinks, outputs);
+            }
+        }
+        if s.delays_us.len() > 4096 {
+            s.delays_us.drain(..2048);
+        }
+    }
+
+    /// Holds outputs from now on (a secondary holds a full copy) or not (degraded:
+    /// everything held so far is released).
+    pub fn set_holding(&self, holding: bool) {
+        let mut s = lock(&self.0);
+        s.holding = holding;
+        if !holding {
+            let pending: Vec<_> = s.pending.drain(..).collect();
+            for (_, _, outputs) in pending {
+                release(&mut s.sinks, outputs);
+            }
+        }
+    }
+
+    /// Records disk writes for a secondary (from a full copy on) or not.
+    pub fn set_recording(&self, recording: bool) {
+        let mut s = lock(&self.0);
+        s.recording = recording;
+        if !recording {
+            s.writes.clear();
+        }
+    }
+
+    /// Drops every held output (this node lost the arbiter: its unacknowledged epochs
+    /// never happened for the world).
+    pub fn discard(&self) {
+        let mut s = lock(&self.0);
+        s.pending.clear();
+        s.outputs.clear();
+        s.holding = true;
+        s.sinks.tap = None;
+    }
+
+    /// Sends a frame of the VMM's own at once (a gratuitous ARP on takeover).
+    pub fn announce(&self, frame: &[u8]) {
+        let mut s = lock(&self.0);
+        if let Some(tap) = &mut s.sinks.tap {
+            if let Err(e) = tap.write(frame) {
+                tracing::warn!("announcement not sent: {e}");
+            }
+        }
+    }
+
+    /// Recent output-commit delays (µs).
+    pub fn delays_us(&self) -> Vec<u64> {
+        lock(&self.0).delays_us.clone()
+    }
+
+    fn output(&self, o: Output) {
+        let mut s = lock(&self.0);
+        if s.holding || !s.pending.is_empty() {
+            s.outputs.push(o);
+        } else {
+            // Degraded: nothing to wait for.
+            release(&mut s.sinks, vec![o]);
+        }
+    }
+}
+
+fn release(sinks: &mut Sinks, outputs: Vec<Output>) {
+    let mut console = false;
+    for o in outputs {
+        match o {
+            Output::Console(b) => {
+                console = true;
+                if let Err(e) = sinks.console.write_all(&b) {
+                    tracing::warn!("console output dropped: {e}");
+                }
+            }
+            Output::Frame(f) => {
+                if let Some(tap) = &mut sinks.tap {
+                    if let Err(e) = tap.write(&f) {
+                        tracing::debug!("frame dropped by the tap: {e}");
+                    }
+                }
+            }
+        }
+    }
+    if console {
+        let _ = sinks.console.flush();
+    }
+}
+
+/// The primary's World: a live World whose outputs pass through [`Commit`].
+pub struct CommitWorld {
+    inner: Box<dyn World>,
+    commit: Commit,
+}
+
+impl CommitWorld {
+    /// Wraps `inner` (which does the disk and input work; its own console and frame
+    /// output are bypassed).
+    pub fn new(inner: Box<dyn World>, commit: Commit) -> Self {
+        Self { inner, commit }
+    }
+}
+
+impl World for CommitWorld {
+    fn console_output(&mut self, bytes: &[u8]) {
+        self.commit.output(Output::Console(bytes.to_vec()));
+    }
+
+    fn transmit(&mut self, frame: &[u8]) {
+        self.commit.output(Output::Frame(frame.to_vec()));
+    }
+
+    fn receive(&mut self, exit: u64) -> Result<Option<Vec<u8>>, WorldError> {
+        self.inner.receive(exit)
+    }
+
+    fn console_input(&mut self, exit: u64, max: usize) -> Result<Option<Vec<u8>>, WorldError> {
+        self.inner.console_input(exit, max)
+    }
+
+    fn has_network(&self) -> bool {
+        self.inner.has_network()
+    }
+
+    fn disk_read(&mut self, disk: usize, offset: u64, buf: &mut [u8]) -> Result<(), WorldError> {
+        self.inner.disk_read(disk, offset, buf)
+    }
+
+    fn disk_write(&mut self, disk: usize, offset: u64, data: &[u8]) -> Result<(), WorldError> {
+        self.inner.disk_write(disk, offset, data)?;
+        let mut s = lock(&self.commit.0);
+        if s.recording {
+            s.writes.push(DiskWrite {
+                offset,
+                data: data.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    fn disk_flush(&mut self, disk: usize) -> Result<(), WorldError> {
+        self.inner.disk_flush(disk)?;
+        lock(&self.commit.0).flushed = true;
+        Ok(())
+    }
+
+    fn idle(&mut self, request: &IdleRequest) -> Result<Wake, WorldError> {
+        let deadline = {
+            let mut s = lock(&self.commit.0);
+            if s.holding && !s.outputs.is_empty() {
+                // Output is waiting and the guest has nothing to do: end the epoch now
+                // rather than hold the output for the rest of it.
+                s.pause = true;
+                return Ok(Wake {
+                    at_ns: request.now_ns,
+                });
+            }
+            s.deadline
+        };
+        let mut req = *request;
+        req.give_up_at = Some(deadline);
+        self.inner.idle(&req)
+    }
+
+    fn set_virtual_now(&mut self, now_ns: u64) {
+        self.inner.set_virtual_now(now_ns);
+    }
+
+    fn flush(&mut self) {
+        self.inner.flush();
+    }
+
+    fn pause_requested(&mut self) -> bool {
+        let s = lock(&self.commit.0);
+        s.pause || Instant::now() >= s.deadline
+    }
+}

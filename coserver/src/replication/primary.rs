@@ -1,0 +1,343 @@
+//! The primary's epoch loop (on the vCPU thread): run the guest for an epoch, pause,
+//! capture dirty pages, vCPU and device state and the epoch's disk writes, resume, and
+//! hand the checkpoint to the sender. While a secondary joins it also copies memory and
+//! disk to it in chunks between epochs, re-sending what the guest changes meanwhile.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ftvm_vmm::{RunLimits, RunStop, Vm, VmError};
+
+use super::commit::Commit;
+use crate::link::Links;
+use crate::protocol::{DiskWrite, Message};
+
+/// Pages sent per epoch boundary while copying memory to a joining secondary.
+const SYNC_PAGES: usize = 512;
+/// Disk bytes sent per epoch boundary while copying the disk.
+const SYNC_DISK_BYTES: u64 = 1 << 20;
+/// Remaining pages small enough to go into the final pause of a copy.
+const FINAL_PAGES: usize = 4096;
+/// Link backlog (frames) above which no more copy chunks are queued this epoch.
+const SYNC_BACKLOG: usize = 16;
+/// Unacknowledged epochs after which the guest waits for the secondary.
+const MAX_UNACKED: u64 = 16;
+
+/// Replication mode of a primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// No secondary: outputs are released at once.
+    Degraded,
+    /// Copying memory and disk to a joining secondary.
+    Syncing,
+    /// The completing checkpoint of a copy was sent; waiting for its acknowledgement.
+    AwaitingFullAck,
+    /// The secondary holds a full copy: outputs wait for acknowledgements.
+    Protected,
+}
+
+impl Mode {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Degraded => "degraded",
+            Mode::Syncing => "syncing",
+            Mode::AwaitingFullAck => "awaiting-full-ack",
+            Mode::Protected => "protected",
+        }
+    }
+}
+
+/// State shared between the epoch loop and the node's event loop.
+#[derive(Debug)]
+pub struct PrimaryState {
+    /// The mode.
+    pub mode: Mode,
+    /// A secondary asked for a (new) full copy.
+    pub join_requested: bool,
+    /// Highest epoch acknowledged.
+    pub acked: u64,
+    /// Last epoch sealed.
+    pub epoch: u64,
+    /// The completing epoch of the current copy.
+    pub full_epoch: u64,
+    /// Stop the guest (fenced or shutting down).
+    pub stop: bool,
+    /// Checkpoint pauses (µs), recent.
+    pub pauses_us: Vec<u64>,
+    /// Pages and disk bytes still to copy.
+    pub sync_left: (usize, u64),
+    /// Set when the loop ends: the guest's exit code or the error.
+    pub finished: Option<Result<u32, String>>,
+}
+
+/// The shared state and its condition variable.
+#[derive(Debug)]
+pub struct Shared {
+    state: Mutex<PrimaryState>,
+    cv: Condvar,
+}
+
+impl Shared {
+    /// A degraded primary's state.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(PrimaryState {
+                mode: Mode::Degraded,
+                join_requested: false,
+                acked: 0,
+                epoch: 0,
+                full_epoch: 0,
+                stop: false,
+                pauses_us: Vec::new(),
+                sync_left: (0, 0),
+                finished: None,
+            }),
+            cv: Condvar::new(),
+        })
+    }
+
+    /// Locks the state.
+    pub fn lock(&self) -> MutexGuard<'_, PrimaryState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the epoch loop (after an acknowledgement or a mode change).
+    pub fn notify(&self) {
+        self.cv.notify_all();
+    }
+}
+
+/// What the epoch loop needs.
+pub struct EpochLoop {
+    /// The VM.
+    pub vm: Vm,
+    /// Output commit.
+    pub commit: Commit,
+    /// Shared with the node.
+    pub shared: Arc<Shared>,
+    /// Messages for the peer (sent by the sender thread).
+    pub out: Sender<Message>,
+    /// The links (for copy flow control).
+    pub links: Links,
+    /// This host's disk replica (read for the copy).
+    pub disk: Option<PathBuf>,
+    /// Longest epoch.
+    pub epoch_length: Duration,
+    /// How long to wait for the last acknowledgement at power-off.
+    pub final_wait: Duration,
+}
+
+/// A copy in progress.
+struct Copy {
+    pages: BTreeSet<u64>,
+    disk: Option<(File, u64)>,
+    disk_cursor: u64,
+}
+
+impl EpochLoop {
+    /// Runs until the guest powers off, the node stops it, or the VM fails.
+    pub fn run(mut self) {
+        let result = self.epochs();
+        if let Err(e) = &result {
+            tracing::error!("guest stopped: {e}");
+        }
+        let mut s = self.shared.lock();
+        s.finished = Some(result.map_err(|e| e.to_string()));
+        drop(s);
+        self.shared.notify();
+    }
+
+    fn epochs(&mut self) -> Result<u32, VmError> {
+        let mut copy: Option<Copy> = None;
+        let mut epoch = self.shared.lock().epoch;
+        loop {
+            if self.shared.lock().stop {
+                return Ok(0);
+            }
+            epoch += 1;
+            self.commit.start_epoch(self.epoch_length);
+            let stop = self.vm.run(&RunLimits::default())?;
+            let started = Instant::now();
+            let dirty = self.vm.take_dirty_pages()?;
+            let sealed = self.commit.seal(epoch);
+            let (mode, join) = {
+                let mut s = self.shared.lock();
+                s.epoch = epoch;
+                let join = std::mem::take(&mut s.join_requested);
+                (s.mode, join)
+            };
+            if join {
+                copy = Some(self.start_copy()?);
+                self.commit.set_recording(true);
+                self.set_mode(Mode::Syncing);
+            }
+            let syncing = join || mode == Mode::Syncing;
+            if let (true, Some(c)) = (syncing, copy.as_mut()) {
+                c.pages.extend(dirty.iter());
+                for w in sealed.writes {
+                    self.send(Message::SyncDisk(w));
+                }
+                if self.copy_step(c, epoch, sealed.flushed)? {
+                    copy = None;
+                }
+            } else if matches!(mode, Mode::AwaitingFullAck | Mode::Protected) {
+                let state = self.vm.capture_state()?;
+                let pages = self.vm.read_pages(dirty.iter())?;
+                self.send(Message::Checkpoint {
+                    epoch,
+                    full: false,
+                    state,
+                    pages,
+                    disk_writes: sealed.writes,
+                    flush: sealed.flushed,
+                });
+            } else {
+                copy = None;
+            }
+            self.record_pause(started.elapsed());
+            if let RunStop::PowerOff(code) = stop {
+                self.finish(epoch, code);
+                return Ok(code);
+            }
+            self.wait_for_acks(epoch);
+        }
+    }
+
+    fn start_copy(&mut self) -> Result<Copy, VmError> {
+        let pages: BTreeSet<u64> = self.vm.touched_pages()?.iter().collect();
+        let disk = match &self.disk {
+            Some(p) => {
+                let f = File::open(p).map_err(|e| {
+                    VmError::BadCheckpoint(format!("cannot read disk {}: {e}", p.display()))
+                })?;
+                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                Some((f, len))
+            }
+            None => None,
+        };
+        tracing::info!(
+            pages = pages.len(),
+            "copying the guest to a joining secondary"
+        );
+        self.send(Message::CopyStart);
+        Ok(Copy {
+            pages,
+            disk,
+            disk_cursor: 0,
+        })
+    }
+
+    /// One boundary's share of a copy. Returns true when the copy's completing
+    /// checkpoint was sent.
+    fn copy_step(&mut self, c: &mut Copy, epoch: u64, flushed: bool) -> Result<bool, VmError> {
+        let disk_len = c.disk.as_ref().map_or(0, |(_, l)| *l);
+        if self.links.backlog().is_some_and(|b| b < SYNC_BACKLOG) {
+            let chunk: Vec<u64> = c.pages.iter().take(SYNC_PAGES).copied().collect();
+            if !chunk.is_empty() && c.pages.len() > FINAL_PAGES {
+                for g in &chunk {
+                    c.pages.remove(g);
+                }
+                self.send(Message::SyncPages(self.vm.read_pages(chunk)?));
+            }
+            if let Some((f, len)) = &c.disk {
+                if c.disk_cursor < *len {
+                    let n = SYNC_DISK_BYTES.min(len - c.disk_cursor);
+                    let mut data = vec![0u8; n as usize];
+                    f.read_exact_at(&mut data, c.disk_cursor).map_err(|e| {
+                        VmError::BadCheckpoint(format!("disk read for the copy: {e}"))
+                    })?;
+                    self.send(Message::SyncDisk(DiskWrite {
+                        offset: c.disk_cursor,
+                        data,
+                    }));
+                    c.disk_cursor += n;
+                }
+            }
+        }
+        self.shared.lock().sync_left = (c.pages.len(), disk_len - c.disk_cursor.min(disk_len));
+        if c.pages.len() > FINAL_PAGES || c.disk_cursor < disk_len {
+            return Ok(false);
+        }
+        let state = self.vm.capture_state()?;
+        let pages = self.vm.read_pages(std::mem::take(&mut c.pages))?;
+        self.send(Message::Checkpoint {
+            epoch,
+            full: true,
+            state,
+            pages,
+            disk_writes: Vec::new(),
+            flush: flushed,
+        });
+        {
+            let mut s = self.shared.lock();
+            s.full_epoch = epoch;
+            s.mode = Mode::AwaitingFullAck;
+        }
+        self.commit.set_holding(true);
+        tracing::info!(
+            epoch,
+            "copy complete; waiting for the secondary's acknowledgement"
+        );
+        Ok(true)
+    }
+
+    fn set_mode(&self, mode: Mode) {
+        self.shared.lock().mode = mode;
+    }
+
+    fn send(&self, msg: Message) {
+        // The sender thread lives as long as the node; if it is gone the node is
+        // shutting down and nothing needs sending.
+        let _ = self.out.send(msg);
+    }
+
+    fn record_pause(&self, pause: Duration) {
+        let mut s = self.shared.lock();
+        s.pauses_us.push(pause.as_micros() as u64);
+        if s.pauses_us.len() > 4096 {
+            s.pauses_us.drain(..2048);
+        }
+    }
+
+    /// Backpressure: a protected primary runs at most [`MAX_UNACKED`] epochs ahead of
+    /// its secondary.
+    fn wait_for_acks(&self, epoch: u64) {
+        let mut s = self.shared.lock();
+        while matches!(s.mode, Mode::Protected | Mode::AwaitingFullAck)
+            && epoch.saturating_sub(s.acked) >= MAX_UNACKED
+            && !s.stop
+        {
+            let (g, _) = self
+                .shared
+                .cv
+                .wait_timeout(s, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner());
+            s = g;
+        }
+    }
+
+    /// The guest powered off at the end of `epoch`: let the secondary acknowledge the
+    /// last checkpoint (briefly), release everything, and tell it the pair ends.
+    fn finish(&self, epoch: u64, code: u32) {
+        let deadline = Instant::now() + self.final_wait;
+        let mut s = self.shared.lock();
+        while matches!(s.mode, Mode::Protected) && s.acked < epoch && Instant::now() < deadline {
+            let (g, _) = self
+                .shared
+                .cv
+                .wait_timeout(s, Duration::from_millis(20))
+                .unwrap_or_else(|e| e.into_inner());
+            s = g;
+        }
+        drop(s);
+        self.commit.set_holding(false);
+        self.send(Message::Stopped { exit_code: code });
+    }
+}

@@ -1,0 +1,218 @@
+//! The secondary's replica: a standby VM and this host's disk replica, to which the
+//! primary's copy and checkpoints are applied.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use ftvm_vmm::{PageBatch, Standby, VmError};
+
+use crate::protocol::DiskWrite;
+
+/// Errors of the replica.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// The standby VM refused something.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The disk replica failed.
+    #[error("disk replica {path}: {source}")]
+    Disk {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Disk data for a node without a disk, or beyond its end.
+    #[error("disk write at {offset} (+{len}) does not fit the replica ({size} bytes)")]
+    DiskRange {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: usize,
+        /// Replica size.
+        size: u64,
+    },
+    /// A checkpoint that does not follow the last one.
+    #[error("checkpoint {got} does not follow {have:?}")]
+    Gap {
+        /// The epoch received.
+        got: u64,
+        /// The last epoch applied.
+        have: Option<u64>,
+    },
+}
+
+/// A checkpoint received whole, before it is applied.
+#[derive(Debug)]
+pub struct Staged {
+    /// Epoch.
+    pub epoch: u64,
+    /// Completes a full copy.
+    pub full: bool,
+    /// Encoded VM state.
+    pub state: Vec<u8>,
+    /// Pages.
+    pub pages: PageBatch,
+    /// Disk writes.
+    pub disk_writes: Vec<DiskWrite>,
+    /// Whether to make the disk durable.
+    pub flush: bool,
+}
+
+/// The standby VM and disk replica.
+pub struct Replica {
+    standby: Standby,
+    disk: Option<(File, PathBuf, u64)>,
+    last_epoch: Option<u64>,
+    ready: bool,
+    /// A copy was started (its first message seen), so a completing checkpoint yields a
+    /// whole replica.
+    copying: bool,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("last_epoch", &self.last_epoch)
+            .field("ready", &self.ready)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Replica {
+    /// Pre-creates the standby VM and opens the disk replica.
+    pub fn new(mem_mib: u64, disk: Option<&Path>) -> Result<Self, ReplicaError> {
+        let disk = match disk {
+            Some(p) => {
+                let err = |source| ReplicaError::Disk {
+                    path: p.to_path_buf(),
+                    source,
+                };
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(p)
+                    .map_err(err)?;
+                let size = f.metadata().map_err(err)?.len();
+                Some((f, p.to_path_buf(), size))
+            }
+            None => None,
+        };
+        Ok(Self {
+            standby: Standby::new(mem_mib)?,
+            disk,
+            last_epoch: None,
+            ready: false,
+            copying: false,
+        })
+    }
+
+    /// Whether a full copy is applied (the replica can take over).
+    pub fn ready(&self) -> bool {
+        self.ready
+    }
+
+    /// The last epoch applied.
+    pub fn last_epoch(&self) -> Option<u64> {
+        self.last_epoch
+    }
+
+    /// A new copy begins (or the replica fell behind): it cannot take over until the
+    /// copy completes.
+    pub fn reset(&mut self) {
+        self.ready = false;
+        self.copying = false;
+        self.last_epoch = None;
+    }
+
+    /// A full copy begins.
+    pub fn start_copy(&mut self) {
+        self.reset();
+        self.copying = true;
+    }
+
+    /// Applies copied pages.
+    pub fn copy_pages(&mut self, batch: &PageBatch) -> Result<(), ReplicaError> {
+        self.ready = false;
+        Ok(self.standby.apply_pages(batch)?)
+    }
+
+    /// Applies a copied disk range (or a write made during the copy).
+    pub fn copy_disk(&mut self, w: &DiskWrite) -> Result<(), ReplicaError> {
+        self.ready = false;
+        self.write_disk(w)
+    }
+
+    fn write_disk(&mut self, w: &DiskWrite) -> Result<(), ReplicaError> {
+        let Some((f, path, size)) = &self.disk else {
+            return Err(ReplicaError::DiskRange {
+                offset: w.offset,
+                len: w.data.len(),
+                size: 0,
+            });
+        };
+        if w.offset
+            .checked_add(w.data.len() as u64)
+            .is_none_or(|end| end > *size)
+        {
+            return Err(ReplicaError::DiskRange {
+                offset: w.offset,
+                len: w.data.len(),
+                size: *size,
+            });
+        }
+        f.write_all_at(&w.data, w.offset)
+            .map_err(|source| ReplicaError::Disk {
+                path: path.clone(),
+                source,
+            })
+    }
+
+    /// Checks that a received checkpoint can be applied next (so it may be acknowledged).
+    pub fn check(&self, staged: &Staged) -> Result<(), ReplicaError> {
+        if (staged.full && self.copying) || self.last_epoch.is_some_and(|e| staged.epoch == e + 1) {
+            Ok(())
+        } else {
+            Err(ReplicaError::Gap {
+                got: staged.epoch,
+                have: self.last_epoch,
+            })
+        }
+    }
+
+    /// Applies a checked checkpoint: pages, state, disk writes (made durable if the guest
+    /// flushed). A failure leaves the replica not ready.
+    pub fn apply(&mut self, staged: Staged) -> Result<(), ReplicaError> {
+        self.check(&staged)?;
+        self.ready = false;
+        self.standby.apply_pages(&staged.pages)?;
+        for w in &staged.disk_writes {
+            self.write_disk(w)?;
+        }
+        if staged.flush || staged.full {
+            if let Some((f, path, _)) = &self.disk {
+                f.sync_data().map_err(|source| ReplicaError::Disk {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+        }
+        self.standby.set_state(&staged.state)?;
+        self.last_epoch = Some(staged.epoch);
+        self.ready = true;
+        self.copying = false;
+        Ok(())
+    }
+
+    /// Makes the disk replica durable and hands over the standby VM for takeover.
+    pub fn into_standby(self) -> Result<Standby, ReplicaError> {
+        if let Some((f, path, _)) = &self.disk {
+            f.sync_all().map_err(|source| ReplicaError::Disk {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(self.standby)
+    }
+}
