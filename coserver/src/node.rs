@@ -573,7 +573,16 @@ impl Node {
             }
         };
         if let (Some(ip), Some(_)) = (self.cfg.guest.ip, &self.cfg.host.tap) {
-            commit.announce(&crate::replication::garp::frame(mac, ip));
+            // Announced a few times, as a bridge port that just gained carrier may miss
+            // the first.
+            let frame = crate::replication::garp::frame(mac, ip);
+            let announcer = commit.clone();
+            std::thread::spawn(move || {
+                for delay_ms in [0, 20, 50, 100, 200] {
+                    std::thread::sleep(Duration::from_millis(delay_ms));
+                    announcer.announce(&frame);
+                }
+            });
         }
         let epoch_loop = EpochLoop {
             vm,

@@ -1,0 +1,365 @@
+//! A CoServer pair for end-to-end tests: three network namespaces the test creates
+//! (host A, host B and a client LAN), two veth links between A and B, and on each host a
+//! bridge joining its tap to the LAN, so the guest keeps one address whichever host runs
+//! it. Everything is removed on drop.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The guest's address on the LAN.
+pub const GUEST_IP: &str = "10.0.99.2";
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The namespaces and links.
+pub struct PairNet {
+    /// Namespace of host A, host B, and the client LAN.
+    pub ns: [String; 3],
+}
+
+impl PairNet {
+    /// Builds the topology or says why it cannot.
+    pub fn try_create(tag: &str) -> Result<Self, String> {
+        let base = format!("fp{}{tag}", std::process::id() % 100_000);
+        let net = Self {
+            ns: [format!("{base}a"), format!("{base}b"), format!("{base}c")],
+        };
+        for n in &net.ns {
+            ip(&["netns", "add", n])?;
+            ip(&["-n", n, "link", "set", "lo", "up"])?;
+        }
+        let [a, b, c] = [&net.ns[0], &net.ns[1], &net.ns[2]];
+        for (link, subnet) in [("l1", "10.1.1"), ("l2", "10.1.2")] {
+            ip(&[
+                "-n", a, "link", "add", link, "type", "veth", "peer", "name", link, "netns", b,
+            ])?;
+            ip(&[
+                "-n",
+                a,
+                "addr",
+                "add",
+                &format!("{subnet}.1/24"),
+                "dev",
+                link,
+            ])?;
+            ip(&[
+                "-n",
+                b,
+                "addr",
+                "add",
+                &format!("{subnet}.2/24"),
+                "dev",
+                link,
+            ])?;
+            ip(&["-n", a, "link", "set", link, "up"])?;
+            ip(&["-n", b, "link", "set", link, "up"])?;
+        }
+        ip(&["-n", c, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", c, "addr", "add", "10.0.99.1/24", "dev", "br0"])?;
+        ip(&["-n", c, "link", "set", "br0", "up"])?;
+        for (host, port) in [(a, "pa"), (b, "pb")] {
+            ip(&[
+                "-n", c, "link", "add", port, "type", "veth", "peer", "name", "lan", "netns", host,
+            ])?;
+            ip(&["-n", c, "link", "set", port, "master", "br0"])?;
+            ip(&["-n", c, "link", "set", port, "up"])?;
+            ip(&["-n", host, "link", "add", "br0", "type", "bridge"])?;
+            ip(&["-n", host, "link", "set", "lan", "master", "br0"])?;
+            ip(&["-n", host, "tuntap", "add", "dev", "tap0", "mode", "tap"])?;
+            ip(&["-n", host, "link", "set", "tap0", "master", "br0"])?;
+            for dev in ["lan", "tap0", "br0"] {
+                ip(&["-n", host, "link", "set", dev, "up"])?;
+            }
+        }
+        Ok(net)
+    }
+
+    /// Builds the topology. Under FTVM_REQUIRE_KVM=1 a failure panics; otherwise the
+    /// test prints why it skips and gets `None`.
+    pub fn create(test: &str, tag: &str) -> Option<Self> {
+        match Self::try_create(tag) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                if std::env::var("FTVM_REQUIRE_KVM").as_deref() == Ok("1") {
+                    panic!("{test}: FTVM_REQUIRE_KVM=1 but the namespaces cannot be made: {e}");
+                }
+                eprintln!("{test}: SKIPPED: cannot make network namespaces: {e}");
+                None
+            }
+        }
+    }
+
+    /// Sets link `n` (1 or 2) down or up on host A's side.
+    pub fn link(&self, n: u32, up: bool) {
+        let dev = format!("l{n}");
+        ip(&[
+            "-n",
+            &self.ns[0],
+            "link",
+            "set",
+            &dev,
+            if up { "up" } else { "down" },
+        ])
+        .expect("set link");
+    }
+
+    /// Runs `f` on a thread inside the client LAN namespace.
+    pub fn in_lan<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.ns[2]);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open netns");
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns with a valid namespace fd affects only this thread.
+            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("client thread")
+    }
+}
+
+impl Drop for PairNet {
+    fn drop(&mut self) {
+        for n in &self.ns {
+            let _ = ip(&["netns", "del", n]);
+        }
+    }
+}
+
+/// One CoServer process of the pair.
+pub struct CoServer {
+    /// "a" or "b".
+    pub name: String,
+    /// Its namespace.
+    pub ns: String,
+    /// Its configuration file.
+    pub config: PathBuf,
+    child: Option<Child>,
+    out: Arc<Mutex<String>>,
+    err: Arc<Mutex<String>>,
+}
+
+/// What the guest runs and which devices it has.
+pub struct GuestSpec {
+    /// Guest command line.
+    pub cmdline: String,
+    /// Disk replica size in MiB (0: no disk).
+    pub disk_mib: u64,
+    /// Give the guest the network (tap in each host's bridge).
+    pub network: bool,
+}
+
+/// Writes the configuration of node `name` (index 0 = A, 1 = B) into `dir`.
+pub fn write_config(dir: &Path, index: usize, guest: &GuestSpec) -> PathBuf {
+    let name = ["a", "b"][index];
+    let (me, peer) = if index == 0 { (1, 2) } else { (2, 1) };
+    let disk = dir.join(format!("disk-{name}.img"));
+    let mut host = format!(
+        "state_dir = \"{}\"\n",
+        dir.join(format!("state-{name}")).display()
+    );
+    if guest.disk_mib > 0 {
+        let f = std::fs::File::create(&disk).expect("disk image");
+        f.set_len(guest.disk_mib << 20).expect("disk size");
+        host += &format!("disk = \"{}\"\n", disk.display());
+    }
+    if guest.network {
+        host += "tap = \"tap0\"\n";
+    }
+    let text = format!(
+        r#"node = "{name}"
+[guest]
+cmdline = "{cmdline}"
+mem_mib = 64
+ip = "{GUEST_IP}"
+[host]
+{host}
+[[link]]
+local = "10.1.1.{me}:7100"
+peer = "10.1.1.{peer}:7100"
+[[link]]
+local = "10.1.2.{me}:7100"
+peer = "10.1.2.{peer}:7100"
+[heartbeat]
+interval_ms = 20
+misses = 5
+[replication]
+epoch_ms = 10
+[arbiter]
+kind = "shared-storage"
+path = "{arb}"
+[control]
+listen = "127.0.0.1:7200"
+[security]
+psk = "pair-test-key-0123456789"
+"#,
+        cmdline = guest.cmdline,
+        arb = dir.join("arbiter").display(),
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+fn collect(stream: impl std::io::Read + Send + 'static) -> Arc<Mutex<String>> {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let b = buf.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(mut s) = b.lock() {
+                s.push_str(&line);
+                s.push('\n');
+            }
+        }
+    });
+    buf
+}
+
+impl CoServer {
+    /// Starts `ftvm coserver` in namespace `ns`.
+    pub fn start(name: &str, ns: &str, config: &Path) -> Self {
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                env!("CARGO_BIN_EXE_ftvm"),
+                "coserver",
+                "--config",
+            ])
+            .arg(config)
+            .env("FTVM_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn coserver");
+        let out = collect(child.stdout.take().expect("stdout"));
+        let err = collect(child.stderr.take().expect("stderr"));
+        Self {
+            name: name.to_string(),
+            ns: ns.to_string(),
+            config: config.to_path_buf(),
+            child: Some(child),
+            out,
+            err,
+        }
+    }
+
+    /// The guest console this node released so far.
+    pub fn console(&self) -> String {
+        self.out.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        self.err.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Its status as JSON, if it answers.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                env!("CARGO_BIN_EXE_ftvm"),
+                "ctl",
+                "--connect",
+                "127.0.0.1:7200",
+                "status",
+                "--json",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Its human-readable status.
+    pub fn status_text(&self) -> String {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                env!("CARGO_BIN_EXE_ftvm"),
+                "ctl",
+                "--connect",
+                "127.0.0.1:7200",
+                "status",
+            ])
+            .stdin(Stdio::null())
+            .output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Kills it with SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for it to exit by itself; its exit code.
+    pub fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let start = Instant::now();
+        let c = self.child.as_mut()?;
+        while start.elapsed() < limit {
+            if let Ok(Some(s)) = c.try_wait() {
+                return s.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for CoServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A status field as a string ("" if absent).
+pub fn field<'a>(status: &'a Option<serde_json::Value>, key: &str) -> &'a str {
+    status
+        .as_ref()
+        .and_then(|s| s.get(key))
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+}
