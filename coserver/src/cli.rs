@@ -28,6 +28,23 @@ pub enum Command {
     Coserver(CoserverArgs),
     /// Query a running CoServer.
     Ctl(CtlArgs),
+    /// Run a pair on this machine (two CoServers, two loopback links, the built-in guest
+    /// with a disk), kill the primary partway and show the guest carrying on.
+    Demo(DemoArgs),
+}
+
+/// Options of `ftvm demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Seconds the pair runs protected before the primary is killed.
+    #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+    pub kill_after: f64,
+    /// Blocks the guest's disk workload writes and verifies.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub blocks: u64,
+    /// Keep configurations and disk replicas in DIR (default: a temporary directory).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 /// Options of `ftvm coserver`.

@@ -5,6 +5,7 @@ mod attach;
 mod cli;
 mod config;
 mod control;
+mod demo;
 mod link;
 mod node;
 mod protocol;
@@ -49,6 +50,12 @@ fn main() {
         cli::Command::Replay(a) => run::replay(&a).map_err(|e| e.to_string()),
         cli::Command::Coserver(a) => node::run(&a.config).map_err(|e| e.to_string()),
         cli::Command::Ctl(a) => ctl(&a),
+        cli::Command::Demo(a) => demo::run(&demo::DemoOptions {
+            kill_after: std::time::Duration::from_secs_f64(a.kill_after.clamp(0.0, 3600.0)),
+            blocks: a.blocks.clamp(16, 1 << 20),
+            dir: a.dir,
+        })
+        .map_err(|e| e.to_string()),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -16,7 +16,7 @@
 //! - `workload=echo`: prints `echo: ready`, echoes each console input line as
 //!   `echo: <line>`; the line `quit` prints `echo: bye` and powers off with exit code 0.
 //! - `workload=fault kind=pf|ud|panic`: crashes on purpose (GUEST_PANIC 14, 6 or 0x100).
-//! - `workload=disk [blocks=256] [gen=1] [mode=both|write|verify] [batch=16]`: writes
+//! - `workload=disk [blocks=256] [gen=1] [mode=both|write|verify] [batch=16] [pace_us=0] [progress=1024]`: writes
 //!   `blocks` 4 KiB blocks, `batch` per request (magic `FTVMBLK1`, block number, generation, FNV-1a-64 checksum, SplitMix64
 //!   payload) from sector 0 of the first virtio-blk device, flushes, reads them back and
 //!   verifies them; prints `disk: wrote N blocks` / `disk: verified N blocks ok`; exit code

@@ -3,7 +3,9 @@
 //!
 //! Parameters: `blocks` (default 256, >= 1; 4 KiB blocks from sector 0), `gen` (default
 //! 1), `mode` = `both` (default: write, flush, read back, verify) | `write` | `verify`, and
-//! `batch` (blocks per request, 1 to 16, default 16).
+//! `batch` (blocks per request, 1 to 16, default 16), `pace_us` (sleep this long on the
+//! platform timer after each request; default 0) and `progress` (print progress every
+//! this many blocks; default 1024).
 //!
 //! Block `b` (sectors `8b..8b+8`), all integers little endian:
 //!
@@ -27,7 +29,7 @@ use core::fmt::Write;
 
 use super::splitmix64;
 use crate::cmdline::Cmdline;
-use crate::io::power_off;
+use crate::io::{power_off, sleep_until, time_ns};
 use crate::virtio::blk::{Blk, BlkError, MAX_TRANSFER, SECTOR};
 use crate::virtio::{self, noinit_zeroed, DEVICE_BLK};
 
@@ -65,6 +67,8 @@ pub fn run(cmdline: &mut Cmdline) -> ! {
     let blocks = cmdline.u64_or("blocks", 256);
     let generation = cmdline.u64_or("gen", 1);
     let batch = cmdline.u64_or("batch", BATCH as u64);
+    let pace_us = cmdline.u64_or("pace_us", 0);
+    let every = cmdline.u64_or("progress", PROGRESS_EVERY).max(1);
     let mode = match cmdline.get("mode").unwrap_or("both") {
         "both" => Mode::Both,
         "write" => Mode::Write,
@@ -109,7 +113,8 @@ pub fn run(cmdline: &mut Cmdline) -> ! {
             let bytes = buf[..n].as_flattened();
             check(blk.write(block * SECTORS_PER_BLOCK, bytes), "write");
             block += n as u64;
-            progress("written", block, blocks);
+            progress("written", block, blocks, every);
+            pace(pace_us);
         }
         check(blk.flush(), "flush");
         println!("disk: wrote {blocks} blocks");
@@ -130,16 +135,24 @@ pub fn run(cmdline: &mut Cmdline) -> ! {
                 }
             }
             block += n as u64;
-            progress("verified", block, blocks);
+            progress("verified", block, blocks, every);
+            pace(pace_us);
         }
         println!("disk: verified {blocks} blocks ok");
     }
     power_off(0)
 }
 
-/// Prints progress every [`PROGRESS_EVERY`] blocks of a run longer than that.
-fn progress(what: &str, done: u64, total: u64) {
-    if total > PROGRESS_EVERY && done.is_multiple_of(PROGRESS_EVERY) && done < total {
+/// Sleeps `us` microseconds of virtual time (nothing for 0).
+fn pace(us: u64) {
+    if us > 0 {
+        sleep_until(time_ns().saturating_add(us.saturating_mul(1000)));
+    }
+}
+
+/// Prints progress every `every` blocks of a run longer than that.
+fn progress(what: &str, done: u64, total: u64, every: u64) {
+    if total > every && done.is_multiple_of(every) && done < total {
         println!("disk: {what} {done}/{total} blocks");
     }
 }

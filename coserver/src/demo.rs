@@ -1,0 +1,245 @@
+//! `ftvm demo`: a CoServer pair on this machine. Two CoServers on two loopback links run
+//! the built-in guest with a disk (the `disk` workload, slowed to one block per
+//! request); the demo shows their status, kills the primary with SIGKILL partway, and
+//! shows the guest carrying on, on the other CoServer, to a clean disk verification.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::time::{Duration, Instant};
+
+use crate::control;
+
+/// Errors of the demo.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// Setting up files or processes.
+    #[error("demo: {0}")]
+    Setup(String),
+}
+
+/// Options of the demo.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Seconds of protected running before the primary is killed.
+    pub kill_after: Duration,
+    /// Blocks the guest's disk workload writes and verifies.
+    pub blocks: u64,
+    /// Keep the demo's directory (configs, disk replicas) here instead of a temporary one.
+    pub dir: Option<PathBuf>,
+}
+
+struct Member {
+    name: &'static str,
+    control: String,
+    child: Child,
+}
+
+fn setup(e: impl std::fmt::Display) -> DemoError {
+    DemoError::Setup(e.to_string())
+}
+
+/// A free loopback port.
+fn free_port() -> Result<u16, DemoError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(setup)?;
+    Ok(l.local_addr().map_err(setup)?.port())
+}
+
+fn config(dir: &Path, name: &str, links: &[(u16, u16)], control: u16, blocks: u64) -> String {
+    let mut text = format!(
+        r#"node = "{name}"
+[guest]
+cmdline = "workload=disk blocks={blocks} batch=1 pace_us=1000 progress=256"
+mem_mib = 64
+[host]
+disk = "{disk}"
+state_dir = "{state}"
+[heartbeat]
+interval_ms = 20
+misses = 5
+[replication]
+epoch_ms = 10
+[arbiter]
+kind = "shared-storage"
+path = "{arb}"
+[control]
+listen = "127.0.0.1:{control}"
+[security]
+psk = "ftvm-demo-pre-shared-key"
+"#,
+        disk = dir.join(format!("disk-{name}.img")).display(),
+        state = dir.join(format!("state-{name}")).display(),
+        arb = dir.join("arbiter").display(),
+    );
+    for (local, peer) in links {
+        text += &format!("[[link]]\nlocal = \"127.0.0.1:{local}\"\npeer = \"127.0.0.1:{peer}\"\n");
+    }
+    text
+}
+
+/// Console lines of both members, tagged, with arrival times.
+type Lines = Receiver<(&'static str, Instant, String)>;
+
+fn spawn(
+    name: &'static str,
+    cfg: &Path,
+    control: String,
+    tx: Sender<(&'static str, Instant, String)>,
+) -> Result<Member, DemoError> {
+    let exe = std::env::current_exe().map_err(setup)?;
+    let mut child = Command::new(exe)
+        .args(["coserver", "--config"])
+        .arg(cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(setup)?;
+    let out = child.stdout.take().ok_or_else(|| setup("no stdout"))?;
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send((name, Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(Member {
+        name,
+        control,
+        child,
+    })
+}
+
+fn status_line(m: &Member) -> String {
+    match control::fetch(&m.control) {
+        Ok(s) => format!(
+            "{}: {}{} epoch {} pause p50 {} µs commit p50 {} µs",
+            m.name,
+            s.role,
+            s.mode.map(|m| format!(" ({m})")).unwrap_or_default(),
+            s.epoch,
+            s.checkpoint_pause_us
+                .p50
+                .map_or("-".into(), |v| v.to_string()),
+            s.output_commit_delay_us
+                .p50
+                .map_or("-".into(), |v| v.to_string()),
+        ),
+        Err(_) => format!("{}: not answering", m.name),
+    }
+}
+
+fn drain(lines: &Lines) {
+    while let Ok((who, _, line)) = lines.try_recv() {
+        println!("[guest via {who}] {line}");
+    }
+}
+
+/// Runs the demo; returns the guest's exit code.
+pub fn run(opts: &DemoOptions) -> Result<i32, DemoError> {
+    let tmp;
+    let dir = match &opts.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(setup)?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::tempdir().map_err(setup)?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let disk_mib = (opts.blocks * 4096).div_ceil(1 << 20) + 1;
+    let ports: Vec<u16> = (0..6).map(|_| free_port()).collect::<Result<_, _>>()?;
+    let (la, lb) = (
+        [(ports[0], ports[1]), (ports[2], ports[3])],
+        [(ports[1], ports[0]), (ports[3], ports[2])],
+    );
+    let (tx, lines) = mpsc::channel();
+    let mut members = Vec::new();
+    for (name, links, control) in [("a", la, ports[4]), ("b", lb, ports[5])] {
+        let img = dir.join(format!("disk-{name}.img"));
+        std::fs::File::create(&img)
+            .and_then(|f| f.set_len(disk_mib << 20))
+            .map_err(setup)?;
+        let cfg = dir.join(format!("{name}.toml"));
+        std::fs::write(&cfg, config(&dir, name, &links, control, opts.blocks)).map_err(setup)?;
+        println!("== starting CoServer {name} ({})", cfg.display());
+        members.push(spawn(
+            name,
+            &cfg,
+            format!("127.0.0.1:{control}"),
+            tx.clone(),
+        )?);
+        std::thread::sleep(Duration::from_millis(800));
+    }
+    drop(tx);
+    let start = Instant::now();
+    let mut protected_at = None;
+    let mut killed = None;
+    let mut next_status = Instant::now();
+    loop {
+        drain(&lines);
+        if Instant::now() >= next_status {
+            next_status = Instant::now() + Duration::from_millis(500);
+            let line: Vec<String> = members.iter().map(status_line).collect();
+            println!("== status: {}", line.join(" | "));
+            if protected_at.is_none() && line.iter().any(|l| l.contains("(protected)")) {
+                protected_at = Some(Instant::now());
+            }
+        }
+        if killed.is_none() && protected_at.is_some_and(|t| t.elapsed() >= opts.kill_after) {
+            if let Some(i) = members
+                .iter()
+                .position(|m| status_line(m).contains(": primary"))
+            {
+                println!(
+                    "== killing the primary, CoServer {} (SIGKILL)",
+                    members[i].name
+                );
+                let t = Instant::now();
+                let _ = members[i].child.kill();
+                let _ = members[i].child.wait();
+                killed = Some(members[i].name);
+                let other = &members[1 - i];
+                while t.elapsed() < Duration::from_secs(10)
+                    && !control::fetch(&other.control).is_ok_and(|s| s.role == "primary")
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                println!(
+                    "== CoServer {} took over {:.1} ms after the kill",
+                    other.name,
+                    t.elapsed().as_secs_f64() * 1000.0
+                );
+            }
+        }
+        let mut done = None;
+        for m in &mut members {
+            if Some(m.name) == killed {
+                continue;
+            }
+            if let Ok(Some(s)) = m.child.try_wait() {
+                done = Some((m.name, s.code().unwrap_or(125)));
+            }
+        }
+        if let Some((name, code)) = done {
+            std::thread::sleep(Duration::from_millis(100));
+            drain(&lines);
+            for m in &mut members {
+                let _ = m.child.kill();
+                let _ = m.child.wait();
+            }
+            println!("== the guest powered off on CoServer {name} with exit code {code}");
+            return Ok(code);
+        }
+        if start.elapsed() > Duration::from_secs(300) {
+            for m in &mut members {
+                let _ = m.child.kill();
+            }
+            return Err(setup("the guest did not finish within 5 minutes"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
