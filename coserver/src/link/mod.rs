@@ -589,4 +589,117 @@ mod tests {
         assert!(d.fresh(2, 1), "a restarted peer starts again");
         assert!(!d.fresh(2, 1));
     }
+
+    fn free_addr() -> std::net::SocketAddr {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    fn local(node: &str) -> LocalInfo {
+        LocalInfo {
+            node: node.into(),
+            role: Role::Starting,
+            generation: 0,
+            mem_mib: 64,
+            disk_bytes: None,
+        }
+    }
+
+    /// Two link configurations, the first end listening on both.
+    fn pair_configs() -> (Vec<LinkConfig>, Vec<LinkConfig>) {
+        let (mut xs, mut ys) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            let (mut p, mut q) = (free_addr(), free_addr());
+            if p.to_string() < q.to_string() {
+                std::mem::swap(&mut p, &mut q);
+            }
+            // p sorts higher: its end listens.
+            xs.push(LinkConfig { local: p, peer: q });
+            ys.push(LinkConfig { local: q, peer: p });
+        }
+        (xs, ys)
+    }
+
+    const KEY: &[u8] = b"link-test-key-0123456789";
+
+    fn next_message(rx: &Receiver<Event>, limit: Duration) -> Option<Message> {
+        let end = Instant::now() + limit;
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(Event::Message(m)) => return Some(m),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_message_sent_on_two_links_arrives_once_and_links_measure_round_trips() {
+        let (xc, yc) = pair_configs();
+        let ms = Duration::from_millis;
+        let (x, _xrx) = Links::start(&xc, KEY, local("x"), ms(10), ms(200)).unwrap();
+        let (y, yrx) = Links::start(&yc, KEY, local("y"), ms(10), ms(200)).unwrap();
+        let healthy = |l: &Links| l.status().iter().filter(|s| s.healthy).count();
+        let start = Instant::now();
+        while (healthy(&x) < 2 || healthy(&y) < 2) && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(ms(10));
+        }
+        assert_eq!(healthy(&x), 2, "{:?}", x.status());
+        assert_eq!(x.send(&Message::Join), 2, "queued on both links");
+        assert_eq!(
+            next_message(&yrx, Duration::from_secs(5)),
+            Some(Message::Join)
+        );
+        assert_eq!(
+            next_message(&yrx, ms(300)),
+            None,
+            "the second copy is dropped"
+        );
+        assert!(x.status().iter().all(|s| s.rtt_ms.is_some()));
+        x.shutdown();
+        y.shutdown();
+    }
+
+    #[test]
+    fn garbage_and_a_peer_with_the_wrong_key_are_counted_and_refused_not_fatal() {
+        let (xc, _) = pair_configs();
+        let ms = Duration::from_millis;
+        let (x, xrx) = Links::start(&xc, KEY, local("x"), ms(10), ms(500)).unwrap();
+        let target = xc[0].local;
+        let wait_for = |what: &dyn Fn(&LinkStatus) -> bool| {
+            let start = Instant::now();
+            while !what(&x.status()[0]) && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(ms(10));
+            }
+            what(&x.status()[0])
+        };
+        // Garbage: not frames at all.
+        let mut s = TcpStream::connect(target).unwrap();
+        s.write_all(&[0x5a; 100]).unwrap();
+        assert!(wait_for(&|l| l.bad_frames >= 1), "{:?}", x.status());
+        // A well-formed frame under another key.
+        let mut s = TcpStream::connect(target).unwrap();
+        let forged = Codec::new(b"not-the-pair-key-at-all").encode(1, 1, &Message::Join.encode());
+        s.write_all(&forged).unwrap();
+        assert!(wait_for(&|l| l.auth_failures >= 1), "{:?}", x.status());
+        assert!(xrx.try_recv().is_err(), "nothing reached the CoServer");
+        // A frame with a flipped bit under the right key: dropped, counted.
+        let mut s = TcpStream::connect(target).unwrap();
+        let mut bad = Codec::new(KEY).encode(1, 1, &Message::Join.encode());
+        bad[30] ^= 4;
+        s.write_all(&bad).unwrap();
+        assert!(wait_for(&|l| l.bad_frames >= 2), "{:?}", x.status());
+        // The listener still serves a proper peer.
+        let mut s = TcpStream::connect(target).unwrap();
+        s.write_all(&Codec::new(KEY).encode(9, 1, &Message::Join.encode()))
+            .unwrap();
+        assert_eq!(
+            next_message(&xrx, Duration::from_secs(5)),
+            Some(Message::Join)
+        );
+        x.shutdown();
+    }
 }
