@@ -157,7 +157,7 @@ pub fn fetch(addr: &str) -> Result<Status, ControlError> {
     let (head, body) = answer
         .split_once("\r\n\r\n")
         .ok_or_else(|| bad("no HTTP header".into()))?;
-    if !head.starts_with("HTTP/1.") || !head.split_whitespace().nth(1).is_some_and(|c| c == "200") {
+    if !head.starts_with("HTTP/1.") || head.split_whitespace().nth(1).is_none_or(|c| c != "200") {
         return Err(bad(head.lines().next().unwrap_or("").to_string()));
     }
     serde_json::from_str(body).map_err(|e| bad(e.to_string()))

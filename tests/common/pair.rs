@@ -201,7 +201,7 @@ local = "10.1.2.{me}:7100"
 peer = "10.1.2.{peer}:7100"
 [heartbeat]
 interval_ms = 20
-misses = 5
+misses = 10
 [replication]
 epoch_ms = 10
 [arbiter]
