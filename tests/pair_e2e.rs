@@ -14,6 +14,9 @@ use common::*;
 use pair::{field, wait_until, write_config, CoServer, GuestSpec, PairNet, GUEST_IP};
 
 const LIMIT: Duration = Duration::from_secs(60);
+/// 20 ms heartbeats, peer lost after 200 ms: clear of false failovers on a loaded
+/// machine running other tests.
+const HEARTBEAT: (u64, u32) = (20, 10);
 
 /// Starts A, waits until it runs the guest, starts B and waits until the pair is
 /// protected.
@@ -72,6 +75,7 @@ fn killing_the_primary_mid_disk_workload_loses_and_repeats_no_output() {
         cmdline: cmdline.into(),
         disk_mib: 16,
         network: false,
+        heartbeat: HEARTBEAT,
     };
     let (mut a, mut b) = protected_pair(&net, dir.path(), &guest);
     assert!(
@@ -118,6 +122,7 @@ fn a_tcp_client_keeps_its_connection_and_every_acknowledged_set_across_failover(
         cmdline: format!("workload=net ip={GUEST_IP}/24"),
         disk_mib: 8,
         network: true,
+        heartbeat: HEARTBEAT,
     };
     let (mut a, mut b) = protected_pair(&net, dir.path(), &guest);
     let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -173,6 +178,7 @@ fn one_link_down_changes_nothing_for_the_guest_but_raises_an_alert() {
         cmdline: "workload=counter pages=800 steps=400 tick_ms=25".into(),
         disk_mib: 0,
         network: false,
+        heartbeat: HEARTBEAT,
     };
     let (a, b) = protected_pair(&net, dir.path(), &guest);
     net.link(1, false);
@@ -203,6 +209,7 @@ fn with_all_links_down_the_arbiter_lets_exactly_one_run() {
         cmdline: "workload=counter pages=800 steps=400 tick_ms=25".into(),
         disk_mib: 0,
         network: false,
+        heartbeat: HEARTBEAT,
     };
     let (a, b) = protected_pair(&net, dir.path(), &guest);
     net.link(1, false);

@@ -166,6 +166,8 @@ pub struct GuestSpec {
     pub disk_mib: u64,
     /// Give the guest the network (tap in each host's bridge).
     pub network: bool,
+    /// Heartbeat interval (ms) and misses before the peer is lost.
+    pub heartbeat: (u64, u32),
 }
 
 /// Writes the configuration of node `name` (index 0 = A, 1 = B) into `dir`.
@@ -200,8 +202,8 @@ peer = "10.1.1.{peer}:7100"
 local = "10.1.2.{me}:7100"
 peer = "10.1.2.{peer}:7100"
 [heartbeat]
-interval_ms = 20
-misses = 10
+interval_ms = {interval}
+misses = {misses}
 [replication]
 epoch_ms = 10
 [arbiter]
@@ -213,6 +215,8 @@ listen = "127.0.0.1:7200"
 psk = "pair-test-key-0123456789"
 "#,
         cmdline = guest.cmdline,
+        interval = guest.heartbeat.0,
+        misses = guest.heartbeat.1,
         arb = dir.join("arbiter").display(),
     );
     let path = dir.join(format!("{name}.toml"));

@@ -4,7 +4,7 @@
 //! offset size
 //!  0      4   magic "FTVL"
 //!  4      2   frame format version (u16 LE)
-//!  6      2   reserved, zero
+//!  6      2   flags (u16 LE): bit 0 = payload is LZ4-compressed (size-prefixed)
 //!  8      8   sender session (u64 LE; random per CoServer process)
 //! 16      8   sequence number (u64 LE; 0 = this link only, never de-duplicated)
 //! 24      4   payload length (u32 LE)
@@ -30,6 +30,10 @@ pub const HEADER_LEN: usize = 28;
 pub const TRAILER_LEN: usize = 4 + 32;
 /// Largest payload accepted (a checkpoint of a busy epoch, or a sync chunk).
 pub const MAX_PAYLOAD: usize = 256 << 20;
+/// Flag: the payload is LZ4-compressed with its decompressed size prepended.
+pub const FLAG_LZ4: u16 = 1;
+/// Payloads at least this long are compressed.
+const COMPRESS_FROM: usize = 256;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -51,6 +55,9 @@ pub enum FrameError {
     /// The length field is beyond [`MAX_PAYLOAD`].
     #[error("frame of {0} bytes exceeds the limit")]
     TooLong(usize),
+    /// A compressed payload that does not decompress within the limit.
+    #[error("bad compressed payload: {0}")]
+    Compression(String),
     /// The CRC does not match: the frame was corrupted.
     #[error("CRC mismatch (corrupt frame)")]
     Crc,
@@ -91,12 +98,23 @@ impl Codec {
         Self { mac }
     }
 
-    /// The whole frame for `payload`.
+    /// The whole frame for `payload` (compressed when that pays).
     pub fn encode(&self, session: u64, seq: u64, payload: &[u8]) -> Vec<u8> {
+        let compressed;
+        let (flags, payload) = if payload.len() >= COMPRESS_FROM {
+            compressed = lz4_flex::compress_prepend_size(payload);
+            if compressed.len() < payload.len() {
+                (FLAG_LZ4, &compressed[..])
+            } else {
+                (0, payload)
+            }
+        } else {
+            (0, payload)
+        };
         let mut f = Vec::with_capacity(HEADER_LEN + payload.len() + TRAILER_LEN);
         f.extend_from_slice(&MAGIC);
         f.extend_from_slice(&FRAME_VERSION.to_le_bytes());
-        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(&flags.to_le_bytes());
         f.extend_from_slice(&session.to_le_bytes());
         f.extend_from_slice(&seq.to_le_bytes());
         f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -143,10 +161,24 @@ impl Codec {
             u64::from_le_bytes(b)
         };
         rest.truncate(len);
+        let flags = u16::from_le_bytes([header[6], header[7]]);
+        let payload = if flags & FLAG_LZ4 != 0 {
+            let size = rest
+                .get(..4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+                .ok_or_else(|| FrameError::Compression("no size".into()))?;
+            if size > MAX_PAYLOAD {
+                return Err(FrameError::TooLong(size));
+            }
+            lz4_flex::decompress_size_prepended(&rest)
+                .map_err(|e| FrameError::Compression(e.to_string()))?
+        } else {
+            rest
+        };
         Ok(Frame {
             session: word(8),
             seq: word(16),
-            payload: rest,
+            payload,
         })
     }
 }
@@ -172,6 +204,15 @@ mod tests {
                 payload: b"hello".to_vec()
             }
         );
+    }
+
+    #[test]
+    fn large_payloads_are_compressed_and_restored() {
+        let c = codec();
+        let payload = vec![7u8; 100_000];
+        let f = c.encode(1, 1, &payload);
+        assert!(f.len() < 2_000, "{} bytes", f.len());
+        assert_eq!(c.read(&mut &f[..]).unwrap().payload, payload);
     }
 
     #[test]

@@ -446,6 +446,10 @@ fn serve(inner: &Arc<Inner>, index: usize, stream: TcpStream) {
                     break;
                 }
             }
+            Err(FrameError::Compression(e)) => {
+                lock(&inner.links[index]).status.bad_frames += 1;
+                tracing::warn!(link = index, "undecompressable frame dropped: {e}");
+            }
             Err(FrameError::Crc) => {
                 lock(&inner.links[index]).status.bad_frames += 1;
                 tracing::warn!(link = index, "corrupt frame dropped");

@@ -13,6 +13,11 @@ use ftvm_devices::world::{IdleRequest, Wake, World, WorldError};
 
 use crate::protocol::DiskWrite;
 
+/// How long an epoch may last while the guest idles with nothing to commit (no output,
+/// no disk write): an idle guest costs a checkpoint per wake-up, or one per this period,
+/// rather than one per epoch length.
+const IDLE_EPOCH: Duration = Duration::from_millis(100);
+
 /// One output of the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Output {
@@ -39,6 +44,7 @@ struct State {
     /// Sealed epochs waiting for their acknowledgement: (epoch, sealed at, outputs).
     pending: VecDeque<(u64, Instant, Vec<Output>)>,
     deadline: Instant,
+    started: Instant,
     pause: bool,
     sinks: Sinks,
     /// Output-commit delays of released epochs (µs), for status.
@@ -74,6 +80,7 @@ impl Commit {
             flushed: false,
             pending: VecDeque::new(),
             deadline: Instant::now(),
+            started: Instant::now(),
             pause: false,
             sinks,
             delays_us: Vec::new(),
@@ -83,7 +90,8 @@ impl Commit {
     /// Starts an epoch that ends by `length` from now.
     pub fn start_epoch(&self, length: Duration) {
         let mut s = lock(&self.0);
-        s.deadline = Instant::now() + length;
+        s.started = Instant::now();
+        s.deadline = s.started + length;
         s.pause = false;
     }
 
@@ -272,7 +280,11 @@ impl World for CommitWorld {
                     at_ns: request.now_ns,
                 });
             }
-            s.deadline
+            if s.outputs.is_empty() && s.writes.is_empty() && !s.flushed {
+                s.deadline.max(s.started + IDLE_EPOCH)
+            } else {
+                s.deadline
+            }
         };
         let mut req = *request;
         req.give_up_at = Some(deadline);
