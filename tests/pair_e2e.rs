@@ -242,3 +242,42 @@ fn with_all_links_down_the_arbiter_lets_exactly_one_run() {
     assert_eq!(fenced.console().len(), before);
     println!("A:\n{}\nB:\n{}", a.status_text(), b.status_text());
 }
+
+#[test]
+fn a_restarted_coserver_rejoins_the_survivor_and_the_pair_is_protected_again() {
+    let Some((net, dir)) = setup("pair_rejoin", "r") else {
+        return;
+    };
+    let guest = GuestSpec {
+        cmdline: "workload=counter pages=800 steps=400 tick_ms=25".into(),
+        disk_mib: 4,
+        network: false,
+        heartbeat: HEARTBEAT,
+    };
+    let (mut a, b) = protected_pair(&net, dir.path(), &guest);
+    a.kill();
+    assert!(
+        wait_until(LIMIT, || field(&b.status(), "role") == "primary"),
+        "{}",
+        b.log()
+    );
+    // The same host comes back with its old configuration and state: it has not heard
+    // the new generation, so it must join rather than claim.
+    let a = CoServer::start("a", &net.ns[0], &dir.path().join("a.toml"));
+    assert!(
+        wait_until(LIMIT, || field(&b.status(), "mode") == "protected"
+            && field(&a.status(), "mode") == "ready"),
+        "no re-protection:\nA:\n{}\nB:\n{}",
+        a.log(),
+        b.status_text()
+    );
+    assert!(
+        a.console().is_empty(),
+        "the rejoined node must not run the guest"
+    );
+    assert!(
+        b.status_text().contains("generation 2"),
+        "{}",
+        b.status_text()
+    );
+}

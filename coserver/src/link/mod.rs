@@ -512,6 +512,15 @@ fn deliver(inner: &Inner, index: usize, frame: frame::Frame) -> bool {
                 );
                 tracing::error!(link = index, "{reason}");
                 send_here(&Message::Refuse { reason });
+                // Let the refusal leave before the connection is closed.
+                let queued = lock(&inner.links[index]).queued.clone();
+                let start = Instant::now();
+                while queued.load(Ordering::Relaxed) > 0
+                    && start.elapsed() < Duration::from_millis(500)
+                {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                std::thread::sleep(Duration::from_millis(20));
                 return false;
             }
             let _ = events.send(Event::Hello {
@@ -703,6 +712,39 @@ mod tests {
         assert_eq!(
             next_message(&xrx, Duration::from_secs(5)),
             Some(Message::Join)
+        );
+        x.shutdown();
+    }
+
+    #[test]
+    fn a_peer_with_another_protocol_version_is_refused_with_a_clear_reason() {
+        let (xc, _) = pair_configs();
+        let ms = Duration::from_millis;
+        let (x, xrx) = Links::start(&xc, KEY, local("x"), ms(10), ms(500)).unwrap();
+        let mut s = TcpStream::connect(xc[0].local).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let codec = Codec::new(KEY);
+        let hello = Message::Hello {
+            version: PROTOCOL_VERSION + 98,
+            node: "future".into(),
+            role: Role::Starting,
+            generation: 0,
+            mem_mib: 64,
+            disk_bytes: None,
+        };
+        s.write_all(&codec.encode(5, 0, &hello.encode())).unwrap();
+        let mut reason = None;
+        while let Ok(f) = codec.read(&mut s) {
+            if let Ok(Message::Refuse { reason: r }) = Message::decode(&f.payload) {
+                reason = Some(r);
+                break;
+            }
+        }
+        let reason = reason.expect("a Refuse message");
+        assert!(reason.contains("protocol version 99"), "{reason}");
+        assert!(
+            !matches!(xrx.try_recv(), Ok(Event::Hello { .. })),
+            "the CoServer never sees the incompatible peer"
         );
         x.shutdown();
     }
