@@ -281,3 +281,36 @@ fn a_restarted_coserver_rejoins_the_survivor_and_the_pair_is_protected_again() {
         b.status_text()
     );
 }
+
+#[test]
+fn the_demo_kills_its_primary_and_the_guest_finishes_on_the_other_coserver() {
+    if !kvm_available("demo") {
+        return;
+    }
+    // As root the demo runs with a network and a TCP client; otherwise disk only.
+    let network = if root_available("demo") { "on" } else { "off" };
+    let o = run_ftvm(&[
+        "demo",
+        "--network",
+        network,
+        "--kill-after",
+        "0.5",
+        "--blocks",
+        "1024",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("== killing the primary, CoServer a"), "{out}");
+    assert!(out.contains("== CoServer b took over"), "{out}");
+    let finished = if network == "on" {
+        "[client] all 300 acknowledged SETs read back after the failover"
+    } else {
+        "[guest via b] disk: verified 1024 blocks ok"
+    };
+    assert!(out.contains(finished), "{out}");
+}

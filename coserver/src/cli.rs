@@ -45,6 +45,20 @@ pub struct DemoArgs {
     /// Keep configurations and disk replicas in DIR (default: a temporary directory).
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
+    /// Give the guest a network with a TCP client: `auto` does when run as root.
+    #[arg(long, value_enum, default_value_t = DemoNetwork::Auto)]
+    pub network: DemoNetwork,
+}
+
+/// Whether the demo gives the guest a network.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum DemoNetwork {
+    /// When run as root.
+    Auto,
+    /// Always (fails without root).
+    On,
+    /// Never.
+    Off,
 }
 
 /// Options of `ftvm coserver`.

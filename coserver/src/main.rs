@@ -54,6 +54,12 @@ fn main() {
             kill_after: std::time::Duration::from_secs_f64(a.kill_after.clamp(0.0, 3600.0)),
             blocks: a.blocks.clamp(16, 1 << 20),
             dir: a.dir,
+            network: match a.network {
+                cli::DemoNetwork::On => true,
+                cli::DemoNetwork::Off => false,
+                // SAFETY: geteuid has no preconditions and cannot fail.
+                cli::DemoNetwork::Auto => (unsafe { libc::geteuid() }) == 0,
+            },
         })
         .map_err(|e| e.to_string()),
     };

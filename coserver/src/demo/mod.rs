@@ -1,7 +1,14 @@
 //! `ftvm demo`: a CoServer pair on this machine. Two CoServers on two loopback links run
-//! the built-in guest with a disk (the `disk` workload, slowed to one block per
-//! request); the demo shows their status, kills the primary with SIGKILL partway, and
-//! shows the guest carrying on, on the other CoServer, to a clean disk verification.
+//! the built-in guest with a disk; the demo shows their status, kills the primary with
+//! SIGKILL partway, and shows the guest carrying on on the other CoServer.
+//!
+//! Without network (not root, or `--network off`) the guest runs the `disk` workload,
+//! slowed to one block per request, to a clean disk verification. With network (root),
+//! the demo makes a namespace of its own with a bridge and a tap per CoServer, the guest
+//! runs the `net` workload, and a TCP client SETs keys over one connection across the
+//! failover and reads them all back.
+
+mod network;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -28,6 +35,8 @@ pub struct DemoOptions {
     pub blocks: u64,
     /// Keep the demo's directory (configs, disk replicas) here instead of a temporary one.
     pub dir: Option<PathBuf>,
+    /// Give the guest a network and run a TCP client (needs root).
+    pub network: bool,
 }
 
 struct Member {
@@ -46,13 +55,20 @@ fn free_port() -> Result<u16, DemoError> {
     Ok(l.local_addr().map_err(setup)?.port())
 }
 
-fn config(dir: &Path, name: &str, links: &[(u16, u16)], control: u16, blocks: u64) -> String {
+fn config(
+    dir: &Path,
+    name: &str,
+    links: &[(u16, u16)],
+    control: u16,
+    (guest, host): (&str, &str),
+) -> String {
     let mut text = format!(
         r#"node = "{name}"
 [guest]
-cmdline = "workload=disk blocks={blocks} batch=1 pace_us=1000 progress=256"
+{guest}
 mem_mib = 64
 [host]
+{host}
 disk = "{disk}"
 state_dir = "{state}"
 [heartbeat]
@@ -150,7 +166,29 @@ pub fn run(opts: &DemoOptions) -> Result<i32, DemoError> {
             tmp.path().to_path_buf()
         }
     };
+    let net = if opts.network {
+        println!("== making network namespace with a bridge (10.0.99.1/24) and two taps");
+        Some(network::DemoNet::create().map_err(setup)?)
+    } else {
+        None
+    };
     let disk_mib = (opts.blocks * 4096).div_ceil(1 << 20) + 1;
+    let guest = |name: &str| match net {
+        Some(_) => (
+            format!(
+                "cmdline = \"workload=net ip={ip}/24\"\nip = \"{ip}\"",
+                ip = network::GUEST_IP
+            ),
+            format!("tap = \"tap{name}\""),
+        ),
+        None => (
+            format!(
+                "cmdline = \"workload=disk blocks={} batch=1 pace_us=1000 progress=256\"",
+                opts.blocks
+            ),
+            String::new(),
+        ),
+    };
     let ports: Vec<u16> = (0..6).map(|_| free_port()).collect::<Result<_, _>>()?;
     let (la, lb) = (
         [(ports[0], ports[1]), (ports[2], ports[3])],
@@ -164,7 +202,8 @@ pub fn run(opts: &DemoOptions) -> Result<i32, DemoError> {
             .and_then(|f| f.set_len(disk_mib << 20))
             .map_err(setup)?;
         let cfg = dir.join(format!("{name}.toml"));
-        std::fs::write(&cfg, config(&dir, name, &links, control, opts.blocks)).map_err(setup)?;
+        let (g, h) = guest(name);
+        std::fs::write(&cfg, config(&dir, name, &links, control, (&g, &h))).map_err(setup)?;
         println!("== starting CoServer {name} ({})", cfg.display());
         members.push(spawn(
             name,
@@ -175,6 +214,11 @@ pub fn run(opts: &DemoOptions) -> Result<i32, DemoError> {
         std::thread::sleep(Duration::from_millis(800));
     }
     drop(tx);
+    let (go, ready) = mpsc::channel();
+    let client = net
+        .as_ref()
+        .map(|_| std::thread::spawn(move || network::client(ready, 300)));
+    let mut go = Some(go);
     let start = Instant::now();
     let mut protected_at = None;
     let mut killed = None;
@@ -187,6 +231,9 @@ pub fn run(opts: &DemoOptions) -> Result<i32, DemoError> {
             println!("== status: {}", line.join(" | "));
             if protected_at.is_none() && line.iter().any(|l| l.contains("(protected)")) {
                 protected_at = Some(Instant::now());
+                if let Some(go) = go.take() {
+                    let _ = go.send(());
+                }
             }
         }
         if killed.is_none() && protected_at.is_some_and(|t| t.elapsed() >= opts.kill_after) {
@@ -232,6 +279,17 @@ pub fn run(opts: &DemoOptions) -> Result<i32, DemoError> {
                 let _ = m.child.wait();
             }
             println!("== the guest powered off on CoServer {name} with exit code {code}");
+            drop(go);
+            if let Some(c) = client {
+                if c.is_finished() {
+                    match c.join() {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Err(setup(format!("the client failed: {e}"))),
+                        Err(_) => return Err(setup("the client thread panicked")),
+                    }
+                }
+            }
+            drop(net);
             return Ok(code);
         }
         if start.elapsed() > Duration::from_secs(300) {
