@@ -287,8 +287,8 @@ impl Node {
                 replica.start_copy();
                 Ok(())
             }
-            Message::SyncPages(batch) => replica.copy_pages(&batch),
-            Message::SyncDisk(w) => replica.copy_disk(&w),
+            Message::SyncPages { index, pages } => replica.copy_pages(index, &pages),
+            Message::SyncDisk { index, write } => replica.copy_disk(index, &write),
             Message::Checkpoint {
                 epoch,
                 full,
@@ -296,6 +296,7 @@ impl Node {
                 pages,
                 disk_writes,
                 flush,
+                copy_messages,
             } => {
                 let staged = Staged {
                     epoch,
@@ -304,6 +305,7 @@ impl Node {
                     pages,
                     disk_writes,
                     flush,
+                    copy_messages,
                 };
                 // Staged whole and checked: acknowledge, then apply.
                 match replica.check(&staged) {

@@ -87,10 +87,21 @@ pub enum Message {
     Join,
     /// A full copy begins: everything the secondary held is superseded.
     CopyStart,
-    /// Part of the full copy: guest pages (sent while the guest runs).
-    SyncPages(PageBatch),
-    /// Part of the full copy: a range of the disk.
-    SyncDisk(DiskWrite),
+    /// Part of the full copy: guest pages (sent while the guest runs). `index` counts
+    /// the copy's messages from 0, so the secondary detects a gap or reordering.
+    SyncPages {
+        /// Position in the copy.
+        index: u64,
+        /// The pages.
+        pages: PageBatch,
+    },
+    /// Part of the full copy: a range of the disk, or a write the guest made meanwhile.
+    SyncDisk {
+        /// Position in the copy.
+        index: u64,
+        /// The data.
+        write: DiskWrite,
+    },
     /// The end of an epoch. `full` marks the checkpoint that completes a full copy.
     Checkpoint {
         /// Epoch number.
@@ -106,6 +117,8 @@ pub enum Message {
         disk_writes: Vec<DiskWrite>,
         /// Whether the guest flushed its disk during the epoch.
         flush: bool,
+        /// For a `full` checkpoint: how many copy messages preceded it.
+        copy_messages: u64,
     },
     /// The secondary holds checkpoint `epoch` completely.
     Ack {
@@ -156,8 +169,8 @@ impl Message {
             Message::Pong { .. } => "pong",
             Message::Join => "join",
             Message::CopyStart => "copy-start",
-            Message::SyncPages(_) => "sync-pages",
-            Message::SyncDisk(_) => "sync-disk",
+            Message::SyncPages { .. } => "sync-pages",
+            Message::SyncDisk { .. } => "sync-disk",
             Message::Checkpoint { .. } => "checkpoint",
             Message::Ack { .. } => "ack",
             Message::Resync { .. } => "resync",
@@ -185,6 +198,7 @@ mod tests {
                 data: vec![7; 512],
             }],
             flush: true,
+            copy_messages: 3,
         };
         assert_eq!(Message::decode(&m.encode()).unwrap(), m);
         assert!(Message::decode(&[0xff; 3]).is_err());

@@ -136,6 +136,8 @@ pub struct EpochLoop {
 
 /// A copy in progress.
 struct Copy {
+    /// Copy messages sent so far.
+    sent: u64,
     pages: BTreeSet<u64>,
     disk: Option<(File, u64)>,
     disk_cursor: u64,
@@ -181,8 +183,12 @@ impl EpochLoop {
             let syncing = join || mode == Mode::Syncing;
             if let (true, Some(c)) = (syncing, copy.as_mut()) {
                 c.pages.extend(dirty.iter());
-                for w in sealed.writes {
-                    self.send(Message::SyncDisk(w));
+                for write in sealed.writes {
+                    self.send(Message::SyncDisk {
+                        index: c.sent,
+                        write,
+                    });
+                    c.sent += 1;
                 }
                 if self.copy_step(c, epoch, sealed.flushed)? {
                     copy = None;
@@ -197,6 +203,7 @@ impl EpochLoop {
                     pages,
                     disk_writes: sealed.writes,
                     flush: sealed.flushed,
+                    copy_messages: 0,
                 });
             } else {
                 copy = None;
@@ -228,6 +235,7 @@ impl EpochLoop {
         );
         self.send(Message::CopyStart);
         Ok(Copy {
+            sent: 0,
             pages,
             disk,
             disk_cursor: 0,
@@ -244,7 +252,11 @@ impl EpochLoop {
                 for g in &chunk {
                     c.pages.remove(g);
                 }
-                self.send(Message::SyncPages(self.vm.read_pages(chunk)?));
+                self.send(Message::SyncPages {
+                    index: c.sent,
+                    pages: self.vm.read_pages(chunk)?,
+                });
+                c.sent += 1;
             }
             if let Some((f, len)) = &c.disk {
                 if c.disk_cursor < *len {
@@ -253,10 +265,14 @@ impl EpochLoop {
                     f.read_exact_at(&mut data, c.disk_cursor).map_err(|e| {
                         VmError::BadCheckpoint(format!("disk read for the copy: {e}"))
                     })?;
-                    self.send(Message::SyncDisk(DiskWrite {
-                        offset: c.disk_cursor,
-                        data,
-                    }));
+                    self.send(Message::SyncDisk {
+                        index: c.sent,
+                        write: DiskWrite {
+                            offset: c.disk_cursor,
+                            data,
+                        },
+                    });
+                    c.sent += 1;
                     c.disk_cursor += n;
                 }
             }
@@ -274,6 +290,7 @@ impl EpochLoop {
             pages,
             disk_writes: Vec::new(),
             flush: flushed,
+            copy_messages: c.sent,
         });
         {
             let mut s = self.shared.lock();
