@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use ftvm_devices::backend::disk::DiskFile;
 use ftvm_devices::backend::tap::Tap;
 use ftvm_devices::virtio::DeviceConfig;
-use ftvm_devices::world::{LiveWorld, World};
+use ftvm_devices::world::LiveWorld;
 use ftvm_vmm::{Attachments, Standby, Vm, VmConfig};
 
 use crate::arbiter::{Arbiter, Claim, KnownGeneration};
@@ -321,6 +321,10 @@ impl Node {
                     Err(e) => Err(e),
                 }
             }
+            Message::Inbound { epoch, frame } => {
+                replica.note_inbound(epoch, frame);
+                return Ok(());
+            }
             Message::Stopped { exit_code } => {
                 tracing::info!(exit_code, "the guest powered off on the primary");
                 self.exit_code = Some(exit_code as i32);
@@ -489,7 +493,7 @@ impl Node {
                     epoch.unwrap_or(0)
                 ));
                 let standby = self.replica.take().map(Replica::into_standby).transpose()?;
-                self.become_primary(standby.map(|s| (s, epoch.unwrap_or(0))))
+                self.become_primary(standby.map(|(s, frames)| (s, epoch.unwrap_or(0), frames)))
             }
             Claim::Lost { generation, holder } => {
                 self.fence(format!(
@@ -511,7 +515,10 @@ impl Node {
     }
 
     /// Starts the guest here: booted fresh, or from the standby at `epoch`.
-    fn become_primary(&mut self, from: Option<(Standby, u64)>) -> Result<(), NodeError> {
+    fn become_primary(
+        &mut self,
+        from: Option<(Standby, u64, Vec<Vec<u8>>)>,
+    ) -> Result<(), NodeError> {
         let guest = |e: String| NodeError::Guest(e);
         let mac =
             crate::attach::parse_mac(&self.cfg.guest.mac).map_err(|e| guest(e.to_string()))?;
@@ -540,12 +547,22 @@ impl Node {
             console: Box::new(std::io::stdout()),
             tap: tap_sender,
         });
-        let world: Box<dyn World> = Box::new(CommitWorld::new(Box::new(live), commit.clone()));
+        commit.forward_inbound(self.out.clone());
+        let mut world = CommitWorld::new(Box::new(live), commit.clone());
         let shared = Shared::new();
         let vm = match from {
-            Some((standby, epoch)) => {
+            Some((standby, epoch, frames)) => {
                 shared.lock().epoch = epoch;
-                standby.activate(world).map_err(|e| guest(e.to_string()))?
+                if !frames.is_empty() {
+                    tracing::info!(
+                        frames = frames.len(),
+                        "re-delivering frames received after the checkpoint"
+                    );
+                }
+                world = world.with_redelivery(frames);
+                standby
+                    .activate(Box::new(world))
+                    .map_err(|e| guest(e.to_string()))?
             }
             None => {
                 let kernel = match &self.cfg.guest.kernel {
@@ -571,7 +588,7 @@ impl Node {
                         tap: self.cfg.host.tap.clone(),
                     },
                 };
-                Vm::boot(&config, world).map_err(|e| guest(e.to_string()))?
+                Vm::boot(&config, Box::new(world)).map_err(|e| guest(e.to_string()))?
             }
         };
         if let (Some(ip), Some(_)) = (self.cfg.guest.ip, &self.cfg.host.tap) {

@@ -130,6 +130,16 @@ pub enum Message {
         /// Why.
         reason: String,
     },
+    /// A frame the primary's guest received during `epoch` (forwarded at once while
+    /// protected). A new primary re-delivers those of epochs after the checkpoint it
+    /// resumes from, so requests that reached only the dead primary are not lost.
+    Inbound {
+        /// The epoch in which the guest received it.
+        epoch: u64,
+        /// The frame.
+        #[serde(with = "serde_bytes")]
+        frame: Vec<u8>,
+    },
     /// The guest powered off (after the checkpoint of its last epoch): the pair ends.
     Stopped {
         /// The guest's exit code.
@@ -175,6 +185,7 @@ impl Message {
             Message::Ack { .. } => "ack",
             Message::Resync { .. } => "resync",
             Message::Stopped { .. } => "stopped",
+            Message::Inbound { .. } => "inbound",
         }
     }
 }

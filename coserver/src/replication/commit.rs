@@ -6,12 +6,13 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ftvm_devices::world::{IdleRequest, Wake, World, WorldError};
 
-use crate::protocol::DiskWrite;
+use crate::protocol::{DiskWrite, Message};
 
 /// How long an epoch may last while the guest idles with nothing to commit (no output,
 /// no disk write): an idle guest costs a checkpoint per wake-up, or one per this period,
@@ -49,6 +50,10 @@ struct State {
     sinks: Sinks,
     /// Output-commit delays of released epochs (µs), for status.
     delays_us: Vec<u64>,
+    /// The running epoch.
+    epoch: u64,
+    /// Where received frames are forwarded while holding.
+    forward: Option<Sender<Message>>,
 }
 
 /// The output-commit state shared by the primary's World, its epoch loop and the
@@ -84,12 +89,30 @@ impl Commit {
             pause: false,
             sinks,
             delays_us: Vec::new(),
+            epoch: 0,
+            forward: None,
         })))
     }
 
-    /// Starts an epoch that ends by `length` from now.
-    pub fn start_epoch(&self, length: Duration) {
+    /// Forwards the frames the guest receives to `out` while outputs are held.
+    pub fn forward_inbound(&self, out: Sender<Message>) {
+        lock(&self.0).forward = Some(out);
+    }
+
+    fn inbound(&self, frame: &[u8]) {
+        let s = lock(&self.0);
+        if let (true, Some(out)) = (s.holding, &s.forward) {
+            let _ = out.send(Message::Inbound {
+                epoch: s.epoch,
+                frame: frame.to_vec(),
+            });
+        }
+    }
+
+    /// Starts epoch `epoch`, which ends by `length` from now.
+    pub fn start_epoch(&self, epoch: u64, length: Duration) {
         let mut s = lock(&self.0);
+        s.epoch = epoch;
         s.started = Instant::now();
         s.deadline = s.started + length;
         s.pause = false;
@@ -216,13 +239,26 @@ fn release(sinks: &mut Sinks, outputs: Vec<Output>) {
 pub struct CommitWorld {
     inner: Box<dyn World>,
     commit: Commit,
+    /// Frames to deliver before the tap's (received by a dead primary after the
+    /// checkpoint this VM resumed from).
+    redeliver: VecDeque<Vec<u8>>,
 }
 
 impl CommitWorld {
     /// Wraps `inner` (which does the disk and input work; its own console and frame
     /// output are bypassed).
     pub fn new(inner: Box<dyn World>, commit: Commit) -> Self {
-        Self { inner, commit }
+        Self {
+            inner,
+            commit,
+            redeliver: VecDeque::new(),
+        }
+    }
+
+    /// Delivers `frames` to the guest first.
+    pub fn with_redelivery(mut self, frames: Vec<Vec<u8>>) -> Self {
+        self.redeliver = frames.into();
+        self
     }
 }
 
@@ -236,7 +272,14 @@ impl World for CommitWorld {
     }
 
     fn receive(&mut self, exit: u64) -> Result<Option<Vec<u8>>, WorldError> {
-        self.inner.receive(exit)
+        if let Some(frame) = self.redeliver.pop_front() {
+            return Ok(Some(frame));
+        }
+        let frame = self.inner.receive(exit)?;
+        if let Some(f) = &frame {
+            self.commit.inbound(f);
+        }
+        Ok(frame)
     }
 
     fn console_input(&mut self, exit: u64, max: usize) -> Result<Option<Vec<u8>>, WorldError> {
@@ -270,6 +313,11 @@ impl World for CommitWorld {
     }
 
     fn idle(&mut self, request: &IdleRequest) -> Result<Wake, WorldError> {
+        if !self.redeliver.is_empty() {
+            return Ok(Wake {
+                at_ns: request.now_ns,
+            });
+        }
         let deadline = {
             let mut s = lock(&self.commit.0);
             if s.holding && !s.outputs.is_empty() {

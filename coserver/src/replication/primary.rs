@@ -164,7 +164,7 @@ impl EpochLoop {
                 return Ok(0);
             }
             epoch += 1;
-            self.commit.start_epoch(self.epoch_length);
+            self.commit.start_epoch(epoch, self.epoch_length);
             let stop = self.vm.run(&RunLimits::default())?;
             let started = Instant::now();
             let dirty = self.vm.take_dirty_pages()?;

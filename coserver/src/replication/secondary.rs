@@ -81,7 +81,12 @@ pub struct Replica {
     copying: bool,
     /// The next copy message's index.
     copy_next: u64,
+    /// Frames the primary's guest received after the last applied checkpoint.
+    inbound: Vec<(u64, Vec<u8>)>,
 }
+
+/// Frames kept for re-delivery at most.
+const MAX_INBOUND: usize = 8192;
 
 impl std::fmt::Debug for Replica {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -118,6 +123,7 @@ impl Replica {
             ready: false,
             copying: false,
             copy_next: 0,
+            inbound: Vec::new(),
         })
     }
 
@@ -138,6 +144,15 @@ impl Replica {
         self.copying = false;
         self.copy_next = 0;
         self.last_epoch = None;
+    }
+
+    /// Keeps a frame the primary's guest received in `epoch`, unless that epoch's
+    /// checkpoint is already applied.
+    pub fn note_inbound(&mut self, epoch: u64, frame: Vec<u8>) {
+        if self.last_epoch.is_some_and(|e| epoch <= e) || self.inbound.len() >= MAX_INBOUND {
+            return;
+        }
+        self.inbound.push((epoch, frame));
     }
 
     /// A full copy begins.
@@ -234,20 +249,23 @@ impl Replica {
         }
         self.standby.set_state(&staged.state)?;
         self.last_epoch = Some(staged.epoch);
+        self.inbound.retain(|(e, _)| *e > staged.epoch);
         self.ready = true;
         self.copying = false;
         Ok(())
     }
 
-    /// Makes the disk replica durable and hands over the standby VM for takeover.
-    pub fn into_standby(self) -> Result<Standby, ReplicaError> {
+    /// Makes the disk replica durable and hands over the standby VM for takeover, with
+    /// the frames to re-deliver to its guest.
+    pub fn into_standby(self) -> Result<(Standby, Vec<Vec<u8>>), ReplicaError> {
         if let Some((f, path, _)) = &self.disk {
             f.sync_all().map_err(|source| ReplicaError::Disk {
                 path: path.clone(),
                 source,
             })?;
         }
-        Ok(self.standby)
+        let frames = self.inbound.into_iter().map(|(_, f)| f).collect();
+        Ok((self.standby, frames))
     }
 }
 
