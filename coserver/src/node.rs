@@ -19,7 +19,7 @@ use ftvm_devices::backend::disk::DiskFile;
 use ftvm_devices::backend::tap::Tap;
 use ftvm_devices::virtio::DeviceConfig;
 use ftvm_devices::world::LiveWorld;
-use ftvm_vmm::{Attachments, Standby, Vm, VmConfig};
+use ftvm_vmm::{Attachments, Vm, VmConfig};
 
 use crate::arbiter::{Arbiter, Claim, KnownGeneration};
 use crate::config::{ArbiterConfig, Config};
@@ -28,7 +28,7 @@ use crate::link::{Event, Links, LocalInfo};
 use crate::protocol::{Message, Role};
 use crate::replication::commit::{Commit, CommitWorld, Sinks};
 use crate::replication::primary::{EpochLoop, Mode, Shared};
-use crate::replication::secondary::{Replica, Staged};
+use crate::replication::secondary::{Replica, Staged, Takeover};
 
 /// Errors that stop a CoServer.
 #[derive(Debug, thiserror::Error)]
@@ -261,6 +261,7 @@ impl Node {
                     };
                     r.commit.acked(epoch);
                     r.shared.notify();
+                    let _ = self.out.send(Message::Released { epoch });
                     if protected {
                         self.alert("secondary holds a full copy: the pair is protected".into());
                     }
@@ -297,6 +298,7 @@ impl Node {
                 disk_writes,
                 flush,
                 copy_messages,
+                outputs,
             } => {
                 let staged = Staged {
                     epoch,
@@ -306,6 +308,7 @@ impl Node {
                     disk_writes,
                     flush,
                     copy_messages,
+                    outputs,
                 };
                 // Staged whole and checked: acknowledge, then apply.
                 match replica.check(&staged) {
@@ -323,6 +326,10 @@ impl Node {
             }
             Message::Inbound { epoch, frame } => {
                 replica.note_inbound(epoch, frame);
+                return Ok(());
+            }
+            Message::Released { epoch } => {
+                replica.released(epoch);
                 return Ok(());
             }
             Message::Stopped { exit_code } => {
@@ -492,8 +499,8 @@ impl Node {
                     "primary lost; won the arbiter (generation {generation}); taking over from checkpoint {}",
                     epoch.unwrap_or(0)
                 ));
-                let standby = self.replica.take().map(Replica::into_standby).transpose()?;
-                self.become_primary(standby.map(|(s, frames)| (s, epoch.unwrap_or(0), frames)))
+                let takeover = self.replica.take().map(Replica::into_standby).transpose()?;
+                self.become_primary(takeover)
             }
             Claim::Lost { generation, holder } => {
                 self.fence(format!(
@@ -515,11 +522,9 @@ impl Node {
     }
 
     /// Starts the guest here: booted fresh, or from the standby at `epoch`.
-    fn become_primary(
-        &mut self,
-        from: Option<(Standby, u64, Vec<Vec<u8>>)>,
-    ) -> Result<(), NodeError> {
+    fn become_primary(&mut self, from: Option<Takeover>) -> Result<(), NodeError> {
         let guest = |e: String| NodeError::Guest(e);
+        let mut redo_frames = Vec::new();
         let mac =
             crate::attach::parse_mac(&self.cfg.guest.mac).map_err(|e| guest(e.to_string()))?;
         let mut live = LiveWorld::new(std::io::sink());
@@ -551,8 +556,26 @@ impl Node {
         let mut world = CommitWorld::new(Box::new(live), commit.clone());
         let shared = Shared::new();
         let vm = match from {
-            Some((standby, epoch, frames)) => {
+            Some(Takeover {
+                standby,
+                epoch,
+                outputs,
+                frames,
+            }) => {
                 shared.lock().epoch = epoch;
+                if !outputs.is_empty() {
+                    tracing::info!(
+                        outputs = outputs.len(),
+                        "releasing outputs of acknowledged epochs the old primary may not have released"
+                    );
+                    // Console bytes now; frames once the tap's bridge port forwards (see
+                    // the announcements below).
+                    let (console, frames): (Vec<_>, Vec<_>) = outputs
+                        .into_iter()
+                        .partition(|o| matches!(o, crate::protocol::Output::Console(_)));
+                    commit.release_now(console);
+                    redo_frames = frames;
+                }
                 if !frames.is_empty() {
                     tracing::info!(
                         frames = frames.len(),
@@ -600,8 +623,13 @@ impl Node {
                 for delay_ms in [0, 20, 50, 100, 200] {
                     std::thread::sleep(Duration::from_millis(delay_ms));
                     announcer.announce(&frame);
+                    if delay_ms == 20 {
+                        announcer.release_now(std::mem::take(&mut redo_frames));
+                    }
                 }
             });
+        } else {
+            commit.release_now(redo_frames);
         }
         let epoch_loop = EpochLoop {
             vm,

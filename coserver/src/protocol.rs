@@ -36,6 +36,15 @@ impl Role {
     }
 }
 
+/// One output of the guest, held until its epoch is acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Output {
+    /// Console bytes.
+    Console(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A transmitted frame.
+    Frame(#[serde(with = "serde_bytes")] Vec<u8>),
+}
+
 /// One disk write of an epoch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskWrite {
@@ -119,6 +128,13 @@ pub enum Message {
         flush: bool,
         /// For a `full` checkpoint: how many copy messages preceded it.
         copy_messages: u64,
+        /// The epoch's outputs: a new primary releases those the old one may not have.
+        outputs: Vec<Output>,
+    },
+    /// The primary released the outputs of every epoch up to `epoch`.
+    Released {
+        /// Epoch number.
+        epoch: u64,
     },
     /// The secondary holds checkpoint `epoch` completely.
     Ack {
@@ -186,6 +202,7 @@ impl Message {
             Message::Resync { .. } => "resync",
             Message::Stopped { .. } => "stopped",
             Message::Inbound { .. } => "inbound",
+            Message::Released { .. } => "released",
         }
     }
 }
@@ -210,6 +227,7 @@ mod tests {
             }],
             flush: true,
             copy_messages: 3,
+            outputs: vec![Output::Console(b"hi".to_vec())],
         };
         assert_eq!(Message::decode(&m.encode()).unwrap(), m);
         assert!(Message::decode(&[0xff; 3]).is_err());

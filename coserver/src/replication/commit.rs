@@ -12,19 +12,12 @@ use std::time::{Duration, Instant};
 
 use ftvm_devices::world::{IdleRequest, Wake, World, WorldError};
 
-use crate::protocol::{DiskWrite, Message};
+use crate::protocol::{DiskWrite, Message, Output};
 
 /// How long an epoch may last while the guest idles with nothing to commit (no output,
 /// no disk write): an idle guest costs a checkpoint per wake-up, or one per this period,
 /// rather than one per epoch length.
 const IDLE_EPOCH: Duration = Duration::from_millis(100);
-
-/// One output of the guest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Output {
-    Console(Vec<u8>),
-    Frame(Vec<u8>),
-}
 
 /// Where released outputs go.
 pub struct Sinks {
@@ -72,6 +65,8 @@ pub struct Sealed {
     pub writes: Vec<DiskWrite>,
     /// Whether the guest flushed.
     pub flushed: bool,
+    /// The outputs held under the epoch (empty when not holding).
+    pub outputs: Vec<Output>,
 }
 
 impl Commit {
@@ -123,12 +118,14 @@ impl Commit {
     pub fn seal(&self, epoch: u64) -> Sealed {
         let mut s = lock(&self.0);
         let outputs = std::mem::take(&mut s.outputs);
-        let sealed = Sealed {
+        let mut sealed = Sealed {
             writes: std::mem::take(&mut s.writes),
             flushed: std::mem::take(&mut s.flushed),
+            outputs: Vec::new(),
         };
         if s.holding {
             if !outputs.is_empty() {
+                sealed.outputs = outputs.clone();
                 s.pending.push_back((epoch, Instant::now(), outputs));
             }
         } else {
@@ -183,6 +180,12 @@ impl Commit {
         s.outputs.clear();
         s.holding = true;
         s.sinks.tap = None;
+    }
+
+    /// Releases outputs at once (those a dead primary may not have released).
+    pub fn release_now(&self, outputs: Vec<Output>) {
+        let mut s = lock(&self.0);
+        release(&mut s.sinks, outputs);
     }
 
     /// Sends a frame of the VMM's own at once (a gratuitous ARP on takeover).

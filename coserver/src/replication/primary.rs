@@ -204,6 +204,7 @@ impl EpochLoop {
                     disk_writes: sealed.writes,
                     flush: sealed.flushed,
                     copy_messages: 0,
+                    outputs: sealed.outputs,
                 });
             } else {
                 copy = None;
@@ -291,6 +292,8 @@ impl EpochLoop {
             disk_writes: Vec::new(),
             flush: flushed,
             copy_messages: c.sent,
+            // Outputs of the copy's epochs were released at once (degraded).
+            outputs: Vec::new(),
         });
         {
             let mut s = self.shared.lock();

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use ftvm_vmm::{PageBatch, Standby, VmError};
 
-use crate::protocol::DiskWrite;
+use crate::protocol::{DiskWrite, Output};
 
 /// Errors of the replica.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +68,20 @@ pub struct Staged {
     pub flush: bool,
     /// For a full checkpoint: the copy messages that preceded it.
     pub copy_messages: u64,
+    /// The epoch's outputs.
+    pub outputs: Vec<Output>,
+}
+
+/// What a secondary hands to its takeover.
+pub struct Takeover {
+    /// The standby VM.
+    pub standby: Standby,
+    /// The checkpoint it resumes from.
+    pub epoch: u64,
+    /// Outputs to release before the guest runs.
+    pub outputs: Vec<Output>,
+    /// Frames to re-deliver to the guest.
+    pub frames: Vec<Vec<u8>>,
 }
 
 /// The standby VM and disk replica.
@@ -83,6 +97,8 @@ pub struct Replica {
     copy_next: u64,
     /// Frames the primary's guest received after the last applied checkpoint.
     inbound: Vec<(u64, Vec<u8>)>,
+    /// Outputs of applied epochs the primary has not yet said it released.
+    unreleased: Vec<(u64, Vec<Output>)>,
 }
 
 /// Frames kept for re-delivery at most.
@@ -124,6 +140,7 @@ impl Replica {
             copying: false,
             copy_next: 0,
             inbound: Vec::new(),
+            unreleased: Vec::new(),
         })
     }
 
@@ -153,6 +170,11 @@ impl Replica {
             return;
         }
         self.inbound.push((epoch, frame));
+    }
+
+    /// The primary released every epoch up to `epoch`.
+    pub fn released(&mut self, epoch: u64) {
+        self.unreleased.retain(|(e, _)| *e > epoch);
     }
 
     /// A full copy begins.
@@ -250,22 +272,30 @@ impl Replica {
         self.standby.set_state(&staged.state)?;
         self.last_epoch = Some(staged.epoch);
         self.inbound.retain(|(e, _)| *e > staged.epoch);
+        if !staged.outputs.is_empty() {
+            self.unreleased.push((staged.epoch, staged.outputs));
+        }
         self.ready = true;
         self.copying = false;
         Ok(())
     }
 
     /// Makes the disk replica durable and hands over the standby VM for takeover, with
-    /// the frames to re-deliver to its guest.
-    pub fn into_standby(self) -> Result<(Standby, Vec<Vec<u8>>), ReplicaError> {
+    /// what the old primary may have left undone: outputs of applied epochs it may not
+    /// have released, and frames its guest received after the last applied checkpoint.
+    pub fn into_standby(self) -> Result<Takeover, ReplicaError> {
         if let Some((f, path, _)) = &self.disk {
             f.sync_all().map_err(|source| ReplicaError::Disk {
                 path: path.clone(),
                 source,
             })?;
         }
-        let frames = self.inbound.into_iter().map(|(_, f)| f).collect();
-        Ok((self.standby, frames))
+        Ok(Takeover {
+            standby: self.standby,
+            epoch: self.last_epoch.unwrap_or(0),
+            outputs: self.unreleased.into_iter().flat_map(|(_, o)| o).collect(),
+            frames: self.inbound.into_iter().map(|(_, f)| f).collect(),
+        })
     }
 }
 
@@ -293,6 +323,7 @@ mod tests {
             disk_writes: Vec::new(),
             flush: false,
             copy_messages,
+            outputs: Vec::new(),
         }
     }
 
