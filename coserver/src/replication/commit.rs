@@ -131,6 +131,7 @@ impl Commit {
         } else {
             release(&mut s.sinks, outputs);
         }
+        let _ = s.sinks.console.flush();
         sealed
     }
 
@@ -214,12 +215,14 @@ impl Commit {
     }
 }
 
+/// Writes outputs to their sinks. The console is flushed at line ends (and when an epoch
+/// is sealed), not per byte: a degraded primary releases each exit's byte at once.
 fn release(sinks: &mut Sinks, outputs: Vec<Output>) {
-    let mut console = false;
+    let mut line_end = false;
     for o in outputs {
         match o {
             Output::Console(b) => {
-                console = true;
+                line_end |= b.contains(&b'\n');
                 if let Err(e) = sinks.console.write_all(&b) {
                     tracing::warn!("console output dropped: {e}");
                 }
@@ -233,7 +236,7 @@ fn release(sinks: &mut Sinks, outputs: Vec<Output>) {
             }
         }
     }
-    if console {
+    if line_end {
         let _ = sinks.console.flush();
     }
 }
