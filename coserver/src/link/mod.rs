@@ -132,7 +132,7 @@ impl Dedup {
                 ..Dedup::default()
             };
         }
-        if seq + DEDUP_WINDOW <= self.max || !self.seen.insert(seq) {
+        if seq.saturating_add(DEDUP_WINDOW) <= self.max || !self.seen.insert(seq) {
             return false;
         }
         if seq > self.max {
