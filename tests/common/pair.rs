@@ -280,42 +280,27 @@ impl CoServer {
         self.err.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    /// Its status as JSON, if it answers.
-    pub fn status(&self) -> Option<serde_json::Value> {
+    /// Output of `ftvm ctl status` with `extra` arguments, run in its namespace.
+    fn ctl_status(&self, extra: &[&str]) -> Option<Vec<u8>> {
         let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns,
-                env!("CARGO_BIN_EXE_ftvm"),
-                "ctl",
-                "--connect",
-                "127.0.0.1:7200",
-                "status",
-                "--json",
-            ])
+            .args(["netns", "exec", &self.ns, env!("CARGO_BIN_EXE_ftvm")])
+            .args(["ctl", "--connect", "127.0.0.1:7200", "status"])
+            .args(extra)
             .stdin(Stdio::null())
             .output()
             .ok()?;
-        serde_json::from_slice(&out.stdout).ok()
+        Some(out.stdout)
+    }
+
+    /// Its status as JSON, if it answers.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.ctl_status(&["--json"])?).ok()
     }
 
     /// Its human-readable status.
     pub fn status_text(&self) -> String {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns,
-                env!("CARGO_BIN_EXE_ftvm"),
-                "ctl",
-                "--connect",
-                "127.0.0.1:7200",
-                "status",
-            ])
-            .stdin(Stdio::null())
-            .output();
-        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        self.ctl_status(&[])
+            .map(|o| String::from_utf8_lossy(&o).into_owned())
             .unwrap_or_default()
     }
 
