@@ -8,7 +8,10 @@
 //! since, and a stale holder cannot win again. Both nodes of a pair learn the current
 //! generation from each other's heartbeats, so when they lose each other they race for
 //! the same next generation and exactly one wins. Each node also keeps the highest
-//! generation it knew in its state directory, across restarts.
+//! generation it knew in its state directory, across restarts. The directory is never
+//! created by a claim, and a directory holding fewer generations than the node knows is
+//! refused: both are what an unmounted share looks like, where each host could otherwise
+//! win in a private directory of its own.
 //!
 //! The `none` arbiter never grants an automatic takeover.
 
@@ -26,6 +29,21 @@ pub enum ArbiterError {
         path: PathBuf,
         /// Cause.
         source: std::io::Error,
+    },
+    /// The shared directory does not exist: a claim in a local stand-in could let both
+    /// hosts win.
+    #[error("arbiter directory {0} does not exist or is not a directory (is the shared storage mounted?)")]
+    Missing(PathBuf),
+    /// The directory holds fewer generations than this node has seen: it is not the
+    /// shared directory the pair has been using.
+    #[error("arbiter directory {path} holds generation {found} but this node knows generation {known}: wrong directory, or the shared storage is not mounted")]
+    Behind {
+        /// The directory.
+        path: PathBuf,
+        /// Highest generation found there.
+        found: u64,
+        /// Highest generation this node knows.
+        known: u64,
     },
 }
 
@@ -74,8 +92,15 @@ impl Arbiter {
             Arbiter::None => return Ok(Claim::Refused),
             Arbiter::SharedStorage { dir } => dir,
         };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        Self::check_dir(dir)?;
         let highest = highest_generation(dir)?;
+        if highest < known {
+            return Err(ArbiterError::Behind {
+                path: dir.clone(),
+                found: highest,
+                known,
+            });
+        }
         if highest > known {
             return Ok(Claim::Lost {
                 generation: highest,
@@ -99,6 +124,23 @@ impl Arbiter {
                 holder: holder(dir, next),
             }),
             Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Checks that a shared-storage arbiter's directory exists (it is never created: a
+    /// missing mount must not turn into a private directory each host can win in).
+    pub fn check(&self) -> Result<(), ArbiterError> {
+        match self {
+            Arbiter::None => Ok(()),
+            Arbiter::SharedStorage { dir } => Self::check_dir(dir),
+        }
+    }
+
+    fn check_dir(dir: &Path) -> Result<(), ArbiterError> {
+        if std::fs::metadata(dir).is_ok_and(|m| m.is_dir()) {
+            Ok(())
+        } else {
+            Err(ArbiterError::Missing(dir.to_path_buf()))
         }
     }
 
@@ -185,7 +227,7 @@ mod tests {
     fn exactly_one_of_two_racing_nodes_wins_and_a_stale_one_never_does() {
         let d = tempfile::tempdir().unwrap();
         let arb = Arbiter::SharedStorage {
-            dir: d.path().join("arb"),
+            dir: d.path().to_path_buf(),
         };
         assert_eq!(arb.claim("a", 0).unwrap(), Claim::Won { generation: 1 });
         // Both learned generation 1; they race for 2 from two threads.
@@ -204,6 +246,40 @@ mod tests {
             Claim::Lost { generation: 2, .. }
         ));
         assert_eq!(Arbiter::None.claim("a", 0).unwrap(), Claim::Refused);
+    }
+
+    #[test]
+    fn a_missing_directory_or_one_behind_the_known_generation_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let missing = Arbiter::SharedStorage {
+            dir: d.path().join("not-mounted"),
+        };
+        let e = missing.claim("a", 0).unwrap_err();
+        assert!(matches!(e, ArbiterError::Missing(_)), "{e}");
+        assert!(e.to_string().contains("not-mounted"), "{e}");
+        assert!(missing.check().is_err());
+        assert!(!d.path().join("not-mounted").exists(), "never created");
+        // An empty directory where generation 3 was known: not the pair's directory.
+        let empty = Arbiter::SharedStorage {
+            dir: d.path().to_path_buf(),
+        };
+        let e = empty.claim("a", 3).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ArbiterError::Behind {
+                    found: 0,
+                    known: 3,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::read_dir(d.path()).unwrap().count(),
+            0,
+            "nothing claimed"
+        );
     }
 
     #[test]

@@ -5,9 +5,13 @@
 //! starting --(no primary heard; arbiter won)--> primary (degraded)
 //! primary: degraded --(join)--> syncing --(full checkpoint sent)--> awaiting-full-ack
 //!          --(ack)--> protected --(peer lost; arbiter won)--> degraded
-//! primary  --(peer lost; arbiter lost)--> fenced
+//! primary  --(peer lost; arbiter lost or unusable)--> fenced
+//! primary  --(peer heard with a higher generation)--> fenced
 //! secondary, ready --(peer lost; arbiter won)--> primary (degraded), from the last
 //!          applied checkpoint; --(arbiter lost)--> fenced
+//! secondary --(primary heard with a higher generation)--> secondary, new copy
+//! secondary, copying --(peer lost)--> starting (never boots: replica marked incomplete)
+//! fenced --(guest stopped; a primary heard)--> secondary
 //! ```
 
 use std::path::Path;
@@ -28,7 +32,7 @@ use crate::link::{Event, Links, LocalInfo};
 use crate::protocol::{Message, Role};
 use crate::replication::commit::{Commit, CommitWorld, Sinks};
 use crate::replication::primary::{EpochLoop, Mode, Shared};
-use crate::replication::secondary::{Replica, Staged, Takeover};
+use crate::replication::secondary::{IncompleteMarker, Replica, Staged, Takeover};
 
 /// Errors that stop a CoServer.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +69,9 @@ struct Node {
     out: Sender<Message>,
     arbiter: Arbiter,
     known: KnownGeneration,
+    marker: IncompleteMarker,
+    /// The guest this node stopped when it fenced, until its vCPU thread is done.
+    fenced_guest: Option<Arc<Shared>>,
     role: Role,
     started: Instant,
     peer_name: Option<String>,
@@ -87,6 +94,7 @@ pub fn run(config_path: &Path) -> Result<i32, NodeError> {
         ArbiterConfig::SharedStorage { path } => Arbiter::SharedStorage { dir: path.clone() },
         ArbiterConfig::None { .. } => Arbiter::None,
     };
+    arbiter.check()?;
     let disk_bytes = match &cfg.host.disk {
         Some(p) => Some(
             std::fs::metadata(p)
@@ -118,6 +126,7 @@ pub fn run(config_path: &Path) -> Result<i32, NodeError> {
         }
     });
     tracing::info!(node = %cfg.node, "CoServer starting; looking for a peer");
+    let marker = IncompleteMarker::new(&cfg.host.state_dir);
     let mut node = Node {
         link_was_healthy: vec![false; cfg.links.len()],
         cfg,
@@ -126,6 +135,8 @@ pub fn run(config_path: &Path) -> Result<i32, NodeError> {
         out,
         arbiter,
         known,
+        marker,
+        fenced_guest: None,
         role: Role::Starting,
         started: Instant::now(),
         peer_name: None,
@@ -174,12 +185,68 @@ impl Node {
             .is_some_and(|t| t.elapsed() < self.cfg.heartbeat.timeout())
     }
 
+    /// The peer knows generation `g`. A higher one than this node's means the peer won
+    /// the arbiter while this node was not heard (paused, partitioned): a primary's
+    /// guest is no longer the guest and it fences; a secondary's replica has missed
+    /// the epochs the primary ran degraded, and it asks for a new copy.
     fn learn_generation(&mut self, g: u64) -> Result<(), NodeError> {
-        if g > self.known.get() {
-            self.known.raise(g)?;
-            self.links.set_local(self.role, g);
+        if g <= self.known.get() {
+            return Ok(());
+        }
+        self.known.raise(g)?;
+        self.links.set_local(self.role, g);
+        match self.role {
+            Role::Primary => self.fence(format!(
+                "the peer won the arbiter (generation {g}) while this node was not heard: fencing"
+            )),
+            Role::Secondary => {
+                if let Some(replica) = self.replica.as_mut() {
+                    replica.reset()?;
+                }
+                self.alert(format!(
+                    "the primary won the arbiter (generation {g}) while this node was not heard: asking for a new copy"
+                ));
+                let _ = self.out.send(Message::Join);
+            }
+            Role::Starting | Role::Fenced => {}
         }
         Ok(())
+    }
+
+    /// Claims the arbiter; an arbiter that cannot be used is reported, never won.
+    fn claim(&mut self) -> Result<Claim, String> {
+        self.arbiter
+            .claim(&self.cfg.node, self.known.get())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Alerts, unless the last alert already says the same.
+    fn alert_once(&mut self, text: String) {
+        if !self.alerts.last().is_some_and(|a| a.ends_with(&text)) {
+            self.alert(text);
+        }
+    }
+
+    /// Becomes a secondary of the primary heard on the links.
+    fn join_primary(&mut self) -> Result<(), NodeError> {
+        self.replica = Some(Replica::new(
+            self.cfg.guest.mem_mib,
+            self.cfg.host.disk.as_deref(),
+            self.marker.clone(),
+        )?);
+        self.set_role(Role::Secondary);
+        let _ = self.out.send(Message::Join);
+        Ok(())
+    }
+
+    /// A secondary needs a (new) full copy: outputs are no longer held for it.
+    fn restart_copy(&mut self) {
+        if let Some(r) = &self.running {
+            r.commit.set_holding(false);
+            let mut s = r.shared.lock();
+            s.mode = Mode::Degraded;
+            s.join_requested = true;
+        }
     }
 
     fn set_role(&mut self, role: Role) {
@@ -229,23 +296,11 @@ impl Node {
 
     fn message(&mut self, msg: Message) -> Result<(), NodeError> {
         match (self.role, msg) {
-            (Role::Primary, Message::Join) => {
-                // A joining secondary holds nothing: (re)start the copy whatever the mode.
-                if let Some(r) = &self.running {
-                    r.commit.set_holding(false);
-                    let mut s = r.shared.lock();
-                    s.mode = Mode::Degraded;
-                    s.join_requested = true;
-                }
-            }
+            // A joining secondary holds nothing: (re)start the copy whatever the mode.
+            (Role::Primary, Message::Join) => self.restart_copy(),
             (Role::Primary, Message::Resync { reason }) => {
                 self.alert(format!("secondary asks for a new copy: {reason}"));
-                if let Some(r) = &self.running {
-                    r.commit.set_holding(false);
-                    let mut s = r.shared.lock();
-                    s.mode = Mode::Degraded;
-                    s.join_requested = true;
-                }
+                self.restart_copy();
             }
             (Role::Primary, Message::Ack { epoch }) => {
                 if let Some(r) = &self.running {
@@ -284,15 +339,13 @@ impl Node {
             return Ok(());
         };
         let result = match msg {
-            Message::CopyStart => {
-                replica.start_copy();
-                Ok(())
-            }
-            Message::SyncPages { index, pages } => replica.copy_pages(index, &pages),
-            Message::SyncDisk { index, write } => replica.copy_disk(index, &write),
+            Message::CopyStart { copy } => replica.start_copy(copy),
+            Message::SyncPages { copy, index, pages } => replica.copy_pages(copy, index, &pages),
+            Message::SyncDisk { copy, index, write } => replica.copy_disk(copy, index, &write),
             Message::Checkpoint {
                 epoch,
                 full,
+                copy,
                 state,
                 pages,
                 disk_writes,
@@ -303,6 +356,7 @@ impl Node {
                 let staged = Staged {
                     epoch,
                     full,
+                    copy,
                     state,
                     pages,
                     disk_writes,
@@ -312,7 +366,11 @@ impl Node {
                 };
                 // Staged whole and checked: acknowledge, then apply.
                 match replica.check(&staged) {
-                    Ok(()) => {
+                    Ok(false) => {
+                        tracing::debug!(epoch, full, "stale checkpoint ignored");
+                        Ok(())
+                    }
+                    Ok(true) => {
                         let _ = self.out.send(Message::Ack { epoch });
                         let was_ready = replica.ready();
                         let r = replica.apply(staged);
@@ -343,7 +401,7 @@ impl Node {
             }
         };
         if let Err(e) = result {
-            replica.reset();
+            replica.reset()?;
             self.alert(format!(
                 "replica cannot follow ({e}); asking for a new copy"
             ));
@@ -360,7 +418,7 @@ impl Node {
             Role::Starting => self.tick_starting(alive)?,
             Role::Primary => self.tick_primary(alive)?,
             Role::Secondary => self.tick_secondary(alive)?,
-            Role::Fenced => {}
+            Role::Fenced => self.tick_fenced(alive)?,
         }
         self.watch_links(alive);
         self.publish_status(alive);
@@ -370,17 +428,20 @@ impl Node {
     fn tick_starting(&mut self, alive: bool) -> Result<(), NodeError> {
         if alive && self.peer_role == Some(Role::Primary) {
             tracing::info!("peer is primary: joining as secondary");
-            self.replica = Some(Replica::new(
-                self.cfg.guest.mem_mib,
-                self.cfg.host.disk.as_deref(),
-            )?);
-            self.set_role(Role::Secondary);
-            let _ = self.out.send(Message::Join);
-            return Ok(());
+            return self.join_primary();
         }
         // Give a running primary time to be heard before claiming the guest.
         let wait = self.cfg.heartbeat.timeout() * 2 + Duration::from_millis(200);
-        if self.started.elapsed() < wait || (alive && self.peer_role == Some(Role::Primary)) {
+        if self.started.elapsed() < wait {
+            return Ok(());
+        }
+        if self.marker.is_set() {
+            // A half-copied disk is never booted: only a primary can make it whole.
+            let text = format!(
+                "this host holds an incomplete copy of the guest ({}); waiting for a primary to copy from",
+                self.marker.path().display()
+            );
+            self.alert_once(text);
             return Ok(());
         }
         if let ArbiterConfig::None { primary } = &self.cfg.arbiter {
@@ -389,7 +450,17 @@ impl Node {
             }
             return Ok(());
         }
-        match self.arbiter.claim(&self.cfg.node, self.known.get())? {
+        let claim = match self.claim() {
+            Ok(c) => c,
+            Err(e) => {
+                self.alert_once(format!(
+                    "no primary heard, and the arbiter cannot be used: {e}"
+                ));
+                self.started = Instant::now();
+                return Ok(());
+            }
+        };
+        match claim {
             Claim::Won { generation } => {
                 self.known.raise(generation)?;
                 self.alert(format!(
@@ -433,12 +504,18 @@ impl Node {
         if alive || mode == Mode::Degraded {
             return Ok(());
         }
-        // The secondary is silent on every link.
-        if mode == Mode::Syncing {
-            self.degrade("secondary lost during the copy; running degraded".into());
-            return Ok(());
-        }
-        match self.arbiter.claim(&self.cfg.node, self.known.get())? {
+        // The secondary is silent on every link (also during a copy: it may be alive
+        // behind a partition, and must not be the one to run the guest).
+        let claim = match self.claim() {
+            Ok(c) => c,
+            Err(e) => {
+                self.fence(format!(
+                    "secondary lost and the arbiter cannot be used ({e}): fencing"
+                ));
+                return Ok(());
+            }
+        };
+        match claim {
             Claim::Won { generation } => {
                 self.known.raise(generation)?;
                 self.links.set_local(self.role, generation);
@@ -473,6 +550,7 @@ impl Node {
             r.commit.discard();
             r.shared.lock().stop = true;
             r.shared.notify();
+            self.fenced_guest = Some(r.shared);
         }
         self.replica = None;
         self.set_role(Role::Fenced);
@@ -485,13 +563,24 @@ impl Node {
         }
         let ready = self.replica.as_ref().is_some_and(Replica::ready);
         if !ready {
-            self.alert("primary lost before the copy completed; waiting for a primary".into());
+            self.alert(
+                "primary lost before the copy completed; this host's replica stays marked incomplete; waiting for a primary"
+                    .into(),
+            );
             self.replica = None;
             self.set_role(Role::Starting);
             self.started = Instant::now();
             return Ok(());
         }
-        match self.arbiter.claim(&self.cfg.node, self.known.get())? {
+        let claim = match self.claim() {
+            Ok(c) => c,
+            Err(e) => {
+                // Nothing runs here: try again at the next tick.
+                self.alert_once(format!("primary lost; the arbiter cannot be used: {e}"));
+                return Ok(());
+            }
+        };
+        match claim {
             Claim::Won { generation } => {
                 self.known.raise(generation)?;
                 let epoch = self.replica.as_ref().and_then(Replica::last_epoch);
@@ -509,16 +598,25 @@ impl Node {
                 Ok(())
             }
             Claim::Refused => {
-                if !self
-                    .alerts
-                    .last()
-                    .is_some_and(|a| a.contains("arbiter none"))
-                {
-                    self.alert("primary lost; not taking over (arbiter none)".into());
-                }
+                self.alert_once("primary lost; not taking over (arbiter none)".into());
                 Ok(())
             }
         }
+    }
+
+    /// A fenced node whose guest has stopped joins a primary it hears (after a partition
+    /// heals, or after it was paused): the pair protects itself again.
+    fn tick_fenced(&mut self, alive: bool) -> Result<(), NodeError> {
+        let stopped = self
+            .fenced_guest
+            .as_ref()
+            .is_none_or(|g| g.lock().finished.is_some());
+        if alive && stopped && self.peer_role == Some(Role::Primary) {
+            self.fenced_guest = None;
+            self.alert("a primary is heard again: rejoining it as secondary".into());
+            return self.join_primary();
+        }
+        Ok(())
     }
 
     /// Starts the guest here: booted fresh, or from the standby at `epoch`.

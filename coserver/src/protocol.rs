@@ -6,7 +6,7 @@ use ftvm_vmm::PageBatch;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks; a peer with another is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest message decoded (matches the frame limit).
 const MAX_MESSAGE: u64 = crate::link::frame::MAX_PAYLOAD as u64;
@@ -94,11 +94,18 @@ pub enum Message {
     },
     /// A secondary asks the primary for a full copy.
     Join,
-    /// A full copy begins: everything the secondary held is superseded.
-    CopyStart,
+    /// A full copy begins: everything the secondary held is superseded. `copy`
+    /// identifies it (the primary's epoch when it began), so a late message of an
+    /// earlier copy is never taken for part of this one.
+    CopyStart {
+        /// The copy's identifier.
+        copy: u64,
+    },
     /// Part of the full copy: guest pages (sent while the guest runs). `index` counts
     /// the copy's messages from 0, so the secondary detects a gap or reordering.
     SyncPages {
+        /// The copy this belongs to.
+        copy: u64,
         /// Position in the copy.
         index: u64,
         /// The pages.
@@ -106,6 +113,8 @@ pub enum Message {
     },
     /// Part of the full copy: a range of the disk, or a write the guest made meanwhile.
     SyncDisk {
+        /// The copy this belongs to.
+        copy: u64,
         /// Position in the copy.
         index: u64,
         /// The data.
@@ -126,6 +135,8 @@ pub enum Message {
         disk_writes: Vec<DiskWrite>,
         /// Whether the guest flushed its disk during the epoch.
         flush: bool,
+        /// For a `full` checkpoint: the copy it completes (0 otherwise).
+        copy: u64,
         /// For a `full` checkpoint: how many copy messages preceded it.
         copy_messages: u64,
         /// The epoch's outputs: a new primary releases those the old one may not have.
@@ -194,7 +205,7 @@ impl Message {
             Message::Ping { .. } => "ping",
             Message::Pong { .. } => "pong",
             Message::Join => "join",
-            Message::CopyStart => "copy-start",
+            Message::CopyStart { .. } => "copy-start",
             Message::SyncPages { .. } => "sync-pages",
             Message::SyncDisk { .. } => "sync-disk",
             Message::Checkpoint { .. } => "checkpoint",
@@ -226,6 +237,7 @@ mod tests {
                 data: vec![7; 512],
             }],
             flush: true,
+            copy: 7,
             copy_messages: 3,
             outputs: vec![Output::Console(b"hi".to_vec())],
         };
@@ -233,7 +245,7 @@ mod tests {
         assert!(Message::decode(&[0xff; 3]).is_err());
         assert!(Message::decode(&[]).is_err());
         // A huge length prefix is refused, not allocated.
-        let mut huge = vec![5, 0, 0, 0];
+        let mut huge = vec![1, 0, 0, 0];
         huge.extend_from_slice(&u64::MAX.to_le_bytes());
         assert!(Message::decode(&huge).is_err());
     }

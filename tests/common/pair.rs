@@ -219,6 +219,7 @@ psk = "pair-test-key-0123456789"
         misses = guest.heartbeat.1,
         arb = dir.join("arbiter").display(),
     );
+    std::fs::create_dir_all(dir.join("arbiter")).expect("arbiter directory");
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, text).expect("write config");
     path

@@ -166,6 +166,8 @@ pub fn run(opts: &DemoOptions) -> Result<i32, DemoError> {
             tmp.path().to_path_buf()
         }
     };
+    // The arbiter's directory, as an operator makes it once on the shared storage.
+    std::fs::create_dir_all(dir.join("arbiter")).map_err(setup)?;
     let net = if opts.network {
         println!("== making network namespace with a bridge (10.0.99.1/24) and two taps");
         Some(network::DemoNet::create().map_err(setup)?)

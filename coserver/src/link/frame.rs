@@ -15,7 +15,7 @@
 //! The CRC catches corruption cheaply; the MAC authenticates the sender. A frame that
 //! fails either is dropped and counted by the caller.
 
-use std::io::Read;
+use std::io::{ErrorKind, Read};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -40,9 +40,15 @@ type HmacSha256 = Hmac<Sha256>;
 /// Errors of reading a frame.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
-    /// The stream ended or failed.
+    /// The stream ended or failed between frames.
     #[error("link read: {0}")]
     Io(#[from] std::io::Error),
+    /// The stream ended, failed or stalled in the middle of a frame.
+    #[error("truncated frame: the stream ended after {got} bytes of it")]
+    Truncated {
+        /// Bytes of the frame received.
+        got: usize,
+    },
     /// The stream does not carry frames (or lost its framing).
     #[error("not a frame (bad magic)")]
     BadMagic,
@@ -64,6 +70,23 @@ pub enum FrameError {
     /// The MAC does not match: wrong key or a forged frame.
     #[error("authentication failed (bad MAC)")]
     Auth,
+}
+
+/// Reads a frame header: the stream ending before its first byte is the end of the
+/// stream ([`FrameError::Io`]); ending after it, a truncated frame.
+fn read_header(r: &mut impl Read, header: &mut [u8]) -> Result<(), FrameError> {
+    let mut got = 0;
+    while got < header.len() {
+        match r.read(&mut header[got..]) {
+            Ok(0) if got == 0 => return Err(std::io::Error::from(ErrorKind::UnexpectedEof).into()),
+            Ok(0) => return Err(FrameError::Truncated { got }),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if got == 0 => return Err(e.into()),
+            Err(_) => return Err(FrameError::Truncated { got }),
+        }
+    }
+    Ok(())
 }
 
 /// A received, verified frame.
@@ -130,7 +153,7 @@ impl Codec {
     /// Reads one frame from `r` and verifies it.
     pub fn read(&self, r: &mut impl Read) -> Result<Frame, FrameError> {
         let mut header = [0u8; HEADER_LEN];
-        r.read_exact(&mut header)?;
+        read_header(r, &mut header)?;
         if header[0..4] != MAGIC {
             return Err(FrameError::BadMagic);
         }
@@ -143,7 +166,8 @@ impl Codec {
             return Err(FrameError::TooLong(len));
         }
         let mut rest = vec![0u8; len + TRAILER_LEN];
-        r.read_exact(&mut rest)?;
+        r.read_exact(&mut rest)
+            .map_err(|_| FrameError::Truncated { got: HEADER_LEN })?;
         let mut whole = Vec::with_capacity(HEADER_LEN + len + 4);
         whole.extend_from_slice(&header);
         whole.extend_from_slice(&rest[..len + 4]);
@@ -239,8 +263,13 @@ mod tests {
         assert!(matches!(other.read(&mut &f[..]), Err(FrameError::Auth)));
         assert!(matches!(
             c.read(&mut &f[..f.len() - 1]),
-            Err(FrameError::Io(_))
+            Err(FrameError::Truncated { .. })
         ));
+        assert!(matches!(
+            c.read(&mut &f[..5]),
+            Err(FrameError::Truncated { got: 5 })
+        ));
+        assert!(matches!(c.read(&mut &f[..0]), Err(FrameError::Io(_))));
         assert!(matches!(
             c.read(&mut &b"GET / HTTP/1.1\r\nHost: example\r\n\r\n"[..]),
             Err(FrameError::BadMagic)

@@ -94,6 +94,9 @@ pub struct LinkStatus {
     pub bad_frames: u64,
     /// Frames or peers that failed authentication.
     pub auth_failures: u64,
+    /// Authentic frames seen before on this link (a replay): dropped.
+    #[serde(default)]
+    pub replayed: u64,
     /// Connections established.
     pub connects: u64,
 }
@@ -108,8 +111,47 @@ struct LinkState {
     /// newer one.
     conn_id: u64,
     last_rx: Option<Instant>,
+    /// Order of the peer's frames on this link, to drop replays.
+    order: RxOrder,
     /// Frames queued on the current connection and not yet written.
     queued: Arc<AtomicUsize>,
+}
+
+/// The last sequence number and heartbeat clock the peer's session used on one link.
+/// The peer sends both in increasing order on each link, so an authentic frame that
+/// does not advance them is a replay (a copy of the same message on another link is
+/// not: that is what [`Dedup`] handles).
+#[derive(Debug, Default)]
+struct RxOrder {
+    session: u64,
+    seq: u64,
+    ping_us: u64,
+}
+
+impl RxOrder {
+    /// Whether a frame of `session` with sequence `seq` (0: unsequenced) and, for a
+    /// heartbeat, clock `ping_us` moves this link forward; remembers it.
+    fn advance(&mut self, session: u64, seq: u64, ping_us: Option<u64>) -> bool {
+        if session != self.session {
+            *self = RxOrder {
+                session,
+                ..RxOrder::default()
+            };
+        }
+        if seq > 0 {
+            if seq <= self.seq {
+                return false;
+            }
+            self.seq = seq;
+        }
+        if let Some(us) = ping_us {
+            if us <= self.ping_us && self.ping_us > 0 {
+                return false;
+            }
+            self.ping_us = us;
+        }
+        true
+    }
 }
 
 /// Recently seen (session, sequence) pairs.
@@ -165,6 +207,9 @@ struct Inner {
     codec: Codec,
     session: u64,
     next_seq: AtomicU64,
+    /// Held while a sequenced frame is numbered and queued, so each link carries
+    /// sequence numbers in increasing order.
+    send_order: Mutex<()>,
     local: Mutex<LocalInfo>,
     links: Vec<Mutex<LinkState>>,
     configs: Vec<LinkConfig>,
@@ -211,6 +256,7 @@ impl Links {
             codec: Codec::new(key),
             session: u64::from_le_bytes(session),
             next_seq: AtomicU64::new(1),
+            send_order: Mutex::new(()),
             local: Mutex::new(local),
             links: configs
                 .iter()
@@ -227,6 +273,7 @@ impl Links {
                         stream: None,
                         conn_id: 0,
                         last_rx: None,
+                        order: RxOrder::default(),
                         queued: Arc::new(AtomicUsize::new(0)),
                     })
                 })
@@ -267,12 +314,10 @@ impl Links {
 
     /// Sends `msg` on every connected link. Returns on how many links it was queued.
     pub fn send(&self, msg: &Message) -> usize {
+        let payload = msg.encode();
+        let _order = lock(&self.inner.send_order);
         let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
-        let frame = Arc::new(
-            self.inner
-                .codec
-                .encode(self.inner.session, seq, &msg.encode()),
-        );
+        let frame = Arc::new(self.inner.codec.encode(self.inner.session, seq, &payload));
         (0..self.inner.links.len())
             .filter(|&i| queue(&self.inner, i, frame.clone()))
             .count()
@@ -391,17 +436,6 @@ fn serve(inner: &Arc<Inner>, index: usize, stream: TcpStream) {
     let (tx, rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(QUEUE_FRAMES);
     let queued = Arc::new(AtomicUsize::new(0));
     let pending = queued.clone();
-    let conn_id = {
-        let mut l = lock(&inner.links[index]);
-        l.queued = queued;
-        if let Some(old) = l.stream.replace(closer) {
-            let _ = old.shutdown(Shutdown::Both);
-        }
-        l.writer = Some(tx.clone());
-        l.conn_id += 1;
-        l.status.connects += 1;
-        l.conn_id
-    };
     std::thread::spawn(move || {
         for frame in rx {
             pending.fetch_sub(1, Ordering::Relaxed);
@@ -422,18 +456,39 @@ fn serve(inner: &Arc<Inner>, index: usize, stream: TcpStream) {
             disk_bytes: l.disk_bytes,
         }
     };
-    drop(tx);
-    queue(
-        inner,
-        index,
-        Arc::new(inner.codec.encode(inner.session, 0, &hello.encode())),
-    );
-    tracing::info!(link = index, peer = %inner.configs[index].peer, "link connected");
-    let mut authenticated = false;
+    queued.fetch_add(1, Ordering::Relaxed);
+    if tx
+        .try_send(Arc::new(inner.codec.encode(
+            inner.session,
+            0,
+            &hello.encode(),
+        )))
+        .is_err()
+    {
+        return;
+    }
+    // The connection becomes the link's only once the other end has proved it holds
+    // the key: a stranger connecting to the port cannot displace the peer.
+    let mut installed: Option<u64> = None;
+    let install = |tx: SyncSender<Arc<Vec<u8>>>, closer: TcpStream| {
+        let mut l = lock(&inner.links[index]);
+        l.queued = queued.clone();
+        if let Some(old) = l.stream.replace(closer) {
+            let _ = old.shutdown(Shutdown::Both);
+        }
+        l.writer = Some(tx);
+        l.conn_id += 1;
+        l.status.connects += 1;
+        tracing::info!(link = index, peer = %inner.configs[index].peer, "link connected");
+        l.conn_id
+    };
+    let mut unused = Some((tx, closer));
     loop {
         match inner.codec.read(&mut reader) {
             Ok(frame) => {
-                authenticated = true;
+                if let Some((tx, closer)) = unused.take() {
+                    installed = Some(install(tx, closer));
+                }
                 if !deliver(inner, index, frame) {
                     break;
                 }
@@ -441,7 +496,7 @@ fn serve(inner: &Arc<Inner>, index: usize, stream: TcpStream) {
             Err(FrameError::Auth) => {
                 lock(&inner.links[index]).status.auth_failures += 1;
                 tracing::warn!(link = index, "frame failed authentication");
-                if !authenticated {
+                if installed.is_none() {
                     tracing::warn!(link = index, "peer failed authentication; disconnecting");
                     break;
                 }
@@ -463,8 +518,12 @@ fn serve(inner: &Arc<Inner>, index: usize, stream: TcpStream) {
             }
         }
     }
+    if let Some((_, closer)) = unused {
+        let _ = closer.shutdown(Shutdown::Both);
+        return;
+    }
     let mut l = lock(&inner.links[index]);
-    if l.conn_id == conn_id {
+    if installed == Some(l.conn_id) {
         if let Some(s) = l.stream.take() {
             let _ = s.shutdown(Shutdown::Both);
         }
@@ -475,8 +534,6 @@ fn serve(inner: &Arc<Inner>, index: usize, stream: TcpStream) {
 
 /// Handles one verified frame. Returns false to drop the connection.
 fn deliver(inner: &Inner, index: usize, frame: frame::Frame) -> bool {
-    // Authenticated: the peer is alive, even if what it sent turns out undecodable.
-    lock(&inner.links[index]).last_rx = Some(Instant::now());
     let msg = match Message::decode(&frame.payload) {
         Ok(m) => m,
         Err(e) => {
@@ -486,7 +543,18 @@ fn deliver(inner: &Inner, index: usize, frame: frame::Frame) -> bool {
         }
     };
     {
+        let ping_us = match &msg {
+            Message::Ping { sent_us, .. } => Some(*sent_us),
+            _ => None,
+        };
         let mut l = lock(&inner.links[index]);
+        if !l.order.advance(frame.session, frame.seq, ping_us) {
+            l.status.replayed += 1;
+            tracing::warn!(link = index, seq = frame.seq, "replayed frame dropped");
+            return true;
+        }
+        // Authentic and new: the peer is alive.
+        l.last_rx = Some(Instant::now());
         l.status.frames_in += 1;
     }
     let events = lock(&inner.events).clone();
@@ -590,6 +658,19 @@ fn heartbeat_loop(inner: Arc<Inner>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_accepts_only_frames_that_advance_its_order() {
+        let mut o = RxOrder::default();
+        assert!(o.advance(1, 0, Some(10)), "first heartbeat");
+        assert!(o.advance(1, 5, None));
+        assert!(!o.advance(1, 5, None), "same sequence again");
+        assert!(!o.advance(1, 3, None), "older sequence");
+        assert!(!o.advance(1, 0, Some(10)), "same heartbeat again");
+        assert!(o.advance(1, 0, Some(11)));
+        assert!(o.advance(1, 0, None), "hello and pong carry no order");
+        assert!(o.advance(2, 1, Some(1)), "a restarted peer starts again");
+    }
 
     #[test]
     fn dedup_accepts_each_sequence_once_and_resets_per_session() {
@@ -705,13 +786,28 @@ mod tests {
         bad[30] ^= 4;
         s.write_all(&bad).unwrap();
         assert!(wait_for(&|l| l.bad_frames >= 2), "{:?}", x.status());
+        // A frame cut short by the end of its stream: dropped, counted.
+        let bad_before = x.status()[0].bad_frames;
+        let mut s = TcpStream::connect(target).unwrap();
+        let whole = Codec::new(KEY).encode(1, 1, &Message::Join.encode());
+        s.write_all(&whole[..whole.len() / 2]).unwrap();
+        drop(s);
+        assert!(wait_for(&|l| l.bad_frames > bad_before), "{:?}", x.status());
         // The listener still serves a proper peer.
         let mut s = TcpStream::connect(target).unwrap();
-        s.write_all(&Codec::new(KEY).encode(9, 1, &Message::Join.encode()))
-            .unwrap();
+        let join = Codec::new(KEY).encode(9, 1, &Message::Join.encode());
+        s.write_all(&join).unwrap();
         assert_eq!(
             next_message(&xrx, Duration::from_secs(5)),
             Some(Message::Join)
+        );
+        // The same authentic frame again on the link: a replay, dropped and counted.
+        s.write_all(&join).unwrap();
+        assert!(wait_for(&|l| l.replayed >= 1), "{:?}", x.status());
+        assert_eq!(
+            next_message(&xrx, ms(200)),
+            None,
+            "the replay was delivered"
         );
         x.shutdown();
     }
@@ -741,7 +837,10 @@ mod tests {
             }
         }
         let reason = reason.expect("a Refuse message");
-        assert!(reason.contains("protocol version 99"), "{reason}");
+        assert!(
+            reason.contains(&format!("protocol version {}", PROTOCOL_VERSION + 98)),
+            "{reason}"
+        );
         assert!(
             !matches!(xrx.try_recv(), Ok(Event::Hello { .. })),
             "the CoServer never sees the incompatible peer"

@@ -47,6 +47,8 @@ struct State {
     epoch: u64,
     /// Where received frames are forwarded while holding.
     forward: Option<Sender<Message>>,
+    /// This node lost the arbiter: nothing is released any more.
+    discarded: bool,
 }
 
 /// The output-commit state shared by the primary's World, its epoch loop and the
@@ -86,6 +88,7 @@ impl Commit {
             delays_us: Vec::new(),
             epoch: 0,
             forward: None,
+            discarded: false,
         })))
     }
 
@@ -123,7 +126,9 @@ impl Commit {
             flushed: std::mem::take(&mut s.flushed),
             outputs: Vec::new(),
         };
-        if s.holding {
+        if s.discarded {
+            // Nothing more reaches the world from a fenced node.
+        } else if s.holding {
             if !outputs.is_empty() {
                 sealed.outputs = outputs.clone();
                 s.pending.push_back((epoch, Instant::now(), outputs));
@@ -155,6 +160,9 @@ impl Commit {
     /// everything held so far is released).
     pub fn set_holding(&self, holding: bool) {
         let mut s = lock(&self.0);
+        if s.discarded {
+            return;
+        }
         s.holding = holding;
         if !holding {
             let pending: Vec<_> = s.pending.drain(..).collect();
@@ -173,10 +181,11 @@ impl Commit {
         }
     }
 
-    /// Drops every held output (this node lost the arbiter: its unacknowledged epochs
-    /// never happened for the world).
+    /// Drops every held output and every later one, for good (this node lost the
+    /// arbiter: its unacknowledged epochs never happened for the world).
     pub fn discard(&self) {
         let mut s = lock(&self.0);
+        s.discarded = true;
         s.pending.clear();
         s.outputs.clear();
         s.holding = true;
@@ -186,6 +195,9 @@ impl Commit {
     /// Releases outputs at once (those a dead primary may not have released).
     pub fn release_now(&self, outputs: Vec<Output>) {
         let mut s = lock(&self.0);
+        if s.discarded {
+            return;
+        }
         release(&mut s.sinks, outputs);
     }
 
@@ -206,6 +218,9 @@ impl Commit {
 
     fn output(&self, o: Output) {
         let mut s = lock(&self.0);
+        if s.discarded {
+            return;
+        }
         if s.holding || !s.pending.is_empty() {
             s.outputs.push(o);
         } else {
@@ -356,5 +371,64 @@ impl World for CommitWorld {
     fn pause_requested(&mut self) -> bool {
         let s = lock(&self.commit.0);
         s.pause || Instant::now() >= s.deadline
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Console(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Console {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn line(s: &str) -> Output {
+        Output::Console(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn held_outputs_leave_on_acknowledgement_or_degrade_and_never_after_a_discard() {
+        let console = Console::default();
+        let released = || String::from_utf8(console.0.lock().unwrap().clone()).unwrap();
+        let c = Commit::new(Sinks {
+            console: Box::new(console.clone()),
+            tap: None,
+        });
+        c.set_holding(true);
+        c.start_epoch(1, Duration::from_millis(10));
+        c.output(line("one\n"));
+        assert_eq!(c.seal(1).outputs, vec![line("one\n")]);
+        assert_eq!(released(), "", "held until acknowledged");
+        c.acked(1);
+        assert_eq!(released(), "one\n");
+        c.start_epoch(2, Duration::from_millis(10));
+        c.output(line("two\n"));
+        c.seal(2);
+        c.set_holding(false);
+        assert_eq!(released(), "one\ntwo\n", "degraded: released at once");
+        c.set_holding(true);
+        c.start_epoch(3, Duration::from_millis(10));
+        c.output(line("three\n"));
+        c.seal(3);
+        c.discard();
+        c.set_holding(false);
+        c.acked(3);
+        c.output(line("four\n"));
+        c.seal(4);
+        c.release_now(vec![line("five\n")]);
+        assert_eq!(
+            released(),
+            "one\ntwo\n",
+            "a fenced node releases nothing more"
+        );
     }
 }

@@ -130,12 +130,14 @@ pub struct EpochLoop {
     pub disk: Option<PathBuf>,
     /// Longest epoch.
     pub epoch_length: Duration,
-    /// How long to wait for the last acknowledgement at power-off.
+    /// After how long a power-off still waiting for its last acknowledgement is logged.
     pub final_wait: Duration,
 }
 
 /// A copy in progress.
 struct Copy {
+    /// Its identifier (the epoch at which it began).
+    id: u64,
     /// Copy messages sent so far.
     sent: u64,
     pages: BTreeSet<u64>,
@@ -176,7 +178,7 @@ impl EpochLoop {
                 (s.mode, join)
             };
             if join {
-                copy = Some(self.start_copy()?);
+                copy = Some(self.start_copy(epoch)?);
                 self.commit.set_recording(true);
                 self.set_mode(Mode::Syncing);
             }
@@ -185,6 +187,7 @@ impl EpochLoop {
                 c.pages.extend(dirty.iter());
                 for write in sealed.writes {
                     self.send(Message::SyncDisk {
+                        copy: c.id,
                         index: c.sent,
                         write,
                     });
@@ -203,6 +206,7 @@ impl EpochLoop {
                     pages,
                     disk_writes: sealed.writes,
                     flush: sealed.flushed,
+                    copy: 0,
                     copy_messages: 0,
                     outputs: sealed.outputs,
                 });
@@ -218,7 +222,7 @@ impl EpochLoop {
         }
     }
 
-    fn start_copy(&mut self) -> Result<Copy, VmError> {
+    fn start_copy(&mut self, id: u64) -> Result<Copy, VmError> {
         let pages: BTreeSet<u64> = self.vm.touched_pages()?.iter().collect();
         let disk = match &self.disk {
             Some(p) => {
@@ -234,8 +238,9 @@ impl EpochLoop {
             pages = pages.len(),
             "copying the guest to a joining secondary"
         );
-        self.send(Message::CopyStart);
+        self.send(Message::CopyStart { copy: id });
         Ok(Copy {
+            id,
             sent: 0,
             pages,
             disk,
@@ -254,6 +259,7 @@ impl EpochLoop {
                     c.pages.remove(g);
                 }
                 self.send(Message::SyncPages {
+                    copy: c.id,
                     index: c.sent,
                     pages: self.vm.read_pages(chunk)?,
                 });
@@ -267,6 +273,7 @@ impl EpochLoop {
                         VmError::BadCheckpoint(format!("disk read for the copy: {e}"))
                     })?;
                     self.send(Message::SyncDisk {
+                        copy: c.id,
                         index: c.sent,
                         write: DiskWrite {
                             offset: c.disk_cursor,
@@ -291,6 +298,7 @@ impl EpochLoop {
             pages,
             disk_writes: Vec::new(),
             flush: flushed,
+            copy: c.id,
             copy_messages: c.sent,
             // Outputs of the copy's epochs were released at once (degraded).
             outputs: Vec::new(),
@@ -343,12 +351,24 @@ impl EpochLoop {
         }
     }
 
-    /// The guest powered off at the end of `epoch`: let the secondary acknowledge the
-    /// last checkpoint (briefly), release everything, and tell it the pair ends.
+    /// The guest powered off at the end of `epoch`. Its held outputs leave only once
+    /// the secondary acknowledged the last checkpoint, or the node degraded (secondary
+    /// lost, arbiter won); a fenced node discards them and tells nobody.
     fn finish(&self, epoch: u64, code: u32) {
-        let deadline = Instant::now() + self.final_wait;
+        let started = Instant::now();
+        let mut warned = false;
         let mut s = self.shared.lock();
-        while matches!(s.mode, Mode::Protected) && s.acked < epoch && Instant::now() < deadline {
+        while matches!(s.mode, Mode::Protected | Mode::AwaitingFullAck)
+            && s.acked < epoch
+            && !s.stop
+        {
+            if !warned && started.elapsed() > self.final_wait {
+                warned = true;
+                tracing::warn!(
+                    epoch,
+                    "the guest powered off; its last output waits for the secondary's acknowledgement"
+                );
+            }
             let (g, _) = self
                 .shared
                 .cv
@@ -356,7 +376,13 @@ impl EpochLoop {
                 .unwrap_or_else(|e| e.into_inner());
             s = g;
         }
+        let fenced = s.stop;
         drop(s);
+        if fenced {
+            self.commit.discard();
+            return;
+        }
+        // Everything held is acknowledged (or the node is degraded): nothing waits.
         self.commit.set_holding(false);
         self.send(Message::Stopped { exit_code: code });
     }

@@ -41,6 +41,22 @@ pub enum ReplicaError {
         /// The index expected (or the count received).
         expected: u64,
     },
+    /// A message of a copy whose start was never received.
+    #[error("message of copy {got} while copy {current} is in progress")]
+    CopyUnknown {
+        /// The copy named by the message.
+        got: u64,
+        /// The copy in progress.
+        current: u64,
+    },
+    /// The marker of an incomplete replica cannot be written or removed.
+    #[error("replica marker {path}: {source}")]
+    Marker {
+        /// The marker file.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// A checkpoint that does not follow the last one.
     #[error("checkpoint {got} does not follow {have:?}")]
     Gap {
@@ -58,6 +74,8 @@ pub struct Staged {
     pub epoch: u64,
     /// Completes a full copy.
     pub full: bool,
+    /// For a full checkpoint: the copy it completes.
+    pub copy: u64,
     /// Encoded VM state.
     pub state: Vec<u8>,
     /// Pages.
@@ -84,15 +102,81 @@ pub struct Takeover {
     pub frames: Vec<Vec<u8>>,
 }
 
+/// A file in the state directory saying this host's memory and disk do not hold a whole
+/// copy of the guest: set from the moment a node joins a primary until its first full
+/// copy is applied (and again whenever it starts over). A node where it is set never
+/// boots the guest on its own, as its disk may be half copied.
+#[derive(Debug, Clone)]
+pub struct IncompleteMarker {
+    path: PathBuf,
+}
+
+impl IncompleteMarker {
+    /// The marker of the node whose state directory is `state_dir`.
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            path: state_dir.join("replica-incomplete"),
+        }
+    }
+
+    /// Where it lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether it is set.
+    pub fn is_set(&self) -> bool {
+        self.path.exists()
+    }
+
+    fn err(&self) -> impl FnOnce(std::io::Error) -> ReplicaError + '_ {
+        |source| ReplicaError::Marker {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Sets it, durably, before anything of a copy touches the replica.
+    pub fn set(&self) -> Result<(), ReplicaError> {
+        if self.is_set() {
+            return Ok(());
+        }
+        std::fs::write(
+            &self.path,
+            "this host's replica holds an incomplete copy of the guest; it joins a primary \
+             instead of booting the guest from it\n",
+        )
+        .map_err(self.err())?;
+        sync_parent(&self.path).map_err(self.err())
+    }
+
+    /// Clears it once a full copy is applied and durable.
+    pub fn clear(&self) -> Result<(), ReplicaError> {
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => sync_parent(&self.path).map_err(self.err()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.err()(e)),
+        }
+    }
+}
+
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
 /// The standby VM and disk replica.
 pub struct Replica {
     standby: Standby,
     disk: Option<(File, PathBuf, u64)>,
+    marker: IncompleteMarker,
     last_epoch: Option<u64>,
     ready: bool,
-    /// A copy was started (its first message seen), so a completing checkpoint yields a
-    /// whole replica.
-    copying: bool,
+    /// The copy in progress (its start seen), so a completing checkpoint yields a whole
+    /// replica.
+    copying: Option<u64>,
     /// The next copy message's index.
     copy_next: u64,
     /// Frames the primary's guest received after the last applied checkpoint.
@@ -114,8 +198,14 @@ impl std::fmt::Debug for Replica {
 }
 
 impl Replica {
-    /// Pre-creates the standby VM and opens the disk replica.
-    pub fn new(mem_mib: u64, disk: Option<&Path>) -> Result<Self, ReplicaError> {
+    /// Sets the incomplete-replica marker, pre-creates the standby VM and opens the disk
+    /// replica.
+    pub fn new(
+        mem_mib: u64,
+        disk: Option<&Path>,
+        marker: IncompleteMarker,
+    ) -> Result<Self, ReplicaError> {
+        marker.set()?;
         let disk = match disk {
             Some(p) => {
                 let err = |source| ReplicaError::Disk {
@@ -135,9 +225,10 @@ impl Replica {
         Ok(Self {
             standby: Standby::new(mem_mib)?,
             disk,
+            marker,
             last_epoch: None,
             ready: false,
-            copying: false,
+            copying: None,
             copy_next: 0,
             inbound: Vec::new(),
             unreleased: Vec::new(),
@@ -156,11 +247,12 @@ impl Replica {
 
     /// A new copy begins (or the replica fell behind): it cannot take over until the
     /// copy completes.
-    pub fn reset(&mut self) {
+    pub fn reset(&mut self) -> Result<(), ReplicaError> {
         self.ready = false;
-        self.copying = false;
+        self.copying = None;
         self.copy_next = 0;
         self.last_epoch = None;
+        self.marker.set()
     }
 
     /// Keeps a frame the primary's guest received in `epoch`, unless that epoch's
@@ -177,36 +269,63 @@ impl Replica {
         self.unreleased.retain(|(e, _)| *e > epoch);
     }
 
-    /// A full copy begins.
-    pub fn start_copy(&mut self) {
-        self.reset();
-        self.copying = true;
+    /// Full copy `copy` begins.
+    pub fn start_copy(&mut self, copy: u64) -> Result<(), ReplicaError> {
+        self.reset()?;
+        self.copying = Some(copy);
+        Ok(())
     }
 
-    /// Takes copy message `index` in order (it must be the next of a started copy).
-    fn next_copy(&mut self, index: u64) -> Result<(), ReplicaError> {
+    /// Whether a message of copy `copy` belongs to the copy in progress (`Ok(false)`:
+    /// a late message of an earlier copy, or one before any copy began, is ignored).
+    fn of_this_copy(&self, copy: u64) -> Result<bool, ReplicaError> {
+        match self.copying {
+            Some(current) if copy == current => Ok(true),
+            Some(current) if copy > current => {
+                Err(ReplicaError::CopyUnknown { got: copy, current })
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Takes copy message `index` of copy `copy` in order (it must be the next of the
+    /// copy in progress). `Ok(false)`: stale, ignored.
+    fn next_copy(&mut self, copy: u64, index: u64) -> Result<bool, ReplicaError> {
+        if !self.of_this_copy(copy)? {
+            tracing::debug!(copy, index, "message of an earlier copy ignored");
+            return Ok(false);
+        }
         self.ready = false;
-        if !self.copying || index != self.copy_next {
+        if index != self.copy_next {
             return Err(ReplicaError::CopyOrder {
                 got: index,
                 expected: self.copy_next,
             });
         }
         self.copy_next += 1;
+        Ok(true)
+    }
+
+    /// Applies copied pages (message `index` of copy `copy`).
+    pub fn copy_pages(
+        &mut self,
+        copy: u64,
+        index: u64,
+        batch: &PageBatch,
+    ) -> Result<(), ReplicaError> {
+        if self.next_copy(copy, index)? {
+            self.standby.apply_pages(batch)?;
+        }
         Ok(())
     }
 
-    /// Applies copied pages (copy message `index`).
-    pub fn copy_pages(&mut self, index: u64, batch: &PageBatch) -> Result<(), ReplicaError> {
-        self.next_copy(index)?;
-        Ok(self.standby.apply_pages(batch)?)
-    }
-
-    /// Applies a copied disk range or a write made during the copy (copy message
-    /// `index`).
-    pub fn copy_disk(&mut self, index: u64, w: &DiskWrite) -> Result<(), ReplicaError> {
-        self.next_copy(index)?;
-        self.write_disk(w)
+    /// Applies a copied disk range or a write made during the copy (message `index` of
+    /// copy `copy`).
+    pub fn copy_disk(&mut self, copy: u64, index: u64, w: &DiskWrite) -> Result<(), ReplicaError> {
+        if self.next_copy(copy, index)? {
+            self.write_disk(w)?;
+        }
+        Ok(())
     }
 
     fn write_disk(&mut self, w: &DiskWrite) -> Result<(), ReplicaError> {
@@ -234,28 +353,43 @@ impl Replica {
             })
     }
 
-    /// Checks that a received checkpoint can be applied next (so it may be acknowledged).
-    pub fn check(&self, staged: &Staged) -> Result<(), ReplicaError> {
-        if staged.full && self.copying && staged.copy_messages != self.copy_next {
-            return Err(ReplicaError::CopyOrder {
-                got: staged.copy_messages,
-                expected: self.copy_next,
-            });
+    /// Checks whether a received checkpoint can be applied next (so it may be
+    /// acknowledged): `Ok(true)` if so, `Ok(false)` if it is stale (of an earlier copy,
+    /// or arriving before any copy completed) and is ignored, an error if the replica
+    /// cannot follow.
+    pub fn check(&self, staged: &Staged) -> Result<bool, ReplicaError> {
+        if staged.full {
+            if !self.of_this_copy(staged.copy)? {
+                return Ok(false);
+            }
+            if staged.copy_messages != self.copy_next {
+                return Err(ReplicaError::CopyOrder {
+                    got: staged.copy_messages,
+                    expected: self.copy_next,
+                });
+            }
+            return Ok(true);
         }
-        if (staged.full && self.copying) || self.last_epoch.is_some_and(|e| staged.epoch == e + 1) {
-            Ok(())
-        } else {
-            Err(ReplicaError::Gap {
+        match self.last_epoch {
+            // Before the first full copy (or while one runs) ordinary checkpoints are
+            // those of an earlier copy's primary: nothing to follow yet.
+            None => Ok(false),
+            Some(_) if self.copying.is_some() => Ok(false),
+            Some(e) if staged.epoch == e + 1 => Ok(true),
+            Some(e) if staged.epoch <= e => Ok(false),
+            Some(_) => Err(ReplicaError::Gap {
                 got: staged.epoch,
                 have: self.last_epoch,
-            })
+            }),
         }
     }
 
     /// Applies a checked checkpoint: pages, state, disk writes (made durable if the guest
     /// flushed). A failure leaves the replica not ready.
     pub fn apply(&mut self, staged: Staged) -> Result<(), ReplicaError> {
-        self.check(&staged)?;
+        if !self.check(&staged)? {
+            return Ok(());
+        }
         self.ready = false;
         self.standby.apply_pages(&staged.pages)?;
         for w in &staged.disk_writes {
@@ -275,8 +409,11 @@ impl Replica {
         if !staged.outputs.is_empty() {
             self.unreleased.push((staged.epoch, staged.outputs));
         }
+        if staged.full {
+            self.marker.clear()?;
+        }
         self.ready = true;
-        self.copying = false;
+        self.copying = None;
         Ok(())
     }
 
@@ -303,8 +440,8 @@ impl Replica {
 mod tests {
     use super::*;
 
-    fn replica(disk: &Path) -> Option<Replica> {
-        match Replica::new(16, Some(disk)) {
+    fn replica(disk: &Path, state: &Path) -> Option<Replica> {
+        match Replica::new(16, Some(disk), IncompleteMarker::new(state)) {
             Ok(r) => Some(r),
             Err(e) if std::env::var("FTVM_REQUIRE_KVM").as_deref() != Ok("1") => {
                 eprintln!("SKIPPED: cannot create a standby VM: {e}");
@@ -314,10 +451,11 @@ mod tests {
         }
     }
 
-    fn staged(epoch: u64, full: bool, copy_messages: u64) -> Staged {
+    fn staged(epoch: u64, full: bool, copy: u64, copy_messages: u64) -> Staged {
         Staged {
             epoch,
             full,
+            copy,
             state: Vec::new(),
             pages: PageBatch::default(),
             disk_writes: Vec::new(),
@@ -335,17 +473,22 @@ mod tests {
             .unwrap()
             .set_len(1 << 20)
             .unwrap();
-        let Some(mut r) = replica(&disk) else { return };
+        let Some(mut r) = replica(&disk, dir.path()) else {
+            return;
+        };
+        let marker = IncompleteMarker::new(dir.path());
+        assert!(marker.is_set(), "set as soon as the node joins");
         let w = |offset| DiskWrite {
             offset,
             data: vec![1; 512],
         };
-        assert!(r.copy_disk(0, &w(0)).is_err(), "no copy started");
-        r.start_copy();
-        r.copy_disk(0, &w(0)).unwrap();
+        r.copy_disk(5, 0, &w(0)).unwrap();
+        assert_eq!(r.copy_next, 0, "no copy started: ignored");
+        r.start_copy(5).unwrap();
+        r.copy_disk(5, 0, &w(0)).unwrap();
         assert!(
             matches!(
-                r.copy_disk(2, &w(512)),
+                r.copy_disk(5, 2, &w(512)),
                 Err(ReplicaError::CopyOrder {
                     got: 2,
                     expected: 1
@@ -353,20 +496,42 @@ mod tests {
             ),
             "a skipped message is detected"
         );
-        r.start_copy();
-        r.copy_disk(0, &w(0)).unwrap();
-        r.copy_pages(1, &PageBatch::default()).unwrap();
-        assert!(r.check(&staged(7, true, 3)).is_err(), "announced 3, took 2");
-        r.check(&staged(7, true, 2)).unwrap();
+        r.start_copy(9).unwrap();
+        r.copy_disk(9, 0, &w(0)).unwrap();
+        r.copy_disk(5, 1, &w(512)).unwrap();
+        assert_eq!(
+            r.copy_next, 1,
+            "a late message of copy 5 is not part of copy 9"
+        );
         assert!(
-            r.copy_disk(2, &w((1 << 20) - 256)).is_err(),
+            matches!(
+                r.copy_pages(11, 1, &PageBatch::default()),
+                Err(ReplicaError::CopyUnknown {
+                    got: 11,
+                    current: 9
+                })
+            ),
+            "a copy whose start was lost is detected"
+        );
+        r.copy_pages(9, 1, &PageBatch::default()).unwrap();
+        assert!(
+            r.check(&staged(7, true, 9, 3)).is_err(),
+            "announced 3, took 2"
+        );
+        assert!(
+            !r.check(&staged(7, true, 5, 2)).unwrap(),
+            "the completing checkpoint of copy 5 cannot complete copy 9"
+        );
+        assert!(r.check(&staged(7, true, 9, 2)).unwrap());
+        assert!(
+            r.copy_disk(9, 2, &w((1 << 20) - 256)).is_err(),
             "beyond the replica"
         );
-        // Epoch continuity after a copy is applied is checked by `check` as well.
         assert!(
-            r.check(&staged(9, false, 0)).is_err(),
-            "no epoch applied yet"
+            !r.check(&staged(9, false, 0, 0)).unwrap(),
+            "ordinary checkpoints before the copy completes are ignored"
         );
         assert!(!r.ready());
+        assert!(marker.is_set());
     }
 }
