@@ -40,6 +40,43 @@ fn protected_pair(net: &PairNet, dir: &std::path::Path, guest: &GuestSpec) -> (C
     (a, b)
 }
 
+/// The guest `cmdline` with a disk replica of `disk_mib` MiB (0: none) and, if
+/// `network`, a tap on each host.
+fn spec(cmdline: &str, disk_mib: u64, network: bool) -> GuestSpec {
+    GuestSpec {
+        cmdline: cmdline.into(),
+        disk_mib,
+        network,
+        heartbeat: HEARTBEAT,
+    }
+}
+
+/// A counter guest that runs for about ten seconds.
+const COUNTER: &str = "workload=counter pages=800 steps=400 tick_ms=25";
+/// A disk guest long enough to pause a node, fail over and copy again while it runs
+/// (about twelve seconds, pacing its requests).
+const LONG_DISK: &str = "workload=disk blocks=3072 batch=1 pace_us=2000 progress=256";
+
+/// The console of `cmdline` run alone on a fresh disk of `disk_mib` MiB.
+fn solo_console(dir: &std::path::Path, cmdline: &str, disk_mib: u64) -> String {
+    let img = dir.join("solo.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(disk_mib << 20)
+        .unwrap();
+    let solo = ftvm_outcome(&[
+        "run",
+        "--mem",
+        "64",
+        "--disk",
+        s(&img),
+        "--cmdline",
+        cmdline,
+    ]);
+    assert_eq!(solo.code, 0, "{}", solo.stderr);
+    solo.console
+}
+
 fn setup(test: &str, tag: &str) -> Option<(PairNet, tempfile::TempDir)> {
     if !kvm_available(test) || !root_available(test) {
         return None;
@@ -55,29 +92,8 @@ fn killing_the_primary_mid_disk_workload_loses_and_repeats_no_output() {
     };
     let cmdline = "workload=disk blocks=3072 batch=1";
     // The uninterrupted run, for comparison.
-    let img = dir.path().join("solo.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    let solo = ftvm_outcome(&[
-        "run",
-        "--mem",
-        "64",
-        "--disk",
-        s(&img),
-        "--cmdline",
-        cmdline,
-    ]);
-    assert_eq!(solo.code, 0, "{}", solo.stderr);
-
-    let guest = GuestSpec {
-        cmdline: cmdline.into(),
-        disk_mib: 16,
-        network: false,
-        heartbeat: HEARTBEAT,
-    };
-    let (mut a, mut b) = protected_pair(&net, dir.path(), &guest);
+    let solo = solo_console(dir.path(), cmdline, 16);
+    let (mut a, mut b) = protected_pair(&net, dir.path(), &spec(cmdline, 16, false));
     assert!(
         wait_until(LIMIT, || a.console().contains("disk: written 1024/")),
         "no progress on A:\n{}",
@@ -92,7 +108,7 @@ fn killing_the_primary_mid_disk_workload_loses_and_repeats_no_output() {
         "B released nothing; A ran to the end?"
     );
     assert_eq!(
-        combined, solo.console,
+        combined, solo,
         "A's and B's console together must be the uninterrupted run's, each line once"
     );
     assert!(
@@ -118,12 +134,7 @@ fn a_tcp_client_keeps_its_connection_and_every_acknowledged_set_across_failover(
     let Some((net, dir)) = setup("pair_kill_kv", "n") else {
         return;
     };
-    let guest = GuestSpec {
-        cmdline: format!("workload=net ip={GUEST_IP}/24"),
-        disk_mib: 8,
-        network: true,
-        heartbeat: HEARTBEAT,
-    };
+    let guest = spec(&format!("workload=net ip={GUEST_IP}/24"), 8, true);
     let (mut a, mut b) = protected_pair(&net, dir.path(), &guest);
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let client = std::thread::scope(|scope| {
@@ -174,13 +185,7 @@ fn one_link_down_changes_nothing_for_the_guest_but_raises_an_alert() {
     let Some((net, dir)) = setup("pair_one_link", "o") else {
         return;
     };
-    let guest = GuestSpec {
-        cmdline: "workload=counter pages=800 steps=400 tick_ms=25".into(),
-        disk_mib: 0,
-        network: false,
-        heartbeat: HEARTBEAT,
-    };
-    let (a, b) = protected_pair(&net, dir.path(), &guest);
+    let (a, b) = protected_pair(&net, dir.path(), &spec(COUNTER, 0, false));
     net.link(1, false);
     let alerted = wait_until(LIMIT, || {
         a.status()
@@ -205,13 +210,7 @@ fn with_all_links_down_the_arbiter_lets_exactly_one_run() {
     let Some((net, dir)) = setup("pair_split", "s") else {
         return;
     };
-    let guest = GuestSpec {
-        cmdline: "workload=counter pages=800 steps=400 tick_ms=25".into(),
-        disk_mib: 0,
-        network: false,
-        heartbeat: HEARTBEAT,
-    };
-    let (a, b) = protected_pair(&net, dir.path(), &guest);
+    let (a, b) = protected_pair(&net, dir.path(), &spec(COUNTER, 0, false));
     net.link(1, false);
     net.link(2, false);
     let settled = wait_until(LIMIT, || {
@@ -248,13 +247,7 @@ fn a_restarted_coserver_rejoins_the_survivor_and_the_pair_is_protected_again() {
     let Some((net, dir)) = setup("pair_rejoin", "r") else {
         return;
     };
-    let guest = GuestSpec {
-        cmdline: "workload=counter pages=800 steps=400 tick_ms=25".into(),
-        disk_mib: 4,
-        network: false,
-        heartbeat: HEARTBEAT,
-    };
-    let (mut a, b) = protected_pair(&net, dir.path(), &guest);
+    let (mut a, b) = protected_pair(&net, dir.path(), &spec(COUNTER, 4, false));
     a.kill();
     assert!(
         wait_until(LIMIT, || field(&b.status(), "role") == "primary"),
@@ -313,4 +306,292 @@ fn the_demo_kills_its_primary_and_the_guest_finishes_on_the_other_coserver() {
         "[guest via b] disk: verified 1024 blocks ok"
     };
     assert!(out.contains(finished), "{out}");
+}
+
+#[test]
+fn a_primary_paused_past_the_timeout_fences_when_it_resumes_and_rejoins_as_secondary() {
+    let Some((net, dir)) = setup("pair_pause_primary", "p") else {
+        return;
+    };
+    let solo = solo_console(dir.path(), LONG_DISK, 16);
+    let (mut a, mut b) = protected_pair(&net, dir.path(), &spec(LONG_DISK, 16, false));
+    assert!(
+        wait_until(LIMIT, || a.console().contains("disk: written 256/")),
+        "no progress on A:\n{}",
+        a.console()
+    );
+    a.pause();
+    let took_over = wait_until(LIMIT, || field(&b.status(), "role") == "primary");
+    // A stays frozen a while after B runs the guest: everything it held is stale now.
+    std::thread::sleep(Duration::from_millis(300));
+    let frozen = a.console();
+    a.resume();
+    assert!(took_over, "B did not take over:\n{}", b.log());
+    assert!(
+        wait_until(LIMIT, || field(&a.status(), "mode") == "ready"
+            && field(&b.status(), "mode") == "protected"),
+        "A did not rejoin B:\nA:\n{}\nB:\n{}",
+        a.log(),
+        b.log()
+    );
+    assert!(a.log().contains("fencing"), "{}", a.log());
+    assert_eq!(b.wait(LIMIT), Some(0), "B:\n{}", b.log());
+    assert_eq!(a.wait(LIMIT), Some(0), "A:\n{}", a.log());
+    assert_eq!(
+        a.console(),
+        frozen,
+        "the old primary released output after it resumed"
+    );
+    assert_eq!(
+        a.console() + &b.console(),
+        solo,
+        "A's and B's console together must be the uninterrupted run's, each line once"
+    );
+}
+
+#[test]
+fn a_secondary_paused_past_the_timeout_is_copied_again_and_can_still_take_over() {
+    let Some((net, dir)) = setup("pair_pause_secondary", "q") else {
+        return;
+    };
+    let solo = solo_console(dir.path(), LONG_DISK, 16);
+    let (mut a, mut b) = protected_pair(&net, dir.path(), &spec(LONG_DISK, 16, false));
+    assert!(
+        wait_until(LIMIT, || a.console().contains("disk: written 256/")),
+        "no progress on A:\n{}",
+        a.console()
+    );
+    b.pause();
+    let degraded = wait_until(LIMIT, || field(&a.status(), "mode") == "degraded");
+    std::thread::sleep(Duration::from_millis(300));
+    b.resume();
+    assert!(degraded, "A did not go on alone:\n{}", a.log());
+    assert!(
+        a.status_text().contains("generation 2"),
+        "{}",
+        a.status_text()
+    );
+    // B's replica missed what A ran alone: it must be copied again before it counts.
+    assert!(
+        wait_until(LIMIT, || field(&a.status(), "mode") == "protected"
+            && field(&b.status(), "mode") == "ready"),
+        "no re-protection:\nA:\n{}\nB:\n{}",
+        a.log(),
+        b.log()
+    );
+    assert!(
+        !a.console().contains("disk: verified"),
+        "the guest ended before the failover; lengthen LONG_DISK"
+    );
+    a.kill();
+    assert_eq!(
+        b.wait(LIMIT),
+        Some(0),
+        "B did not finish the guest:\n{}",
+        b.log()
+    );
+    assert_eq!(
+        a.console() + &b.console(),
+        solo,
+        "B took over from a stale replica"
+    );
+}
+
+#[test]
+fn a_partition_during_the_copy_keeps_the_primary_and_the_half_copy_never_boots() {
+    let Some((net, dir)) = setup("pair_copy_split", "c") else {
+        return;
+    };
+    // A large disk replica: the copy takes seconds.
+    let guest = spec(COUNTER, 256, false);
+    let a = CoServer::start("a", &net.ns[0], &write_config(dir.path(), 0, &guest));
+    assert!(
+        wait_until(LIMIT, || field(&a.status(), "role") == "primary"),
+        "{}",
+        a.log()
+    );
+    let b = CoServer::start("b", &net.ns[1], &write_config(dir.path(), 1, &guest));
+    assert!(
+        wait_until(LIMIT, || field(&b.status(), "mode") == "copying"),
+        "B never started copying:\n{}",
+        b.log()
+    );
+    net.link(1, false);
+    net.link(2, false);
+    assert!(
+        wait_until(LIMIT, || a
+            .status_text()
+            .contains("won the arbiter (generation 2)")),
+        "A did not claim the arbiter when it lost its secondary mid-copy:\n{}",
+        a.status_text()
+    );
+    assert!(
+        wait_until(LIMIT, || b.status_text().contains("incomplete copy")),
+        "B:\n{}",
+        b.status_text()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        field(&b.status(), "role"),
+        "starting",
+        "{}",
+        b.status_text()
+    );
+    assert!(b.console().is_empty(), "B booted a half-copied guest");
+    assert_eq!(field(&a.status(), "role"), "primary");
+    net.link(1, true);
+    net.link(2, true);
+    assert!(
+        wait_until(LIMIT, || field(&a.status(), "mode") == "protected"
+            && field(&b.status(), "mode") == "ready"),
+        "no protection after the partition healed:\nA:\n{}\nB:\n{}",
+        a.log(),
+        b.log()
+    );
+    assert!(b.console().is_empty(), "B must not run the guest");
+    assert!(!dir.path().join("state-b/replica-incomplete").exists());
+}
+
+#[test]
+fn a_node_whose_copy_was_cut_short_never_boots_the_guest_even_after_a_restart() {
+    let Some((net, dir)) = setup("pair_copy_kill", "h") else {
+        return;
+    };
+    let guest = spec(COUNTER, 256, false);
+    let mut a = CoServer::start("a", &net.ns[0], &write_config(dir.path(), 0, &guest));
+    assert!(
+        wait_until(LIMIT, || field(&a.status(), "role") == "primary"),
+        "{}",
+        a.log()
+    );
+    let cb = write_config(dir.path(), 1, &guest);
+    let mut b = CoServer::start("b", &net.ns[1], &cb);
+    assert!(
+        wait_until(LIMIT, || field(&b.status(), "mode") == "copying"),
+        "B never started copying:\n{}",
+        b.log()
+    );
+    a.kill();
+    let marker = dir.path().join("state-b/replica-incomplete");
+    for round in ["after the primary died", "after a restart"] {
+        assert!(
+            wait_until(LIMIT, || b.status_text().contains("incomplete copy")),
+            "{round}: B:\n{}",
+            b.status_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(field(&b.status(), "role"), "starting", "{round}");
+        assert!(
+            b.console().is_empty(),
+            "{round}: B booted a half-copied guest"
+        );
+        assert!(marker.exists(), "{round}");
+        b.kill();
+        b = CoServer::start("b", &net.ns[1], &cb);
+    }
+}
+
+#[test]
+fn a_coserver_refuses_to_start_without_its_arbiter_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("not-mounted/ftvm-arbiter");
+    let cfg = dir.path().join("a.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"node = "a"
+[guest]
+mem_mib = 64
+[host]
+state_dir = "{state}"
+[[link]]
+local = "127.0.0.1:47101"
+peer = "127.0.0.1:47102"
+[[link]]
+local = "127.0.0.1:47103"
+peer = "127.0.0.1:47104"
+[arbiter]
+kind = "shared-storage"
+path = "{arb}"
+[security]
+psk = "pair-test-key-0123456789"
+"#,
+            state = dir.path().join("state").display(),
+            arb = missing.display()
+        ),
+    )
+    .unwrap();
+    let o = run_ftvm(&["coserver", "--config", s(&cfg)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains(&missing.display().to_string()) && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(
+        !missing.exists(),
+        "the arbiter directory must never be created"
+    );
+}
+
+#[test]
+fn garbage_truncated_replayed_and_wrongly_keyed_frames_on_a_link_port_are_counted_and_harmless() {
+    use ftvm_coserver::link::frame::Codec;
+    use ftvm_coserver::protocol::{Message, Role};
+    let Some((net, dir)) = setup("pair_garbage", "g") else {
+        return;
+    };
+    let (a, b) = protected_pair(&net, dir.path(), &spec(COUNTER, 0, false));
+    let counters = |key: &str| -> u64 {
+        b.status()
+            .and_then(|s| s["links"][0][key].as_u64())
+            .unwrap_or(0)
+    };
+    let before: Vec<u64> = ["bad_frames", "auth_failures", "replayed"]
+        .iter()
+        .map(|k| counters(k))
+        .collect();
+    // From host A's side of link 0 to B's listening end.
+    net.in_ns(0, || {
+        let target = "10.1.1.2:7100";
+        let key = b"pair-test-key-0123456789";
+        let connect = || TcpStream::connect(target).expect("connect to the link port");
+        connect().write_all(&[0x5a; 200]).unwrap();
+        let forged = Codec::new(b"not-the-pair-key-at-all").encode(7, 1, &Message::Join.encode());
+        connect().write_all(&forged).unwrap();
+        let whole = Codec::new(key).encode(7, 1, &Message::Join.encode());
+        let mut cut = connect();
+        cut.write_all(&whole[..whole.len() / 2]).unwrap();
+        drop(cut);
+        // An authentic heartbeat, as if captured from the link, sent twice.
+        let ping = Message::Ping {
+            sent_us: 1,
+            role: Role::Primary,
+            generation: 1,
+        };
+        let captured = Codec::new(key).encode(7, 0, &ping.encode());
+        let mut replay = connect();
+        replay.write_all(&captured).unwrap();
+        replay.write_all(&captured).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    });
+    let counted = wait_until(LIMIT, || {
+        counters("bad_frames") >= before[0] + 2
+            && counters("auth_failures") > before[1]
+            && counters("replayed") > before[2]
+    });
+    assert!(counted, "{}", b.status_text());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        field(&a.status(), "mode"),
+        "protected",
+        "{}",
+        a.status_text()
+    );
+    assert_eq!(field(&b.status(), "mode"), "ready", "{}", b.status_text());
+    let running = a
+        .status()
+        .and_then(|s| s.get("guest_running").and_then(|v| v.as_bool()));
+    assert_eq!(running, Some(true));
+    println!("{}", b.status_text());
 }

@@ -192,7 +192,7 @@ pub fn render(s: &Status) -> String {
     out += &format!("arbiter: {} (generation {})\n", s.arbiter, s.generation);
     for l in &s.links {
         out += &format!(
-            "{}: {} -> {} {} rtt {} in {} out {} bad {} auth-fail {}\n",
+            "{}: {} -> {} {} rtt {} in {} out {} bad {} auth-fail {} replayed {}\n",
             l.name,
             l.local,
             l.peer,
@@ -201,7 +201,8 @@ pub fn render(s: &Status) -> String {
             l.frames_in,
             l.frames_out,
             l.bad_frames,
-            l.auth_failures
+            l.auth_failures,
+            l.replayed
         );
     }
     out += &format!(

@@ -1,19 +1,7 @@
 //! `ftvm`: runs a guest on KVM, snapshots and restores it.
 
-mod arbiter;
-mod attach;
-mod cli;
-mod config;
-mod control;
-mod demo;
-mod link;
-mod node;
-mod protocol;
-mod recording;
-mod replication;
-mod run;
-
 use clap::Parser;
+use ftvm_coserver::{cli, control, demo, node, run};
 
 /// Process exit code for errors of ftvm itself (as opposed to the guest's exit code).
 const EXIT_VMM_ERROR: i32 = 125;

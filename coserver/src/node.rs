@@ -154,8 +154,17 @@ pub fn run(config_path: &Path) -> Result<i32, NodeError> {
 impl Node {
     fn event_loop(&mut self) -> Result<i32, NodeError> {
         let tick = self.cfg.heartbeat.interval().min(Duration::from_millis(20));
+        let mut last_turn = Instant::now();
         loop {
-            match self.events.recv_timeout(tick) {
+            let ev = self.events.recv_timeout(tick);
+            let gap = last_turn.elapsed();
+            last_turn = Instant::now();
+            if gap > tick + self.cfg.heartbeat.timeout() {
+                // Before anything that queued up meanwhile (an acknowledgement sent
+                // before the peer took over must not release output now).
+                self.after_stall(gap)?;
+            }
+            match ev {
                 Ok(ev) => self.handle(ev)?,
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Ok(125),
@@ -483,6 +492,22 @@ impl Node {
         }
     }
 
+    /// This process did not run for `gap`, longer than the peer timeout (it was paused,
+    /// or starved): the peer may have taken over meanwhile. A primary whose outputs wait
+    /// for a secondary treats it as losing the peer and asks the arbiter, so it either
+    /// fences or stays primary with the secondary re-copied, never both running.
+    fn after_stall(&mut self, gap: Duration) -> Result<(), NodeError> {
+        let mode = self.running.as_ref().map(|r| r.shared.lock().mode);
+        if self.role != Role::Primary || matches!(mode, None | Some(Mode::Degraded)) {
+            return Ok(());
+        }
+        self.alert(format!(
+            "this node did not run for {} ms, longer than the peer timeout: asking the arbiter",
+            gap.as_millis()
+        ));
+        self.primary_lost_peer()
+    }
+
     fn tick_primary(&mut self, alive: bool) -> Result<(), NodeError> {
         let Some(r) = &self.running else {
             return Ok(());
@@ -506,6 +531,11 @@ impl Node {
         }
         // The secondary is silent on every link (also during a copy: it may be alive
         // behind a partition, and must not be the one to run the guest).
+        self.primary_lost_peer()
+    }
+
+    /// The primary lost its secondary: the arbiter decides between degraded and fenced.
+    fn primary_lost_peer(&mut self) -> Result<(), NodeError> {
         let claim = match self.claim() {
             Ok(c) => c,
             Err(e) => {

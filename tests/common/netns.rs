@@ -4,6 +4,8 @@
 
 use std::process::Command;
 
+use ftvm_coserver::netns::ip;
+
 /// Guest address used in the namespace.
 pub const GUEST_IP: &str = "10.0.99.2";
 /// Host-side (tap) address in the namespace.
@@ -15,22 +17,6 @@ pub struct NetNs {
     pub name: String,
     /// Tap name.
     pub tap: String,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }
 
 impl NetNs {
@@ -81,17 +67,7 @@ impl NetNs {
 
     /// Runs `f` on a thread that has entered the namespace (sockets it opens live there).
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).expect("open netns");
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns with a valid namespace fd affects only this thread.
-            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("client thread")
+        ftvm_coserver::netns::run_in(&self.name, f).expect("client thread in the namespace")
     }
 }
 

@@ -4,30 +4,15 @@
 //! it. Everything is removed on drop.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ftvm_coserver::netns::ip;
+
 /// The guest's address on the LAN.
 pub const GUEST_IP: &str = "10.0.99.2";
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
 
 /// The namespaces and links.
 pub struct PairNet {
@@ -123,17 +108,12 @@ impl PairNet {
 
     /// Runs `f` on a thread inside the client LAN namespace.
     pub fn in_lan<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.ns[2]);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).expect("open netns");
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns with a valid namespace fd affects only this thread.
-            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("client thread")
+        self.in_ns(2, f)
+    }
+
+    /// Runs `f` on a thread inside namespace `n` (0: host A, 1: host B, 2: the LAN).
+    pub fn in_ns<T: Send + 'static>(&self, n: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
+        ftvm_coserver::netns::run_in(&self.ns[n], f).expect("thread in the namespace")
     }
 }
 
@@ -225,15 +205,18 @@ psk = "pair-test-key-0123456789"
     path
 }
 
-fn collect(stream: impl std::io::Read + Send + 'static) -> Arc<Mutex<String>> {
+fn collect(mut stream: impl std::io::Read + Send + 'static) -> Arc<Mutex<String>> {
     let buf = Arc::new(Mutex::new(String::new()));
     let b = buf.clone();
+    // Byte for byte (not by lines), so what a node released is compared exactly.
     std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
             if let Ok(mut s) = b.lock() {
-                s.push_str(&line);
-                s.push('\n');
+                s.push_str(&String::from_utf8_lossy(&chunk[..n]));
             }
         }
     });
@@ -310,6 +293,25 @@ impl CoServer {
         if let Some(c) = &mut self.child {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Freezes it with SIGSTOP, like a host that stops being scheduled.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a paused CoServer run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill has no memory preconditions; the pid is our own child's
+            // (`ip netns exec` execs the CoServer in place), not yet reaped.
+            let r = unsafe { libc::kill(c.id() as libc::pid_t, sig) };
+            assert_eq!(r, 0, "kill: {}", std::io::Error::last_os_error());
         }
     }
 

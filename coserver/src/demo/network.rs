@@ -4,10 +4,10 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
-use std::process::Command;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
+
+use crate::netns::{enter, ip};
 
 /// The guest's address.
 pub const GUEST_IP: &str = "10.0.99.2";
@@ -15,22 +15,6 @@ pub const GUEST_IP: &str = "10.0.99.2";
 /// The demo's namespace, removed on drop.
 pub struct DemoNet {
     name: String,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }
 
 impl DemoNet {
@@ -50,13 +34,7 @@ impl DemoNet {
             ip(&["-n", n, "link", "set", tap, "master", "br0"])?;
             ip(&["-n", n, "link", "set", tap, "up"])?;
         }
-        let file = std::fs::File::open(format!("/run/netns/{n}"))
-            .map_err(|e| format!("open namespace {n}: {e}"))?;
-        // SAFETY: setns with a valid namespace descriptor changes only this thread's
-        // network namespace.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(format!("setns: {}", std::io::Error::last_os_error()));
-        }
+        enter(n)?;
         Ok(net)
     }
 }

@@ -252,6 +252,10 @@ impl Replica {
         self.copying = None;
         self.copy_next = 0;
         self.last_epoch = None;
+        // What the primary released or received before the new copy is no business of
+        // a takeover from it.
+        self.unreleased.clear();
+        self.inbound.clear();
         self.marker.set()
     }
 
