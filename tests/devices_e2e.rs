@@ -66,6 +66,24 @@ fn disk_workload_verifies_and_data_persists() {
 }
 
 #[test]
+fn disk_workload_rounds_write_successive_generations() {
+    if !kvm_available("disk_workload_rounds") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "r.img", 16);
+    let o = disk_run(s(&img), "workload=disk blocks=64 gen=3 rounds=3", &[]);
+    assert_eq!(o.code, 0, "console:\n{}\nstderr:\n{}", o.console, o.stderr);
+    assert_eq!(o.console.matches("disk: verified 64 blocks ok").count(), 3);
+    assert!(o.console.contains("disk: round 3/3 done"), "{}", o.console);
+    // The last round (generation 3 + 2) is what stays on the disk.
+    let last = disk_run(s(&img), "workload=disk blocks=64 gen=5 mode=verify", &[]);
+    assert_eq!(last.code, 0, "{}", last.console);
+    let first = disk_run(s(&img), "workload=disk blocks=64 gen=3 mode=verify", &[]);
+    assert_eq!(first.code, 4, "{}", first.console);
+}
+
+#[test]
 fn read_only_disk_rejects_writes_and_the_guest_reports_it() {
     if !kvm_available("read_only_disk") {
         return;

@@ -8,6 +8,7 @@ mod pair;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -48,6 +49,7 @@ fn spec(cmdline: &str, disk_mib: u64, network: bool) -> GuestSpec {
         disk_mib,
         network,
         heartbeat: HEARTBEAT,
+        epoch_ms: 10,
     }
 }
 
@@ -491,36 +493,49 @@ fn a_node_whose_copy_was_cut_short_never_boots_the_guest_even_after_a_restart() 
     }
 }
 
-#[test]
-fn a_coserver_refuses_to_start_without_its_arbiter_directory() {
-    let dir = tempfile::tempdir().unwrap();
-    let missing = dir.path().join("not-mounted/ftvm-arbiter");
-    let cfg = dir.path().join("a.toml");
+/// The configuration of a CoServer that never finds a peer: `guest` and `host` lines
+/// added to those sections, links on loopback ports from `port`.
+fn lone_config(dir: &Path, guest: &str, host: &str, arbiter: &Path, port: u16) -> PathBuf {
+    let cfg = dir.join("a.toml");
     std::fs::write(
         &cfg,
         format!(
             r#"node = "a"
 [guest]
 mem_mib = 64
+{guest}
 [host]
 state_dir = "{state}"
+{host}
 [[link]]
-local = "127.0.0.1:47101"
-peer = "127.0.0.1:47102"
+local = "127.0.0.1:{p1}"
+peer = "127.0.0.1:{p2}"
 [[link]]
-local = "127.0.0.1:47103"
-peer = "127.0.0.1:47104"
+local = "127.0.0.1:{p3}"
+peer = "127.0.0.1:{p4}"
 [arbiter]
 kind = "shared-storage"
 path = "{arb}"
 [security]
 psk = "pair-test-key-0123456789"
 "#,
-            state = dir.path().join("state").display(),
-            arb = missing.display()
+            state = dir.join("state").display(),
+            arb = arbiter.display(),
+            p1 = port,
+            p2 = port + 1,
+            p3 = port + 2,
+            p4 = port + 3,
         ),
     )
     .unwrap();
+    cfg
+}
+
+#[test]
+fn a_coserver_refuses_to_start_without_its_arbiter_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("not-mounted/ftvm-arbiter");
+    let cfg = lone_config(dir.path(), "", "", &missing, 47101);
     let o = run_ftvm(&["coserver", "--config", s(&cfg)]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(125), "{err}");
@@ -531,6 +546,25 @@ psk = "pair-test-key-0123456789"
     assert!(
         !missing.exists(),
         "the arbiter directory must never be created"
+    );
+}
+
+#[test]
+fn a_coserver_refuses_to_start_without_its_tap() {
+    // Checked at startup, not first at a takeover: a secondary that cannot take the
+    // guest's network would fail the pair exactly when it is needed.
+    let dir = tempfile::tempdir().unwrap();
+    let arbiter = dir.path().join("arbiter");
+    std::fs::create_dir(&arbiter).unwrap();
+    let guest = "mac = \"52:54:00:f7:00:01\"\nip = \"10.0.99.2\"";
+    let cfg = lone_config(dir.path(), guest, "tap = \"ftvmnotap9\"", &arbiter, 47111);
+    let o = run_ftvm(&["coserver", "--config", s(&cfg)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(err.contains("tap ftvmnotap9 does not exist"), "{err}");
+    assert!(
+        !err.contains("looking for a peer"),
+        "checked before starting: {err}"
     );
 }
 

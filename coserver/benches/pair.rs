@@ -1,11 +1,15 @@
 //! CoServer pair benchmark (needs root: it builds the namespaces, veth links and bridged
 //! taps of the pair tests). Prints a table:
-//! - protection overhead: the guest's progress rate (console lines per second) of a
-//!   memory-writing `counter` run, standalone and as a protected pair, in one run;
-//! - checkpoint pause and output-commit delay of that run; checkpoint pause and
-//!   replication traffic of an idle guest (the `net` workload with no clients);
+//! - protection overhead: the progress rate of three workloads (`counter` writing memory,
+//!   `disk` writing and verifying its disk, a TCP client's key-value SETs against `net`),
+//!   standalone and as a protected pair, measured in one run;
+//! - the counter run's checkpoint pause, output-commit delay and replication traffic over
+//!   a range of epoch lengths;
+//! - checkpoint pause and replication traffic of an idle guest;
 //! - takeover: from SIGKILL of the primary to the secondary reporting itself primary, and
-//!   the longest TCP key-value SET a client saw across that failover.
+//!   the longest TCP key-value SET a client saw across that failover (the outage it
+//!   observed), 8 runs per setting: heartbeats 10 ms x 3 and 20 ms x 10, and 10 ms x 3
+//!   with a client route whose minimum retransmission timeout is 10 ms.
 //!
 //! Run with `cargo bench -p ftvm-coserver --bench pair` (see docs/PERFORMANCE.md).
 
@@ -17,13 +21,58 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ftvm_coserver::netns;
 use pair::{field, wait_until, write_config, CoServer, GuestSpec, PairNet, GUEST_IP};
 
 const LIMIT: Duration = Duration::from_secs(60);
-/// Console lines between which the progress rate is measured.
-const FROM_STEP: u32 = 200;
-const TO_STEP: u32 = 1800;
-const BUSY: &str = "workload=counter pages=12000 steps=2000 tick_ms=0";
+
+/// A workload whose progress rate is measured between two console lines.
+struct Progress {
+    /// What the table calls it.
+    name: &'static str,
+    cmdline: &'static str,
+    /// Disk replica (MiB; 0: none).
+    disk_mib: u64,
+    from: &'static str,
+    to: &'static str,
+    /// Units of work between the two lines, and their name.
+    units: f64,
+    unit: &'static str,
+}
+
+const COUNTER: Progress = Progress {
+    name: "`counter` (each step writes 6 pages and prints a line)",
+    cmdline: "workload=counter pages=12000 steps=2000 tick_ms=0",
+    disk_mib: 0,
+    from: "counter: step 200/",
+    to: "counter: step 1800/",
+    units: 1600.0,
+    unit: "steps/s",
+};
+
+const DISK: Progress = Progress {
+    name: "`disk` (rounds of writing, flushing and verifying 8 MiB in 64 KiB requests)",
+    cmdline: "workload=disk blocks=2048 batch=16 rounds=120 progress=1000000",
+    disk_mib: 16,
+    from: "disk: round 20/",
+    to: "disk: round 100/",
+    // 80 rounds of 8 MiB written and 8 MiB read.
+    units: 80.0 * 16.0,
+    unit: "MiB/s",
+};
+
+/// SETs a client makes for the key-value rate.
+const SETS: u32 = 400;
+
+fn spec(cmdline: &str, disk_mib: u64, network: bool, epoch_ms: u64) -> GuestSpec {
+    GuestSpec {
+        cmdline: cmdline.into(),
+        disk_mib,
+        network,
+        heartbeat: (20, 10),
+        epoch_ms,
+    }
+}
 
 fn protected(net: &PairNet, dir: &std::path::Path, g: &GuestSpec) -> (CoServer, CoServer) {
     let a = CoServer::start("a", &net.ns[0], &write_config(dir, 0, g));
@@ -42,14 +91,27 @@ fn protected(net: &PairNet, dir: &std::path::Path, g: &GuestSpec) -> (CoServer, 
     (a, b)
 }
 
-fn step_line(n: u32) -> String {
-    format!("counter: step {n}/")
-}
-
-/// Seconds between the console lines of steps FROM_STEP and TO_STEP of a standalone run.
-fn standalone_rate() -> f64 {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ftvm"))
-        .args(["run", "--mem", "64", "--idle", "skip", "--cmdline", BUSY])
+/// The rate of `w` run alone (`ftvm run`), from the arrival times of its two lines.
+fn standalone_rate(w: &Progress) -> f64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("solo.img");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ftvm"));
+    cmd.args([
+        "run",
+        "--mem",
+        "64",
+        "--idle",
+        "skip",
+        "--cmdline",
+        w.cmdline,
+    ]);
+    if w.disk_mib > 0 {
+        std::fs::File::create(&img)
+            .and_then(|f| f.set_len(w.disk_mib << 20))
+            .expect("disk image");
+        cmd.arg("--disk").arg(&img);
+    }
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -57,27 +119,86 @@ fn standalone_rate() -> f64 {
     let out = BufReader::new(child.stdout.take().expect("stdout"));
     let (mut from, mut to) = (None, None);
     for line in out.lines().map_while(Result::ok) {
-        if line.starts_with(&step_line(FROM_STEP)) {
+        if line.starts_with(w.from) {
             from = Some(Instant::now());
         }
-        if line.starts_with(&step_line(TO_STEP)) {
+        if line.starts_with(w.to) {
             to = Some(Instant::now());
         }
     }
     let _ = child.wait();
     let (Some(f), Some(t)) = (from, to) else {
-        panic!("standalone run printed no steps")
+        panic!("standalone {} printed no progress", w.name)
     };
-    f64::from(TO_STEP - FROM_STEP) / t.duration_since(f).as_secs_f64()
+    w.units / t.duration_since(f).as_secs_f64()
 }
 
-/// Polls A's released console for the two step lines.
-fn pair_rate(a: &CoServer) -> f64 {
-    let seen = |n| a.console().contains(&step_line(n));
-    assert!(wait_until(LIMIT, || seen(FROM_STEP)), "{}", a.console());
+/// The rate of `w` on protected primary `a`, polling its released console.
+fn pair_rate(a: &CoServer, w: &Progress) -> f64 {
+    assert!(
+        wait_until(LIMIT, || a.console().contains(w.from)),
+        "{}",
+        a.console()
+    );
     let from = Instant::now();
-    assert!(wait_until(LIMIT, || seen(TO_STEP)), "{}", a.console());
-    f64::from(TO_STEP - FROM_STEP) / from.elapsed().as_secs_f64()
+    assert!(
+        wait_until(LIMIT, || a.console().contains(w.to)),
+        "{}",
+        a.console()
+    );
+    w.units / from.elapsed().as_secs_f64()
+}
+
+/// SETs per second a client in the LAN gets from the guest's key-value service (the
+/// guest is told to power off afterwards).
+fn kv_rate(net: &PairNet) -> f64 {
+    let _ = netns::ip(&["-n", &net.ns[2], "neigh", "flush", "all"]);
+    netns::run_in(&net.ns[2], || {
+        let start = Instant::now();
+        let s = loop {
+            match TcpStream::connect_timeout(
+                &format!("{GUEST_IP}:7000").parse().expect("address"),
+                Duration::from_secs(1),
+            ) {
+                Ok(s) => break s,
+                Err(e) if start.elapsed() > LIMIT => panic!("connect: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut c = BufReader::new(s);
+        let t = Instant::now();
+        for i in 0..SETS {
+            assert_eq!(kv(&mut c, &format!("SET k{i} v{i}")), "OK");
+        }
+        let rate = f64::from(SETS) / t.elapsed().as_secs_f64();
+        let _ = kv(&mut c, "SHUTDOWN");
+        rate
+    })
+    .expect("client in the LAN")
+}
+
+/// The key-value rate of a standalone guest on host A's tap.
+fn standalone_kv_rate(net: &PairNet) -> f64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("kv.img");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(8 << 20))
+        .expect("disk image");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &net.ns[0], env!("CARGO_BIN_EXE_ftvm")])
+        .args(["run", "--mem", "64", "--tap", "tap0", "--disk"])
+        .arg(&img)
+        .arg("--cmdline")
+        .arg(format!("workload=net ip={GUEST_IP}/24"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn ftvm");
+    let rate = kv_rate(net);
+    let _ = child.wait();
+    rate
 }
 
 fn pct(status: &Option<serde_json::Value>, key: &str) -> String {
@@ -101,130 +222,197 @@ fn kv(c: &mut BufReader<TcpStream>, req: &str) -> String {
     r.trim_end().to_string()
 }
 
+fn ratio_row(name: &str, unit: &str, solo: f64, pair: f64) {
+    println!(
+        "| {name}: standalone / protected pair ({unit}) | {solo:.1} / {pair:.1} (pair at {:.0}% of standalone) |",
+        pair / solo * 100.0
+    );
+}
+
+fn bytes_per_s(status: &Option<serde_json::Value>) -> f64 {
+    status
+        .as_ref()
+        .and_then(|s| s.get("replication_bytes_per_s"))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0) as f64
+}
+
 fn main() {
     let Ok(net) = PairNet::try_create("bench") else {
         println!("pair benchmark SKIPPED: needs root for network namespaces");
         return;
     };
-    println!("ftvm pair benchmark (2 veth links in namespaces, epoch_ms 10)\n");
+    println!("ftvm pair benchmark (2 veth links in namespaces, heartbeat 20 ms x 10)\n");
     println!("| figure | value |\n|---|---|");
 
-    // Protection overhead, standalone vs pair, measured in one run.
-    let solo = standalone_rate();
+    // Protection overhead, standalone vs pair, each measured in this run (epoch 10 ms).
+    for w in [&COUNTER, &DISK] {
+        let solo = standalone_rate(w);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = protected(&net, dir.path(), &spec(w.cmdline, w.disk_mib, false, 10));
+        let rate = pair_rate(&a, w);
+        ratio_row(w.name, w.unit, solo, rate);
+        drop((a, b));
+    }
+    let solo = standalone_kv_rate(&net);
     let dir = tempfile::tempdir().expect("tempdir");
-    let busy = GuestSpec {
-        cmdline: BUSY.into(),
-        disk_mib: 0,
-        network: false,
-        heartbeat: (20, 10),
-    };
-    let (a, b) = protected(&net, dir.path(), &busy);
-    let rate = pair_rate(&a);
-    let st = a.status();
-    println!(
-        "| counter progress, standalone / protected pair (steps/s; each step writes 6 pages) | {solo:.0} / {rate:.0} (pair at {:.0}% of standalone) |",
-        rate / solo * 100.0
-    );
-    println!(
-        "| checkpoint pause, busy guest | {} |",
-        pct(&st, "checkpoint_pause_us")
-    );
-    println!(
-        "| output-commit delay, busy guest | {} |",
-        pct(&st, "output_commit_delay_us")
+    let kv_guest = spec(&format!("workload=net ip={GUEST_IP}/24"), 8, true, 10);
+    let (a, b) = protected(&net, dir.path(), &kv_guest);
+    let rate = kv_rate(&net);
+    ratio_row(
+        "TCP key-value SETs, one client, one at a time (each waits for its epoch's acknowledgement)",
+        "SETs/s",
+        solo,
+        rate,
     );
     drop((a, b));
 
+    // The counter over a range of epoch lengths.
+    let solo = standalone_rate(&COUNTER);
+    for epoch_ms in [5u64, 10, 20, 50] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = protected(&net, dir.path(), &spec(COUNTER.cmdline, 0, false, epoch_ms));
+        let rate = pair_rate(&a, &COUNTER);
+        let st = a.status();
+        println!(
+            "| epoch {epoch_ms} ms, busy counter: progress / pause / output-commit delay / replication | {:.0}% of standalone; {}; {}; {:.1} Mbit/s |",
+            rate / solo * 100.0,
+            pct(&st, "checkpoint_pause_us"),
+            pct(&st, "output_commit_delay_us"),
+            bytes_per_s(&st) * 8.0 / 1e6
+        );
+        drop((a, b));
+    }
+
     // An idle guest: pauses and replication traffic.
     let dir = tempfile::tempdir().expect("tempdir");
-    let idle = GuestSpec {
-        cmdline: format!("workload=net ip={GUEST_IP}/24"),
-        disk_mib: 8,
-        network: true,
-        heartbeat: (20, 10),
-    };
-    let (a, b) = protected(&net, dir.path(), &idle);
+    let (a, b) = protected(&net, dir.path(), &kv_guest);
     std::thread::sleep(Duration::from_secs(3));
     let st = a.status();
-    let bytes = st
-        .as_ref()
-        .and_then(|s| s.get("replication_bytes_per_s"))
-        .and_then(|v| v.as_u64())
-        .unwrap_or(0);
     println!(
         "| checkpoint pause, idle guest (`net` workload, no clients) | {} |",
         pct(&st, "checkpoint_pause_us")
     );
     println!(
         "| replication traffic, idle guest (all links, incl. heartbeats) | {:.1} kbit/s |",
-        bytes as f64 * 8.0 / 1000.0
+        bytes_per_s(&st) * 8.0 / 1000.0
     );
     drop((a, b));
 
-    // Takeover after SIGKILL, two heartbeat settings, with a TCP client.
-    for (interval, misses) in [(10u64, 3u32), (20, 10)] {
+    // Takeover after SIGKILL, with a TCP client: two heartbeat settings with clients as
+    // they come, and one with a client whose route has a short minimum retransmission
+    // timeout.
+    for (interval, misses, rto_min) in [(10u64, 3u32, None), (20, 10, None), (10, 3, Some("10ms"))]
+    {
         let mut takeovers = Vec::new();
         let mut worst_set = Vec::new();
-        for _ in 0..3 {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let g = GuestSpec {
-                cmdline: format!("workload=net ip={GUEST_IP}/24"),
-                disk_mib: 8,
-                network: true,
-                heartbeat: (interval, misses),
-            };
-            let (mut a, b) = protected(&net, dir.path(), &g);
-            let (tx, rx) = std::sync::mpsc::channel();
-            let client = std::thread::spawn({
-                let ns = net.ns[2].clone();
-                move || {
-                    let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns");
-                    use std::os::fd::AsRawFd;
-                    // SAFETY: setns on this thread only, with a valid namespace fd.
-                    let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(r, 0);
-                    let s = TcpStream::connect((GUEST_IP, 7000)).expect("connect");
-                    s.set_read_timeout(Some(Duration::from_secs(20)))
-                        .expect("timeout");
-                    let mut c = BufReader::new(s);
-                    let mut worst = Duration::ZERO;
-                    for i in 0..150 {
-                        if i == 50 {
-                            tx.send(()).expect("signal");
-                        }
-                        let t = Instant::now();
-                        assert_eq!(kv(&mut c, &format!("SET k{i} v{i}")), "OK");
-                        worst = worst.max(t.elapsed());
-                    }
-                    let _ = kv(&mut c, "SHUTDOWN");
-                    worst
-                }
-            });
-            rx.recv().expect("client started");
-            let t = Instant::now();
-            a.kill();
-            assert!(
-                wait_until(LIMIT, || field(&b.status(), "role") == "primary"),
-                "{}",
-                b.log()
-            );
-            takeovers.push(t.elapsed());
-            worst_set.push(client.join().expect("client"));
-            drop(b);
-        }
-        let ms = |v: &[Duration]| {
-            v.iter()
-                .map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0))
-                .collect::<Vec<_>>()
-                .join(", ")
+        let client_route = |rto: &str| {
+            let mut args = vec![
+                "-n",
+                &net.ns[2],
+                "route",
+                "replace",
+                "10.0.99.0/24",
+                "dev",
+                "br0",
+            ];
+            args.extend(["src", "10.0.99.1", "rto_min", rto]);
+            netns::ip(&args).expect("client route");
         };
+        if let Some(rto) = rto_min {
+            client_route(rto);
+        }
+        for run in 0..TAKEOVER_RUNS {
+            let (took, worst) = takeover_run(&net, interval, misses, KILL_SPREAD * run);
+            takeovers.push(took);
+            worst_set.push(worst);
+        }
+        if rto_min.is_some() {
+            // Back to the kernel's default.
+            client_route("200ms");
+        }
+        let retransmitted = worst_set
+            .iter()
+            .filter(|d| **d > Duration::from_millis(150))
+            .count();
+        let client = rto_min.map_or(String::new(), |r| format!(", client route `rto_min {r}`"));
         println!(
-            "| takeover after SIGKILL, heartbeat {interval} ms x {misses} (3 runs; kill to `primary` in status, incl. ~20 ms status polling) | {} ms |",
-            ms(&takeovers)
+            "| takeover after SIGKILL, heartbeat {interval} ms x {misses}{client}: kill to `primary` in status (incl. ~20 ms status polling) | {} |",
+            spread(&mut takeovers)
         );
         println!(
-            "| longest TCP SET across that failover, same runs (client TCP retransmission included) | {} ms |",
-            ms(&worst_set)
+            "| client-observed outage, same runs: the longest SET across the failover | {}; {retransmitted} of {TAKEOVER_RUNS} runs waited for the client's TCP retransmission |",
+            spread(&mut worst_set)
         );
     }
+}
+
+/// Failover runs per setting (the kill moves by [`KILL_SPREAD`] each run, across the
+/// client's request cycle and the epoch).
+const TAKEOVER_RUNS: u32 = 8;
+const KILL_SPREAD: Duration = Duration::from_micros(1300);
+
+/// One failover under a TCP client: SIGKILL of the primary while the client makes SETs
+/// one at a time, `delay` after its 50th. Returns (kill to the secondary reporting
+/// itself primary, the client's longest SET).
+fn takeover_run(
+    net: &PairNet,
+    interval: u64,
+    misses: u32,
+    delay: Duration,
+) -> (Duration, Duration) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let g = GuestSpec {
+        heartbeat: (interval, misses),
+        ..spec(&format!("workload=net ip={GUEST_IP}/24"), 8, true, 10)
+    };
+    let (mut a, b) = protected(net, dir.path(), &g);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let client = std::thread::spawn({
+        let ns = net.ns[2].clone();
+        move || {
+            netns::enter(&ns).expect("client namespace");
+            let s = TcpStream::connect((GUEST_IP, 7000)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            let mut c = BufReader::new(s);
+            let mut worst = Duration::ZERO;
+            for i in 0..150 {
+                if i == 50 {
+                    tx.send(()).expect("signal");
+                }
+                let t = Instant::now();
+                assert_eq!(kv(&mut c, &format!("SET k{i} v{i}")), "OK");
+                worst = worst.max(t.elapsed());
+            }
+            for i in 0..150 {
+                assert_eq!(kv(&mut c, &format!("GET k{i}")), format!("VALUE v{i}"));
+            }
+            let _ = kv(&mut c, "SHUTDOWN");
+            worst
+        }
+    });
+    rx.recv().expect("client started");
+    std::thread::sleep(delay);
+    let t = Instant::now();
+    a.kill();
+    assert!(
+        wait_until(LIMIT, || field(&b.status(), "role") == "primary"),
+        "{}",
+        b.log()
+    );
+    let took = t.elapsed();
+    (took, client.join().expect("client"))
+}
+
+/// "min / median / max ms" of `v`.
+fn spread(v: &mut [Duration]) -> String {
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    format!(
+        "{:.0} / {:.0} / {:.0} ms (min / median / max)",
+        ms(v[0]),
+        ms(v[v.len() / 2]),
+        ms(v[v.len() - 1])
+    )
 }

@@ -91,7 +91,8 @@ pub struct GuestConfig {
 pub struct HostConfig {
     /// This host's replica of the guest's disk (raw image; same size on both hosts).
     pub disk: Option<PathBuf>,
-    /// The tap the guest's network uses on this host (opened only while primary).
+    /// The tap the guest's network uses on this host (checked at startup; held open,
+    /// never written, while the guest runs on the other host).
     pub tap: Option<String>,
     /// Where this node keeps its own small state (the last arbiter generation it knew).
     pub state_dir: PathBuf,

@@ -148,6 +148,8 @@ pub struct GuestSpec {
     pub network: bool,
     /// Heartbeat interval (ms) and misses before the peer is lost.
     pub heartbeat: (u64, u32),
+    /// Longest epoch (ms).
+    pub epoch_ms: u64,
 }
 
 /// Writes the configuration of node `name` (index 0 = A, 1 = B) into `dir`.
@@ -185,7 +187,7 @@ peer = "10.1.2.{peer}:7100"
 interval_ms = {interval}
 misses = {misses}
 [replication]
-epoch_ms = 10
+epoch_ms = {epoch}
 [arbiter]
 kind = "shared-storage"
 path = "{arb}"
@@ -197,6 +199,7 @@ psk = "pair-test-key-0123456789"
         cmdline = guest.cmdline,
         interval = guest.heartbeat.0,
         misses = guest.heartbeat.1,
+        epoch = guest.epoch_ms,
         arb = dir.join("arbiter").display(),
     );
     std::fs::create_dir_all(dir.join("arbiter")).expect("arbiter directory");

@@ -4,8 +4,10 @@
 //! Parameters: `blocks` (default 256, >= 1; 4 KiB blocks from sector 0), `gen` (default
 //! 1), `mode` = `both` (default: write, flush, read back, verify) | `write` | `verify`, and
 //! `batch` (blocks per request, 1 to 16, default 16), `pace_us` (sleep this long on the
-//! platform timer after each request; default 0) and `progress` (print progress every
-//! this many blocks; default 1024).
+//! platform timer after each request; default 0), `progress` (print progress every
+//! this many blocks; default 1024) and `rounds` (default 1: repeat the whole run this
+//! many times, round `r` (from 0) writing generation `gen + r` and printing
+//! `disk: round R/N done` after it, for throughput measurements).
 //!
 //! Block `b` (sectors `8b..8b+8`), all integers little endian:
 //!
@@ -69,6 +71,7 @@ pub fn run(cmdline: &mut Cmdline) -> ! {
     let batch = cmdline.u64_or("batch", BATCH as u64);
     let pace_us = cmdline.u64_or("pace_us", 0);
     let every = cmdline.u64_or("progress", PROGRESS_EVERY).max(1);
+    let rounds = cmdline.u64_or("rounds", 1).max(1);
     let mode = match cmdline.get("mode").unwrap_or("both") {
         "both" => Mode::Both,
         "write" => Mode::Write,
@@ -102,7 +105,30 @@ pub fn run(cmdline: &mut Cmdline) -> ! {
         );
     }
     let buf = noinit_zeroed!([[u8; BLOCK]; BATCH]);
+    for round in 0..rounds {
+        let generation = generation.wrapping_add(round);
+        one_round(
+            &mut blk, &mut *buf, blocks, generation, batch, pace_us, every, mode,
+        );
+        if rounds > 1 {
+            println!("disk: round {}/{rounds} done", round + 1);
+        }
+    }
+    power_off(0)
+}
 
+/// One write and/or verify pass over `blocks` blocks of generation `generation`.
+#[allow(clippy::too_many_arguments)]
+fn one_round(
+    blk: &mut Blk,
+    buf: &mut [[u8; BLOCK]; BATCH],
+    blocks: u64,
+    generation: u64,
+    batch: u64,
+    pace_us: u64,
+    every: u64,
+    mode: Mode,
+) {
     if mode != Mode::Verify {
         let mut block = 0;
         while block < blocks {
@@ -140,7 +166,6 @@ pub fn run(cmdline: &mut Cmdline) -> ! {
         }
         println!("disk: verified {blocks} blocks ok");
     }
-    power_off(0)
 }
 
 /// Sleeps `us` microseconds of virtual time (nothing for 0).

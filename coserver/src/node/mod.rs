@@ -19,20 +19,19 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ftvm_devices::backend::disk::DiskFile;
 use ftvm_devices::backend::tap::Tap;
-use ftvm_devices::virtio::DeviceConfig;
-use ftvm_devices::world::LiveWorld;
-use ftvm_vmm::{Attachments, Vm, VmConfig};
+
+mod guest_start;
+mod status;
 
 use crate::arbiter::{Arbiter, Claim, KnownGeneration};
 use crate::config::{ArbiterConfig, Config};
-use crate::control::{self, PeerStatus, Percentiles, Status};
+use crate::control::{self, Status};
 use crate::link::{Event, Links, LocalInfo};
 use crate::protocol::{Message, Role};
-use crate::replication::commit::{Commit, CommitWorld, Sinks};
-use crate::replication::primary::{EpochLoop, Mode, Shared};
-use crate::replication::secondary::{IncompleteMarker, Replica, Staged, Takeover};
+use crate::replication::commit::Commit;
+use crate::replication::primary::{Mode, Shared};
+use crate::replication::secondary::{IncompleteMarker, Replica, Staged};
 
 /// Errors that stop a CoServer.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +76,10 @@ struct Node {
     peer_name: Option<String>,
     peer_role: Option<Role>,
     running: Option<Running>,
+    /// The guest's tap, held open (never written) while the guest runs elsewhere: the
+    /// tap is checked at startup, and its bridge port already forwards when this node
+    /// takes over (a port that has just gained carrier can drop the first frames).
+    held_tap: Option<Tap>,
     replica: Option<Replica>,
     alerts: Vec<String>,
     link_was_healthy: Vec<bool>,
@@ -95,6 +98,10 @@ pub fn run(config_path: &Path) -> Result<i32, NodeError> {
         ArbiterConfig::None { .. } => Arbiter::None,
     };
     arbiter.check()?;
+    let held_tap = match &cfg.host.tap {
+        Some(name) => Some(Tap::open(name).map_err(|e| NodeError::Guest(e.to_string()))?),
+        None => None,
+    };
     let disk_bytes = match &cfg.host.disk {
         Some(p) => Some(
             std::fs::metadata(p)
@@ -128,6 +135,7 @@ pub fn run(config_path: &Path) -> Result<i32, NodeError> {
     tracing::info!(node = %cfg.node, "CoServer starting; looking for a peer");
     let marker = IncompleteMarker::new(&cfg.host.state_dir);
     let mut node = Node {
+        held_tap,
         link_was_healthy: vec![false; cfg.links.len()],
         cfg,
         links,
@@ -238,6 +246,13 @@ impl Node {
 
     /// Becomes a secondary of the primary heard on the links.
     fn join_primary(&mut self) -> Result<(), NodeError> {
+        if let (None, Some(name)) = (&self.held_tap, &self.cfg.host.tap) {
+            // Released when this node fenced; taken again for the next takeover.
+            match Tap::open(name) {
+                Ok(t) => self.held_tap = Some(t),
+                Err(e) => self.alert(format!("{e}; trying again at takeover")),
+            }
+        }
         self.replica = Some(Replica::new(
             self.cfg.guest.mem_mib,
             self.cfg.host.disk.as_deref(),
@@ -583,6 +598,7 @@ impl Node {
             self.fenced_guest = Some(r.shared);
         }
         self.replica = None;
+        self.held_tap = None;
         self.set_role(Role::Fenced);
         self.alert(why);
     }
@@ -647,211 +663,5 @@ impl Node {
             return self.join_primary();
         }
         Ok(())
-    }
-
-    /// Starts the guest here: booted fresh, or from the standby at `epoch`.
-    fn become_primary(&mut self, from: Option<Takeover>) -> Result<(), NodeError> {
-        let guest = |e: String| NodeError::Guest(e);
-        let mut redo_frames = Vec::new();
-        let mac =
-            crate::attach::parse_mac(&self.cfg.guest.mac).map_err(|e| guest(e.to_string()))?;
-        let mut live = LiveWorld::new(std::io::sink());
-        let mut devices = Vec::new();
-        if let Some(p) = &self.cfg.host.disk {
-            let disk = DiskFile::open(p, false).map_err(|e| guest(e.to_string()))?;
-            devices.push(DeviceConfig::Block {
-                disk: 0,
-                capacity_sectors: disk.capacity_sectors(),
-                read_only: false,
-            });
-            live = live.with_disk(disk);
-        }
-        let mut tap_sender = None;
-        if let Some(name) = &self.cfg.host.tap {
-            let tap = Tap::open(name).map_err(|e| guest(e.to_string()))?;
-            tap_sender = Some(
-                tap.sender()
-                    .map_err(|e| guest(format!("tap {name}: {e}")))?,
-            );
-            live = live.with_tap(tap);
-            devices.push(DeviceConfig::Net { mac });
-        }
-        let commit = Commit::new(Sinks {
-            console: Box::new(std::io::stdout()),
-            tap: tap_sender,
-        });
-        commit.forward_inbound(self.out.clone());
-        let mut world = CommitWorld::new(Box::new(live), commit.clone());
-        let shared = Shared::new();
-        let vm = match from {
-            Some(Takeover {
-                standby,
-                epoch,
-                outputs,
-                frames,
-            }) => {
-                shared.lock().epoch = epoch;
-                if !outputs.is_empty() {
-                    tracing::info!(
-                        outputs = outputs.len(),
-                        "releasing outputs of acknowledged epochs the old primary may not have released"
-                    );
-                    // Console bytes now; frames once the tap's bridge port forwards (see
-                    // the announcements below).
-                    let (console, frames): (Vec<_>, Vec<_>) = outputs
-                        .into_iter()
-                        .partition(|o| matches!(o, crate::protocol::Output::Console(_)));
-                    commit.release_now(console);
-                    redo_frames = frames;
-                }
-                if !frames.is_empty() {
-                    tracing::info!(
-                        frames = frames.len(),
-                        "re-delivering frames received after the checkpoint"
-                    );
-                }
-                world = world.with_redelivery(frames);
-                standby
-                    .activate(Box::new(world))
-                    .map_err(|e| guest(e.to_string()))?
-            }
-            None => {
-                let kernel = match &self.cfg.guest.kernel {
-                    Some(p) => std::fs::read(p)
-                        .map_err(|e| guest(format!("kernel {}: {e}", p.display())))?,
-                    None => ftvm_guest_images::TEST_GUEST_ELF.to_vec(),
-                };
-                let config = VmConfig {
-                    mem_mib: self.cfg.guest.mem_mib,
-                    kernel,
-                    cmdline: self.cfg.guest.cmdline.clone(),
-                    initrd: None,
-                    entropy_seed: 0,
-                    devices,
-                    attachments: Attachments {
-                        disks: self
-                            .cfg
-                            .host
-                            .disk
-                            .iter()
-                            .map(|p| (p.clone(), false))
-                            .collect(),
-                        tap: self.cfg.host.tap.clone(),
-                    },
-                };
-                Vm::boot(&config, Box::new(world)).map_err(|e| guest(e.to_string()))?
-            }
-        };
-        if let (Some(ip), Some(_)) = (self.cfg.guest.ip, &self.cfg.host.tap) {
-            // Announced a few times, as a bridge port that just gained carrier may miss
-            // the first.
-            let frame = crate::replication::garp::frame(mac, ip);
-            let announcer = commit.clone();
-            std::thread::spawn(move || {
-                for delay_ms in [0, 20, 50, 100, 200] {
-                    std::thread::sleep(Duration::from_millis(delay_ms));
-                    announcer.announce(&frame);
-                    if delay_ms == 20 {
-                        announcer.release_now(std::mem::take(&mut redo_frames));
-                    }
-                }
-            });
-        } else {
-            commit.release_now(redo_frames);
-        }
-        let epoch_loop = EpochLoop {
-            vm,
-            commit: commit.clone(),
-            shared: shared.clone(),
-            out: self.out.clone(),
-            links: self.links.clone(),
-            disk: self.cfg.host.disk.clone(),
-            epoch_length: Duration::from_millis(self.cfg.replication.epoch_ms),
-            final_wait: self.cfg.heartbeat.timeout(),
-        };
-        std::thread::Builder::new()
-            .name("vcpu".into())
-            .spawn(move || epoch_loop.run())
-            .map_err(|e| guest(format!("cannot start the vCPU thread: {e}")))?;
-        self.running = Some(Running { shared, commit });
-        self.set_role(Role::Primary);
-        Ok(())
-    }
-
-    fn watch_links(&mut self, alive: bool) {
-        let status = self.links.status();
-        for (i, l) in status.iter().enumerate() {
-            if l.healthy {
-                if !self.link_was_healthy[i]
-                    && self
-                        .alerts
-                        .iter()
-                        .any(|a| a.contains(&format!("{} lost", l.name)))
-                {
-                    self.alert(format!("{} restored", l.name));
-                }
-                self.link_was_healthy[i] = true;
-            } else if self.link_was_healthy[i] {
-                self.link_was_healthy[i] = false;
-                if alive {
-                    self.alert(format!(
-                        "{} lost ({} -> {}); the pair carries on over the others",
-                        l.name, l.local, l.peer
-                    ));
-                }
-            }
-        }
-    }
-
-    fn publish_status(&mut self, alive: bool) {
-        let links = self.links.status();
-        let sent: u64 = links.iter().map(|l| l.bytes_out).sum();
-        let (t, _, rate) = self.bytes_sample;
-        if t.elapsed() >= Duration::from_secs(1) {
-            let (_, before, _) = self.bytes_sample;
-            let r = ((sent - before.min(sent)) as f64 / t.elapsed().as_secs_f64()) as u64;
-            self.bytes_sample = (Instant::now(), sent, r);
-        } else {
-            self.bytes_sample.2 = rate;
-        }
-        let mut st = Status {
-            node: self.cfg.node.clone(),
-            role: self.role.name().to_string(),
-            arbiter: self.arbiter.describe(),
-            generation: self.known.get(),
-            peer: PeerStatus {
-                name: self.peer_name.clone(),
-                role: self.peer_role.map(|r| r.name().to_string()),
-                alive,
-                last_heard_ms: self
-                    .links
-                    .last_heard()
-                    .map(|t| t.elapsed().as_millis() as u64),
-            },
-            links,
-            replication_bytes_per_s: self.bytes_sample.2,
-            alerts: self.alerts.clone(),
-            ..Status::default()
-        };
-        if let Some(r) = &self.running {
-            let s = r.shared.lock();
-            st.mode = Some(s.mode.name().to_string());
-            st.guest_running = s.finished.is_none() && !s.stop;
-            st.epoch = s.epoch;
-            st.acked_epoch = s.acked;
-            st.checkpoint_pause_us = Percentiles::of(&s.pauses_us);
-            if s.mode == Mode::Syncing {
-                st.copy_left = Some(s.sync_left);
-            }
-            drop(s);
-            st.output_commit_delay_us = Percentiles::of(&r.commit.delays_us());
-        }
-        if let Some(rep) = &self.replica {
-            st.epoch = rep.last_epoch().unwrap_or(0);
-            st.mode = Some(if rep.ready() { "ready" } else { "copying" }.to_string());
-        }
-        if let Ok(mut s) = self.status.lock() {
-            *s = st;
-        }
     }
 }

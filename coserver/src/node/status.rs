@@ -1,0 +1,89 @@
+//! What a CoServer reports: link alerts as links come and go, and the status the control
+//! API serves.
+
+use std::time::{Duration, Instant};
+
+use super::Node;
+use crate::control::{PeerStatus, Percentiles, Status};
+use crate::replication::primary::Mode;
+
+impl Node {
+    /// Alerts when a link is lost or restored.
+    pub(super) fn watch_links(&mut self, alive: bool) {
+        let status = self.links.status();
+        for (i, l) in status.iter().enumerate() {
+            if l.healthy {
+                if !self.link_was_healthy[i]
+                    && self
+                        .alerts
+                        .iter()
+                        .any(|a| a.contains(&format!("{} lost", l.name)))
+                {
+                    self.alert(format!("{} restored", l.name));
+                }
+                self.link_was_healthy[i] = true;
+            } else if self.link_was_healthy[i] {
+                self.link_was_healthy[i] = false;
+                if alive {
+                    self.alert(format!(
+                        "{} lost ({} -> {}); the pair carries on over the others",
+                        l.name, l.local, l.peer
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Publishes this node's status for the control API.
+    pub(super) fn publish_status(&mut self, alive: bool) {
+        let links = self.links.status();
+        let sent: u64 = links.iter().map(|l| l.bytes_out).sum();
+        let (t, _, rate) = self.bytes_sample;
+        if t.elapsed() >= Duration::from_secs(1) {
+            let (_, before, _) = self.bytes_sample;
+            let r = ((sent - before.min(sent)) as f64 / t.elapsed().as_secs_f64()) as u64;
+            self.bytes_sample = (Instant::now(), sent, r);
+        } else {
+            self.bytes_sample.2 = rate;
+        }
+        let mut st = Status {
+            node: self.cfg.node.clone(),
+            role: self.role.name().to_string(),
+            arbiter: self.arbiter.describe(),
+            generation: self.known.get(),
+            peer: PeerStatus {
+                name: self.peer_name.clone(),
+                role: self.peer_role.map(|r| r.name().to_string()),
+                alive,
+                last_heard_ms: self
+                    .links
+                    .last_heard()
+                    .map(|t| t.elapsed().as_millis() as u64),
+            },
+            links,
+            replication_bytes_per_s: self.bytes_sample.2,
+            alerts: self.alerts.clone(),
+            ..Status::default()
+        };
+        if let Some(r) = &self.running {
+            let s = r.shared.lock();
+            st.mode = Some(s.mode.name().to_string());
+            st.guest_running = s.finished.is_none() && !s.stop;
+            st.epoch = s.epoch;
+            st.acked_epoch = s.acked;
+            st.checkpoint_pause_us = Percentiles::of(&s.pauses_us);
+            if s.mode == Mode::Syncing {
+                st.copy_left = Some(s.sync_left);
+            }
+            drop(s);
+            st.output_commit_delay_us = Percentiles::of(&r.commit.delays_us());
+        }
+        if let Some(rep) = &self.replica {
+            st.epoch = rep.last_epoch().unwrap_or(0);
+            st.mode = Some(if rep.ready() { "ready" } else { "copying" }.to_string());
+        }
+        if let Ok(mut s) = self.status.lock() {
+            *s = st;
+        }
+    }
+}
