@@ -178,7 +178,9 @@ fn a_tcp_client_keeps_its_connection_and_every_acknowledged_set_across_failover(
     });
     let ((acked, worst), a_after) = client;
     drop(a_after);
-    println!("client outage across the failover (longest SET): {worst:?}; {acked} SETs acknowledged and read back");
+    let line = format!("primary SIGKILL: client outage across the failover (longest SET) {worst:?}; {acked} SETs acknowledged and read back");
+    println!("{line}");
+    report(&line);
     assert_eq!(b.wait(LIMIT), Some(0), "B:\n{}", b.log());
 }
 

@@ -98,3 +98,17 @@ pub fn assert_clean_error(o: &Outcome, needle: &str) {
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// Adds `line` to the test report that `scripts/test` prints after the summary (test
+/// output is otherwise only shown for failing tests).
+pub fn report(line: &str) {
+    use std::io::Write;
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ftvm-test-report.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
