@@ -12,49 +12,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use pair::{field, wait_until, write_config, CoServer, GuestSpec, PairNet, GUEST_IP};
+use pair::{
+    field, protected_pair, setup, spec, wait_until, write_config, CoServer, COUNTER, GUEST_IP,
+    LIMIT,
+};
 
-const LIMIT: Duration = Duration::from_secs(60);
-/// 20 ms heartbeats, peer lost after 200 ms: clear of false failovers on a loaded
-/// machine running other tests.
-const HEARTBEAT: (u64, u32) = (20, 10);
-
-/// Starts A, waits until it runs the guest, starts B and waits until the pair is
-/// protected.
-fn protected_pair(net: &PairNet, dir: &std::path::Path, guest: &GuestSpec) -> (CoServer, CoServer) {
-    let ca = write_config(dir, 0, guest);
-    let cb = write_config(dir, 1, guest);
-    let a = CoServer::start("a", &net.ns[0], &ca);
-    assert!(
-        wait_until(LIMIT, || field(&a.status(), "role") == "primary"),
-        "A never became primary:\n{}",
-        a.log()
-    );
-    let b = CoServer::start("b", &net.ns[1], &cb);
-    assert!(
-        wait_until(LIMIT, || field(&a.status(), "mode") == "protected"
-            && field(&b.status(), "mode") == "ready"),
-        "the pair never became protected:\nA:\n{}\nB:\n{}",
-        a.log(),
-        b.log()
-    );
-    (a, b)
-}
-
-/// The guest `cmdline` with a disk replica of `disk_mib` MiB (0: none) and, if
-/// `network`, a tap on each host.
-fn spec(cmdline: &str, disk_mib: u64, network: bool) -> GuestSpec {
-    GuestSpec {
-        cmdline: cmdline.into(),
-        disk_mib,
-        network,
-        heartbeat: HEARTBEAT,
-        epoch_ms: 10,
-    }
-}
-
-/// A counter guest that runs for about ten seconds.
-const COUNTER: &str = "workload=counter pages=800 steps=400 tick_ms=25";
 /// A disk guest long enough to pause a node, fail over and copy again while it runs
 /// (about twelve seconds, pacing its requests).
 const LONG_DISK: &str = "workload=disk blocks=3072 batch=1 pace_us=2000 progress=256";
@@ -77,14 +39,6 @@ fn solo_console(dir: &std::path::Path, cmdline: &str, disk_mib: u64) -> String {
     ]);
     assert_eq!(solo.code, 0, "{}", solo.stderr);
     solo.console
-}
-
-fn setup(test: &str, tag: &str) -> Option<(PairNet, tempfile::TempDir)> {
-    if !kvm_available(test) || !root_available(test) {
-        return None;
-    }
-    let net = PairNet::create(test, tag)?;
-    Some((net, tempfile::tempdir().unwrap()))
 }
 
 #[test]
@@ -568,66 +522,4 @@ fn a_coserver_refuses_to_start_without_its_tap() {
         !err.contains("looking for a peer"),
         "checked before starting: {err}"
     );
-}
-
-#[test]
-fn garbage_truncated_replayed_and_wrongly_keyed_frames_on_a_link_port_are_counted_and_harmless() {
-    use ftvm_coserver::link::frame::Codec;
-    use ftvm_coserver::protocol::{Message, Role};
-    let Some((net, dir)) = setup("pair_garbage", "g") else {
-        return;
-    };
-    let (a, b) = protected_pair(&net, dir.path(), &spec(COUNTER, 0, false));
-    let counters = |key: &str| -> u64 {
-        b.status()
-            .and_then(|s| s["links"][0][key].as_u64())
-            .unwrap_or(0)
-    };
-    let before: Vec<u64> = ["bad_frames", "auth_failures", "replayed"]
-        .iter()
-        .map(|k| counters(k))
-        .collect();
-    // From host A's side of link 0 to B's listening end.
-    net.in_ns(0, || {
-        let target = "10.1.1.2:7100";
-        let key = b"pair-test-key-0123456789";
-        let connect = || TcpStream::connect(target).expect("connect to the link port");
-        connect().write_all(&[0x5a; 200]).unwrap();
-        let forged = Codec::new(b"not-the-pair-key-at-all").encode(7, 1, &Message::Join.encode());
-        connect().write_all(&forged).unwrap();
-        let whole = Codec::new(key).encode(7, 1, &Message::Join.encode());
-        let mut cut = connect();
-        cut.write_all(&whole[..whole.len() / 2]).unwrap();
-        drop(cut);
-        // An authentic heartbeat, as if captured from the link, sent twice.
-        let ping = Message::Ping {
-            sent_us: 1,
-            role: Role::Primary,
-            generation: 1,
-        };
-        let captured = Codec::new(key).encode(7, 0, &ping.encode());
-        let mut replay = connect();
-        replay.write_all(&captured).unwrap();
-        replay.write_all(&captured).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-    });
-    let counted = wait_until(LIMIT, || {
-        counters("bad_frames") >= before[0] + 2
-            && counters("auth_failures") > before[1]
-            && counters("replayed") > before[2]
-    });
-    assert!(counted, "{}", b.status_text());
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(
-        field(&a.status(), "mode"),
-        "protected",
-        "{}",
-        a.status_text()
-    );
-    assert_eq!(field(&b.status(), "mode"), "ready", "{}", b.status_text());
-    let running = a
-        .status()
-        .and_then(|s| s.get("guest_running").and_then(|v| v.as_bool()));
-    assert_eq!(running, Some(true));
-    println!("{}", b.status_text());
 }

@@ -13,6 +13,8 @@
 //!
 //! Run with `cargo bench -p ftvm-coserver --bench pair` (see docs/PERFORMANCE.md).
 
+#[path = "../../tests/common/mod.rs"]
+mod common;
 #[path = "../../tests/common/pair.rs"]
 mod pair;
 
@@ -22,9 +24,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ftvm_coserver::netns;
-use pair::{field, wait_until, write_config, CoServer, GuestSpec, PairNet, GUEST_IP};
-
-const LIMIT: Duration = Duration::from_secs(60);
+use pair::{field, protected_pair, wait_until, CoServer, GuestSpec, PairNet, GUEST_IP, LIMIT};
 
 /// A workload whose progress rate is measured between two console lines.
 struct Progress {
@@ -71,24 +71,8 @@ fn spec(cmdline: &str, disk_mib: u64, network: bool, epoch_ms: u64) -> GuestSpec
         network,
         heartbeat: (20, 10),
         epoch_ms,
+        b_disk_dir: None,
     }
-}
-
-fn protected(net: &PairNet, dir: &std::path::Path, g: &GuestSpec) -> (CoServer, CoServer) {
-    let a = CoServer::start("a", &net.ns[0], &write_config(dir, 0, g));
-    assert!(
-        wait_until(LIMIT, || field(&a.status(), "role") == "primary"),
-        "{}",
-        a.log()
-    );
-    let b = CoServer::start("b", &net.ns[1], &write_config(dir, 1, g));
-    assert!(
-        wait_until(LIMIT, || field(&a.status(), "mode") == "protected"),
-        "A:\n{}\nB:\n{}",
-        a.log(),
-        b.log()
-    );
-    (a, b)
 }
 
 /// The rate of `w` run alone (`ftvm run`), from the arrival times of its two lines.
@@ -249,7 +233,7 @@ fn main() {
     for w in [&COUNTER, &DISK] {
         let solo = standalone_rate(w);
         let dir = tempfile::tempdir().expect("tempdir");
-        let (a, b) = protected(&net, dir.path(), &spec(w.cmdline, w.disk_mib, false, 10));
+        let (a, b) = protected_pair(&net, dir.path(), &spec(w.cmdline, w.disk_mib, false, 10));
         let rate = pair_rate(&a, w);
         ratio_row(w.name, w.unit, solo, rate);
         drop((a, b));
@@ -257,7 +241,7 @@ fn main() {
     let solo = standalone_kv_rate(&net);
     let dir = tempfile::tempdir().expect("tempdir");
     let kv_guest = spec(&format!("workload=net ip={GUEST_IP}/24"), 8, true, 10);
-    let (a, b) = protected(&net, dir.path(), &kv_guest);
+    let (a, b) = protected_pair(&net, dir.path(), &kv_guest);
     let rate = kv_rate(&net);
     ratio_row(
         "TCP key-value SETs, one client, one at a time (each waits for its epoch's acknowledgement)",
@@ -271,7 +255,7 @@ fn main() {
     let solo = standalone_rate(&COUNTER);
     for epoch_ms in [5u64, 10, 20, 50] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (a, b) = protected(&net, dir.path(), &spec(COUNTER.cmdline, 0, false, epoch_ms));
+        let (a, b) = protected_pair(&net, dir.path(), &spec(COUNTER.cmdline, 0, false, epoch_ms));
         let rate = pair_rate(&a, &COUNTER);
         let st = a.status();
         println!(
@@ -286,7 +270,7 @@ fn main() {
 
     // An idle guest: pauses and replication traffic.
     let dir = tempfile::tempdir().expect("tempdir");
-    let (a, b) = protected(&net, dir.path(), &kv_guest);
+    let (a, b) = protected_pair(&net, dir.path(), &kv_guest);
     std::thread::sleep(Duration::from_secs(3));
     let st = a.status();
     println!(
@@ -366,7 +350,7 @@ fn takeover_run(
         heartbeat: (interval, misses),
         ..spec(&format!("workload=net ip={GUEST_IP}/24"), 8, true, 10)
     };
-    let (mut a, b) = protected(net, dir.path(), &g);
+    let (mut a, b) = protected_pair(net, dir.path(), &g);
     let (tx, rx) = std::sync::mpsc::channel();
     let client = std::thread::spawn({
         let ns = net.ns[2].clone();

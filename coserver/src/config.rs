@@ -145,17 +145,35 @@ impl HeartbeatConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicationConfig {
+    /// How the pair replicates: "checkpoint".
+    #[serde(default)]
+    pub mode: crate::protocol::ReplicationMode,
     /// Longest epoch in milliseconds (an epoch also ends early when the guest idles with
     /// output waiting).
     #[serde(default = "default_epoch")]
     pub epoch_ms: u64,
+    /// How long a primary waits for an acknowledgement before it treats the secondary
+    /// as lost (default: the heartbeat timeout).
+    pub ack_timeout_ms: Option<u64>,
 }
 
 impl Default for ReplicationConfig {
     fn default() -> Self {
         Self {
+            mode: Default::default(),
             epoch_ms: default_epoch(),
+            ack_timeout_ms: None,
         }
+    }
+}
+
+impl Config {
+    /// How long a primary waits for an acknowledgement before it treats the secondary
+    /// as lost.
+    pub fn ack_timeout(&self) -> Duration {
+        self.replication
+            .ack_timeout_ms
+            .map_or(self.heartbeat.timeout(), Duration::from_millis)
     }
 }
 
@@ -201,6 +219,14 @@ pub struct SecurityConfig {
     pub psk: Option<String>,
     /// A file holding the pre-shared key.
     pub psk_file: Option<PathBuf>,
+    /// Encrypt link traffic (the guest's memory and disk). Off only for a dedicated
+    /// cable between the hosts; links are authenticated either way.
+    #[serde(default = "default_true")]
+    pub encrypt: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_mem() -> u64 {
@@ -286,6 +312,14 @@ impl Config {
                 "replication.epoch_ms",
                 format!("{} is outside 1 to 1000", self.replication.epoch_ms),
             ));
+        }
+        if let Some(t) = self.replication.ack_timeout_ms {
+            if !(10..=60_000).contains(&t) {
+                return Err(bad(
+                    "replication.ack_timeout_ms",
+                    format!("{t} is outside 10 to 60000"),
+                ));
+            }
         }
         if !(16..=65536).contains(&self.guest.mem_mib) {
             return Err(bad(
@@ -389,6 +423,10 @@ psk = "0123456789abcdef"
         assert_eq!(c.guest.mem_mib, 128);
         assert_eq!(c.control.listen.ip().to_string(), "127.0.0.1");
         assert!(matches!(c.arbiter, ArbiterConfig::SharedStorage { .. }));
+        assert!(c.security.encrypt, "encrypted by default");
+        assert_eq!(c.ack_timeout(), Duration::from_millis(150));
+        let plain = parse(&GOOD.replace("[security]", "[security]\nencrypt = false")).unwrap();
+        assert!(!plain.security.encrypt);
     }
 
     #[test]
@@ -418,6 +456,17 @@ psk = "0123456789abcdef"
                 "unknown variant",
             ),
             (GOOD.replace("[host]", "[host]\ntap = \"tap0\""), "guest.ip"),
+            (
+                GOOD.replace("[security]", "[replication]\nmode = \"mirror\"\n[security]"),
+                "unknown variant",
+            ),
+            (
+                GOOD.replace(
+                    "[security]",
+                    "[replication]\nack_timeout_ms = 0\n[security]",
+                ),
+                "replication.ack_timeout_ms",
+            ),
             (
                 GOOD.replace("peer = \"127.0.0.1:7201\"", "peer = \"nowhere\""),
                 "invalid socket address",

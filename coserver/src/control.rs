@@ -106,6 +106,9 @@ pub struct Status {
     pub output_commit_delay_us: Percentiles,
     /// Replication bytes per second sent over all links (last second).
     pub replication_bytes_per_s: u64,
+    /// Acknowledgements rejected: for an epoch never sent, or of another copy.
+    #[serde(default)]
+    pub rejected_acks: u64,
     /// Pages and disk bytes still to copy to a joining secondary.
     pub copy_left: Option<(usize, u64)>,
     /// Alerts, oldest first.
@@ -192,17 +195,22 @@ pub fn render(s: &Status) -> String {
     out += &format!("arbiter: {} (generation {})\n", s.arbiter, s.generation);
     for l in &s.links {
         out += &format!(
-            "{}: {} -> {} {} rtt {} in {} out {} bad {} auth-fail {} replayed {}\n",
+            "{}: {} -> {} {} {} rtt {} in {} out {} bad {} auth-fail {} evicted {}\n",
             l.name,
             l.local,
             l.peer,
             if l.healthy { "up" } else { "DOWN" },
+            if l.encrypted {
+                "encrypted"
+            } else {
+                "authenticated"
+            },
             l.rtt_ms.map_or("-".into(), |r| format!("{r:.3} ms")),
             l.frames_in,
             l.frames_out,
             l.bad_frames,
             l.auth_failures,
-            l.replayed
+            l.evicted
         );
     }
     out += &format!(

@@ -6,10 +6,67 @@ use ftvm_vmm::PageBatch;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks; a peer with another is refused.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = crate::link::handshake::LINK_VERSION as u32;
 
-/// Largest message decoded (matches the frame limit).
-const MAX_MESSAGE: u64 = crate::link::frame::MAX_PAYLOAD as u64;
+/// Largest message encoded or decoded (sent in chunks).
+const MAX_MESSAGE: u64 = crate::link::frame::MAX_MESSAGE as u64;
+
+/// How the pair replicates the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReplicationMode {
+    /// Epochs of execution, each ended by a checkpoint the secondary acknowledges.
+    #[default]
+    Checkpoint,
+}
+
+impl ReplicationMode {
+    /// Its name in configurations and status.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReplicationMode::Checkpoint => "checkpoint",
+        }
+    }
+}
+
+/// What both CoServers of a pair must agree on about the guest; a peer whose shape
+/// differs is refused (a copy between them could never complete).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestShape {
+    /// Guest memory (MiB).
+    pub mem_mib: u64,
+    /// Size of each disk replica (bytes).
+    pub disk_bytes: Vec<u64>,
+    /// The replication mode.
+    pub mode: ReplicationMode,
+}
+
+impl GuestShape {
+    /// What differs between this node's shape and the peer's, in words; `None` if they
+    /// match.
+    pub fn mismatch(&self, peer: &GuestShape) -> Option<String> {
+        if self.mem_mib != peer.mem_mib {
+            return Some(format!(
+                "guest memory differs: peer guest.mem_mib = {}, this node {}",
+                peer.mem_mib, self.mem_mib
+            ));
+        }
+        if self.disk_bytes != peer.disk_bytes {
+            return Some(format!(
+                "disk replicas differ: peer has {:?} bytes, this node {:?} (host.disk must be the same size on both hosts)",
+                peer.disk_bytes, self.disk_bytes
+            ));
+        }
+        if self.mode != peer.mode {
+            return Some(format!(
+                "replication modes differ: peer replication.mode = {}, this node {}",
+                peer.mode.name(),
+                self.mode.name()
+            ));
+        }
+        None
+    }
+}
 
 /// A CoServer's role as its peer sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,14 +121,15 @@ pub enum Message {
         version: u32,
         /// Sender's node name.
         node: String,
+        /// The sender process's session (random per process): sequenced messages are
+        /// de-duplicated per session, and a new one means the peer restarted.
+        session: u64,
         /// Sender's role.
         role: Role,
         /// Highest arbiter generation the sender knows.
         generation: u64,
-        /// Guest memory of the sender's configuration.
-        mem_mib: u64,
-        /// Size of the sender's disk replica, if any.
-        disk_bytes: Option<u64>,
+        /// The guest as the sender's configuration describes it.
+        guest: GuestShape,
     },
     /// The sender refuses this peer (and closes the connection).
     Refuse {
@@ -147,10 +205,12 @@ pub enum Message {
         /// Epoch number.
         epoch: u64,
     },
-    /// The secondary holds checkpoint `epoch` completely.
+    /// The secondary holds checkpoint `epoch` completely, on top of copy `copy`.
     Ack {
         /// Epoch number.
         epoch: u64,
+        /// The full copy the secondary's replica descends from.
+        copy: u64,
     },
     /// The secondary cannot follow (a gap in epochs); it needs a new full copy.
     Resync {
@@ -185,11 +245,23 @@ fn codec() -> impl Options {
 #[error("undecodable message: {0}")]
 pub struct DecodeError(#[from] bincode::Error);
 
+/// A message too large to send (beyond [`crate::link::frame::MAX_MESSAGE`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{kind} message cannot be encoded: {source}")]
+pub struct EncodeError {
+    /// The message's kind.
+    pub kind: &'static str,
+    /// Cause (the size limit).
+    pub source: bincode::Error,
+}
+
 impl Message {
-    /// Encodes the message.
-    pub fn encode(&self) -> Vec<u8> {
-        // Encoding plain data with a limit above any message we build cannot fail.
-        codec().serialize(self).unwrap_or_default()
+    /// Encodes the message; one beyond the size limit is an error, never emptied.
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        codec().serialize(self).map_err(|source| EncodeError {
+            kind: self.kind(),
+            source,
+        })
     }
 
     /// Decodes a message; garbage is an error, never a panic.
@@ -241,7 +313,7 @@ mod tests {
             copy_messages: 3,
             outputs: vec![Output::Console(b"hi".to_vec())],
         };
-        assert_eq!(Message::decode(&m.encode()).unwrap(), m);
+        assert_eq!(Message::decode(&m.encode().unwrap()).unwrap(), m);
         assert!(Message::decode(&[0xff; 3]).is_err());
         assert!(Message::decode(&[]).is_err());
         // A huge length prefix is refused, not allocated.

@@ -11,6 +11,65 @@ use std::time::{Duration, Instant};
 
 use ftvm_coserver::netns::ip;
 
+use crate::common::{kvm_available, root_available};
+
+pub const LIMIT: Duration = Duration::from_secs(60);
+/// 20 ms heartbeats, peer lost after 200 ms: clear of false failovers on a loaded
+/// machine running other tests.
+pub const HEARTBEAT: (u64, u32) = (20, 10);
+
+/// Starts A, waits until it runs the guest, starts B and waits until the pair is
+/// protected.
+pub fn protected_pair(
+    net: &PairNet,
+    dir: &std::path::Path,
+    guest: &GuestSpec,
+) -> (CoServer, CoServer) {
+    let ca = write_config(dir, 0, guest);
+    let cb = write_config(dir, 1, guest);
+    let a = CoServer::start("a", &net.ns[0], &ca);
+    assert!(
+        wait_until(LIMIT, || field(&a.status(), "role") == "primary"),
+        "A never became primary:\n{}",
+        a.log()
+    );
+    let b = CoServer::start("b", &net.ns[1], &cb);
+    assert!(
+        wait_until(LIMIT, || field(&a.status(), "mode") == "protected"
+            && field(&b.status(), "mode") == "ready"),
+        "the pair never became protected:\nA:\n{}\nB:\n{}",
+        a.log(),
+        b.log()
+    );
+    (a, b)
+}
+
+/// The guest `cmdline` with a disk replica of `disk_mib` MiB (0: none) and, if
+/// `network`, a tap on each host.
+pub fn spec(cmdline: &str, disk_mib: u64, network: bool) -> GuestSpec {
+    GuestSpec {
+        cmdline: cmdline.into(),
+        disk_mib,
+        network,
+        heartbeat: HEARTBEAT,
+        epoch_ms: 10,
+        b_disk_dir: None,
+    }
+}
+
+/// A counter guest that runs for about ten seconds.
+pub const COUNTER: &str = "workload=counter pages=800 steps=400 tick_ms=25";
+
+/// Checks KVM and root, builds the namespaces and a temporary directory, or says why
+/// the test skips.
+pub fn setup(test: &str, tag: &str) -> Option<(PairNet, tempfile::TempDir)> {
+    if !kvm_available(test) || !root_available(test) {
+        return None;
+    }
+    let net = PairNet::create(test, tag)?;
+    Some((net, tempfile::tempdir().unwrap()))
+}
+
 /// The guest's address on the LAN.
 pub const GUEST_IP: &str = "10.0.99.2";
 
@@ -150,13 +209,19 @@ pub struct GuestSpec {
     pub heartbeat: (u64, u32),
     /// Longest epoch (ms).
     pub epoch_ms: u64,
+    /// Where node B keeps its disk replica, if not in the test's directory (a
+    /// filesystem the test can freeze).
+    pub b_disk_dir: Option<PathBuf>,
 }
 
 /// Writes the configuration of node `name` (index 0 = A, 1 = B) into `dir`.
 pub fn write_config(dir: &Path, index: usize, guest: &GuestSpec) -> PathBuf {
     let name = ["a", "b"][index];
     let (me, peer) = if index == 0 { (1, 2) } else { (2, 1) };
-    let disk = dir.join(format!("disk-{name}.img"));
+    let disk = match (&guest.b_disk_dir, index) {
+        (Some(d), 1) => d.join(format!("disk-{name}.img")),
+        _ => dir.join(format!("disk-{name}.img")),
+    };
     let mut host = format!(
         "state_dir = \"{}\"\n",
         dir.join(format!("state-{name}")).display()
@@ -239,7 +304,10 @@ impl CoServer {
                 "--config",
             ])
             .arg(config)
-            .env("FTVM_LOG", "info")
+            .env(
+                "FTVM_LOG",
+                std::env::var("FTVM_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -289,6 +357,20 @@ impl CoServer {
         self.ctl_status(&[])
             .map(|o| String::from_utf8_lossy(&o).into_owned())
             .unwrap_or_default()
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Its resident memory (KiB), from /proc.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
     /// Kills it with SIGKILL.

@@ -15,7 +15,7 @@
 //! ```
 
 use std::path::Path;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,10 +27,10 @@ mod status;
 use crate::arbiter::{Arbiter, Claim, KnownGeneration};
 use crate::config::{ArbiterConfig, Config};
 use crate::control::{self, Status};
-use crate::link::{Event, Links, LocalInfo};
-use crate::protocol::{Message, Role};
+use crate::link::{Event, Events, LinkOptions, Links, LocalInfo, RecvError};
+use crate::protocol::{GuestShape, Message, Role};
 use crate::replication::commit::Commit;
-use crate::replication::primary::{Mode, Shared};
+use crate::replication::primary::{AckOutcome, Mode, Shared};
 use crate::replication::secondary::{IncompleteMarker, Replica, Staged};
 
 /// Errors that stop a CoServer.
@@ -64,7 +64,7 @@ struct Running {
 struct Node {
     cfg: Config,
     links: Links,
-    events: Receiver<Event>,
+    events: Events,
     out: Sender<Message>,
     arbiter: Arbiter,
     known: KnownGeneration,
@@ -86,6 +86,8 @@ struct Node {
     status: Arc<Mutex<Status>>,
     bytes_sample: (Instant, u64, u64),
     exit_code: Option<i32>,
+    /// When this secondary last asked for a copy and has not seen it begin.
+    join_sent: Option<Instant>,
 }
 
 /// Runs a CoServer until its guest powers off; returns the process exit code.
@@ -103,33 +105,39 @@ pub fn run(config_path: &Path) -> Result<i32, NodeError> {
         None => None,
     };
     let disk_bytes = match &cfg.host.disk {
-        Some(p) => Some(
-            std::fs::metadata(p)
-                .map_err(|e| NodeError::Guest(format!("disk replica {}: {e}", p.display())))?
-                .len(),
-        ),
-        None => None,
+        Some(p) => vec![std::fs::metadata(p)
+            .map_err(|e| NodeError::Guest(format!("disk replica {}: {e}", p.display())))?
+            .len()],
+        None => Vec::new(),
     };
     let status = Arc::new(Mutex::new(Status::default()));
     control::serve(cfg.control.listen, status.clone())?;
     let (links, events) = Links::start(
         &cfg.links,
-        &key,
+        LinkOptions {
+            psk: key,
+            encrypt: cfg.security.encrypt,
+            interval: cfg.heartbeat.interval(),
+            timeout: cfg.heartbeat.timeout(),
+        },
         LocalInfo {
             node: cfg.node.clone(),
             role: Role::Starting,
             generation: known.get(),
-            mem_mib: cfg.guest.mem_mib,
-            disk_bytes,
+            guest: GuestShape {
+                mem_mib: cfg.guest.mem_mib,
+                disk_bytes,
+                mode: cfg.replication.mode,
+            },
         },
-        cfg.heartbeat.interval(),
-        cfg.heartbeat.timeout(),
     )?;
     let (out, out_rx) = mpsc::channel::<Message>();
     let sender = links.clone();
     std::thread::spawn(move || {
         for msg in out_rx {
-            sender.send(&msg);
+            if let Err(e) = sender.send(&msg) {
+                tracing::error!("not sent: {e}");
+            }
         }
     });
     tracing::info!(node = %cfg.node, "CoServer starting; looking for a peer");
@@ -155,6 +163,7 @@ pub fn run(config_path: &Path) -> Result<i32, NodeError> {
         status,
         bytes_sample: (Instant::now(), 0, 0),
         exit_code: None,
+        join_sent: None,
     };
     node.event_loop()
 }
@@ -174,13 +183,13 @@ impl Node {
             }
             match ev {
                 Ok(ev) => self.handle(ev)?,
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return Ok(125),
+                Err(RecvError::Timeout) => {}
+                Err(RecvError::Closed) => return Ok(125),
             }
             self.tick()?;
             if let Some(code) = self.exit_code {
-                // Let the last messages (the pair's end) leave.
-                std::thread::sleep(self.cfg.heartbeat.interval() * 2);
+                // Let the last messages (the pair's end) leave, then close the links.
+                self.links.drain(self.cfg.heartbeat.timeout());
                 self.links.shutdown();
                 return Ok(code);
             }
@@ -223,7 +232,7 @@ impl Node {
                 self.alert(format!(
                     "the primary won the arbiter (generation {g}) while this node was not heard: asking for a new copy"
                 ));
-                let _ = self.out.send(Message::Join);
+                self.send_join();
             }
             Role::Starting | Role::Fenced => {}
         }
@@ -259,17 +268,25 @@ impl Node {
             self.marker.clone(),
         )?);
         self.set_role(Role::Secondary);
-        let _ = self.out.send(Message::Join);
+        self.send_join();
         Ok(())
     }
 
-    /// A secondary needs a (new) full copy: outputs are no longer held for it.
+    /// Asks the primary for a full copy (again after the acknowledgement timeout if the
+    /// copy does not begin: the Join may have been lost with a connection).
+    fn send_join(&mut self) {
+        let _ = self.out.send(Message::Join);
+        self.join_sent = Some(Instant::now());
+    }
+
+    /// A secondary needs a (new) full copy: outputs are no longer held for it. Mode and
+    /// output holding change together under the state's lock.
     fn restart_copy(&mut self) {
         if let Some(r) = &self.running {
-            r.commit.set_holding(false);
             let mut s = r.shared.lock();
-            s.mode = Mode::Degraded;
+            s.degrade();
             s.join_requested = true;
+            r.commit.set_holding(false);
         }
     }
 
@@ -284,31 +301,12 @@ impl Node {
                 node,
                 role,
                 generation,
-                mem_mib,
-                disk_bytes,
             } => {
-                let mine = self
-                    .cfg
-                    .host
-                    .disk
-                    .as_ref()
-                    .and_then(|p| std::fs::metadata(p).ok())
-                    .map(|m| m.len());
-                if disk_bytes != mine {
-                    self.alert(format!(
-                        "peer {node} has a disk replica of {disk_bytes:?} bytes, this node {mine:?}"
-                    ));
-                }
-                if mem_mib != self.cfg.guest.mem_mib {
-                    self.alert(format!(
-                        "peer {node} configures {mem_mib} MiB of guest memory, this node {}",
-                        self.cfg.guest.mem_mib
-                    ));
-                }
                 self.peer_name = Some(node);
                 self.peer_role = Some(role);
                 self.learn_generation(generation)?;
             }
+            Event::Refused { reason } => self.alert_once(reason),
             Event::Heartbeat { role, generation } => {
                 self.peer_role = Some(role);
                 self.learn_generation(generation)?;
@@ -326,23 +324,27 @@ impl Node {
                 self.alert(format!("secondary asks for a new copy: {reason}"));
                 self.restart_copy();
             }
-            (Role::Primary, Message::Ack { epoch }) => {
+            (Role::Primary, Message::Ack { epoch, copy }) => {
                 if let Some(r) = &self.running {
-                    let protected = {
-                        let mut s = r.shared.lock();
-                        s.acked = s.acked.max(epoch);
-                        let now_protected =
-                            s.mode == Mode::AwaitingFullAck && epoch >= s.full_epoch;
-                        if now_protected {
-                            s.mode = Mode::Protected;
+                    let outcome = r.shared.lock().ack(epoch, copy);
+                    match outcome {
+                        AckOutcome::Accepted { protected } => {
+                            r.commit.acked(epoch);
+                            r.shared.notify();
+                            let _ = self.out.send(Message::Released { epoch });
+                            if protected {
+                                self.alert(
+                                    "secondary holds a full copy: the pair is protected".into(),
+                                );
+                            }
                         }
-                        now_protected
-                    };
-                    r.commit.acked(epoch);
-                    r.shared.notify();
-                    let _ = self.out.send(Message::Released { epoch });
-                    if protected {
-                        self.alert("secondary holds a full copy: the pair is protected".into());
+                        AckOutcome::Rejected => {
+                            tracing::warn!(
+                                epoch,
+                                copy,
+                                "acknowledgement of no checkpoint sent rejected"
+                            );
+                        }
                     }
                 }
             }
@@ -363,7 +365,10 @@ impl Node {
             return Ok(());
         };
         let result = match msg {
-            Message::CopyStart { copy } => replica.start_copy(copy),
+            Message::CopyStart { copy } => {
+                self.join_sent = None;
+                replica.start_copy(copy)
+            }
             Message::SyncPages { copy, index, pages } => replica.copy_pages(copy, index, &pages),
             Message::SyncDisk { copy, index, write } => replica.copy_disk(copy, index, &write),
             Message::Checkpoint {
@@ -395,7 +400,8 @@ impl Node {
                         Ok(())
                     }
                     Ok(true) => {
-                        let _ = self.out.send(Message::Ack { epoch });
+                        let copy = if full { copy } else { replica.copy_id() };
+                        let _ = self.out.send(Message::Ack { epoch, copy });
                         let was_ready = replica.ready();
                         let r = replica.apply(staged);
                         if r.is_ok() && full && !was_ready {
@@ -432,6 +438,7 @@ impl Node {
             let _ = self.out.send(Message::Resync {
                 reason: e.to_string(),
             });
+            self.join_sent = Some(Instant::now());
         }
         Ok(())
     }
@@ -541,7 +548,21 @@ impl Node {
             });
             return Ok(());
         }
-        if alive || mode == Mode::Degraded {
+        if mode == Mode::Degraded {
+            return Ok(());
+        }
+        let late = r.shared.lock().oldest_unacked();
+        if let Some((epoch, waited)) = late.filter(|(_, w)| *w > self.cfg.ack_timeout()) {
+            // Heard, but not acknowledging (its apply path is stuck, or the checkpoint
+            // was lost with every connection): handled like a lost secondary, so the
+            // guest never waits for good.
+            self.alert(format!(
+                "secondary has not acknowledged checkpoint {epoch} for {} ms: asking the arbiter",
+                waited.as_millis()
+            ));
+            return self.primary_lost_peer();
+        }
+        if alive {
             return Ok(());
         }
         // The secondary is silent on every link (also during a copy: it may be alive
@@ -582,9 +603,11 @@ impl Node {
 
     fn degrade(&mut self, why: String) {
         if let Some(r) = &self.running {
-            r.shared.lock().mode = Mode::Degraded;
+            let mut s = r.shared.lock();
+            s.degrade();
             r.commit.set_recording(false);
             r.commit.set_holding(false);
+            drop(s);
             r.shared.notify();
         }
         self.alert(why);
@@ -605,6 +628,13 @@ impl Node {
 
     fn tick_secondary(&mut self, alive: bool) -> Result<(), NodeError> {
         if alive {
+            if self
+                .join_sent
+                .is_some_and(|t| t.elapsed() > self.cfg.ack_timeout())
+            {
+                tracing::info!("the copy has not begun: asking the primary again");
+                self.send_join();
+            }
             return Ok(());
         }
         let ready = self.replica.as_ref().is_some_and(Replica::ready);

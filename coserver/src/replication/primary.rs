@@ -3,7 +3,7 @@
 //! hand the checkpoint to the sender. While a secondary joins it also copies memory and
 //! disk to it in chunks between epochs, re-sending what the guest changes meanwhile.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -67,6 +67,12 @@ pub struct PrimaryState {
     pub epoch: u64,
     /// The completing epoch of the current copy.
     pub full_epoch: u64,
+    /// The current copy's identifier (the epoch at which it began).
+    pub copy: u64,
+    /// Checkpoints sent and not yet acknowledged: (epoch, when sent), oldest first.
+    pub unacked: VecDeque<(u64, Instant)>,
+    /// Acknowledgements rejected (an epoch never sent, or another copy).
+    pub rejected_acks: u64,
     /// Stop the guest (fenced or shutting down).
     pub stop: bool,
     /// Checkpoint pauses (µs), recent.
@@ -94,6 +100,9 @@ impl Shared {
                 acked: 0,
                 epoch: 0,
                 full_epoch: 0,
+                copy: 0,
+                unacked: VecDeque::new(),
+                rejected_acks: 0,
                 stop: false,
                 pauses_us: Vec::new(),
                 sync_left: (0, 0),
@@ -111,6 +120,54 @@ impl Shared {
     /// Wakes the epoch loop (after an acknowledgement or a mode change).
     pub fn notify(&self) {
         self.cv.notify_all();
+    }
+}
+
+/// What an acknowledgement means to the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// It acknowledges sent checkpoints up to its epoch.
+    Accepted {
+        /// It completed the copy: the pair is protected now.
+        protected: bool,
+    },
+    /// For an epoch never sent, of another copy, or while no checkpoint is awaited.
+    Rejected,
+}
+
+impl PrimaryState {
+    /// Takes `Ack{epoch, copy}`: accepted only for a checkpoint of the current copy that
+    /// was sent.
+    pub fn ack(&mut self, epoch: u64, copy: u64) -> AckOutcome {
+        let waiting = matches!(self.mode, Mode::AwaitingFullAck | Mode::Protected);
+        if !waiting || copy != self.copy || epoch < self.full_epoch || epoch > self.epoch {
+            self.rejected_acks += 1;
+            return AckOutcome::Rejected;
+        }
+        if !self.unacked.iter().any(|(e, _)| *e == epoch) && epoch > self.acked {
+            self.rejected_acks += 1;
+            return AckOutcome::Rejected;
+        }
+        self.acked = self.acked.max(epoch);
+        while self.unacked.front().is_some_and(|(e, _)| *e <= epoch) {
+            self.unacked.pop_front();
+        }
+        let protected = self.mode == Mode::AwaitingFullAck;
+        if protected {
+            self.mode = Mode::Protected;
+        }
+        AckOutcome::Accepted { protected }
+    }
+
+    /// How long the oldest unacknowledged checkpoint has waited, and its epoch.
+    pub fn oldest_unacked(&self) -> Option<(u64, Duration)> {
+        self.unacked.front().map(|(e, t)| (*e, t.elapsed()))
+    }
+
+    /// No secondary any more: nothing is awaited.
+    pub fn degrade(&mut self) {
+        self.mode = Mode::Degraded;
+        self.unacked.clear();
     }
 }
 
@@ -199,6 +256,10 @@ impl EpochLoop {
             } else if matches!(mode, Mode::AwaitingFullAck | Mode::Protected) {
                 let state = self.vm.capture_state()?;
                 let pages = self.vm.read_pages(dirty.iter())?;
+                self.shared
+                    .lock()
+                    .unacked
+                    .push_back((epoch, Instant::now()));
                 self.send(Message::Checkpoint {
                     epoch,
                     full: false,
@@ -238,6 +299,7 @@ impl EpochLoop {
             pages = pages.len(),
             "copying the guest to a joining secondary"
         );
+        self.shared.lock().copy = id;
         self.send(Message::CopyStart { copy: id });
         Ok(Copy {
             id,
@@ -291,6 +353,20 @@ impl EpochLoop {
         }
         let state = self.vm.capture_state()?;
         let pages = self.vm.read_pages(std::mem::take(&mut c.pages))?;
+        // Awaited before it is sent: its acknowledgement may come back at once. Mode
+        // and output holding change under the state's lock (the node degrades under
+        // it too), so they never disagree.
+        {
+            let mut s = self.shared.lock();
+            if s.mode != Mode::Syncing {
+                // The node degraded meanwhile: the copy is abandoned.
+                return Ok(true);
+            }
+            s.full_epoch = epoch;
+            s.mode = Mode::AwaitingFullAck;
+            s.unacked.push_back((epoch, Instant::now()));
+            self.commit.set_holding(true);
+        }
         self.send(Message::Checkpoint {
             epoch,
             full: true,
@@ -303,12 +379,6 @@ impl EpochLoop {
             // Outputs of the copy's epochs were released at once (degraded).
             outputs: Vec::new(),
         });
-        {
-            let mut s = self.shared.lock();
-            s.full_epoch = epoch;
-            s.mode = Mode::AwaitingFullAck;
-        }
-        self.commit.set_holding(true);
         tracing::info!(
             epoch,
             "copy complete; waiting for the secondary's acknowledgement"

@@ -177,6 +177,8 @@ pub struct Replica {
     /// The copy in progress (its start seen), so a completing checkpoint yields a whole
     /// replica.
     copying: Option<u64>,
+    /// The full copy the applied state descends from.
+    copy_id: u64,
     /// The next copy message's index.
     copy_next: u64,
     /// Frames the primary's guest received after the last applied checkpoint.
@@ -229,6 +231,7 @@ impl Replica {
             last_epoch: None,
             ready: false,
             copying: None,
+            copy_id: 0,
             copy_next: 0,
             inbound: Vec::new(),
             unreleased: Vec::new(),
@@ -243,6 +246,11 @@ impl Replica {
     /// The last epoch applied.
     pub fn last_epoch(&self) -> Option<u64> {
         self.last_epoch
+    }
+
+    /// The full copy the applied state descends from (named in acknowledgements).
+    pub fn copy_id(&self) -> u64 {
+        self.copy_id
     }
 
     /// A new copy begins (or the replica fell behind): it cannot take over until the
@@ -415,6 +423,7 @@ impl Replica {
         }
         if staged.full {
             self.marker.clear()?;
+            self.copy_id = staged.copy;
         }
         self.ready = true;
         self.copying = None;

@@ -1,0 +1,312 @@
+//! Links over real loopback TCP: redundancy, the handshake against strangers, replays
+//! and reflections, guests that do not match, bounds before authentication, and large
+//! messages next to heartbeats.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use super::blocking::{self, BlockingError};
+use super::frame::Plain;
+use super::handshake::{Opening, OPENING_LEN};
+use super::test_support::*;
+use super::*;
+use crate::protocol::PROTOCOL_VERSION;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn healthy(l: &[LinkStatus]) -> usize {
+    l.iter().filter(|s| s.healthy).count()
+}
+
+/// Two connected link sets: x listens on both links, y dials.
+fn connected(encrypt: bool) -> ((Links, Events), (Links, Events)) {
+    let (xc, yc) = pair_configs();
+    let x = Links::start(&xc, options(KEY, encrypt), local("x", 64)).unwrap();
+    let y = Links::start(&yc, options(KEY, encrypt), local("y", 64)).unwrap();
+    assert!(wait_status(&x.0, |s| healthy(s) == 2), "{:?}", x.0.status());
+    assert!(wait_status(&y.0, |s| healthy(s) == 2), "{:?}", y.0.status());
+    (x, y)
+}
+
+#[test]
+fn dedup_accepts_each_sequence_once_and_resets_per_session() {
+    let mut d = Dedup::default();
+    assert!(d.fresh(1, 1));
+    assert!(d.fresh(1, 3));
+    assert!(!d.fresh(1, 1));
+    assert!(d.fresh(1, 2), "late but unseen");
+    assert!(!d.fresh(1, 3));
+    assert!(d.fresh(2, 1), "a restarted peer starts again");
+    assert!(!d.fresh(2, 1));
+    assert!(d.fresh(2, u64::MAX));
+    assert!(!d.fresh(2, 5), "far below the window");
+}
+
+#[test]
+fn a_message_sent_on_two_links_arrives_once_and_links_measure_round_trips() {
+    for encrypt in [true, false] {
+        let ((x, _xrx), (y, mut yrx)) = connected(encrypt);
+        assert_eq!(x.send(&Message::Join).unwrap(), 2, "queued on both links");
+        assert_eq!(
+            next_message(&mut yrx, Duration::from_secs(5)),
+            Some(Message::Join)
+        );
+        assert_eq!(
+            next_message(&mut yrx, ms(300)),
+            None,
+            "the second copy is dropped"
+        );
+        assert!(wait_status(&x, |s| s.iter().all(|l| l.rtt_ms.is_some())));
+        assert!(x.status().iter().all(|l| l.encrypted == encrypt));
+        x.shutdown();
+        y.shutdown();
+    }
+}
+
+#[test]
+fn a_message_larger_than_a_frame_arrives_whole_while_heartbeats_keep_the_link_alive() {
+    let ((x, _xrx), (y, mut yrx)) = connected(true);
+    // Incompressible bytes, many chunks.
+    let mut data = vec![0u8; 48 << 20];
+    handshake::fill_random(&mut data);
+    let big = Message::Inbound {
+        epoch: 7,
+        frame: data,
+    };
+    let started = Instant::now();
+    assert_eq!(x.send(&big).unwrap(), 2);
+    let mut worst = Duration::ZERO;
+    let mut got = None;
+    while got.is_none() && started.elapsed() < Duration::from_secs(30) {
+        if let Some(t) = y.last_heard() {
+            worst = worst.max(t.elapsed());
+        }
+        got = next_message(&mut yrx, ms(5));
+    }
+    assert_eq!(got.as_ref(), Some(&big), "split into chunks, joined whole");
+    assert!(
+        worst < Duration::from_millis(500),
+        "the receiver heard nothing for {worst:?} during the transfer"
+    );
+    assert_eq!(healthy(&y.status()), 2, "{:?}", y.status());
+    x.shutdown();
+    y.shutdown();
+}
+
+#[test]
+fn strangers_garbage_and_wrong_keys_are_counted_and_refused_not_fatal() {
+    let ((x, mut xrx), (y, _yrx)) = connected(true);
+    let target: std::net::SocketAddr = x.status()[0].local.parse().unwrap();
+    let connects = x.status()[0].connects;
+    // Garbage: not an opening at all (a frame header announcing 256 MiB, then bytes).
+    let mut s = TcpStream::connect(target).unwrap();
+    let mut junk = (256u32 << 20).to_le_bytes().to_vec();
+    junk.extend_from_slice(&[0x5a; 100]);
+    s.write_all(&junk).unwrap();
+    assert!(
+        wait_status(&x, |l| l[0].bad_frames >= 1),
+        "{:?}",
+        x.status()
+    );
+    // A well-formed handshake under another key.
+    let s = TcpStream::connect(target).unwrap();
+    let r = blocking::dial(s, b"not-the-pair-key-at-all", true, 0);
+    assert!(r.is_err(), "a wrong key completes no handshake");
+    assert!(
+        wait_status(&x, |l| l[0].auth_failures >= 1),
+        "{:?}",
+        x.status()
+    );
+    // A wrong protocol version is refused, with the reason in the log.
+    let mut s = TcpStream::connect(target).unwrap();
+    let old = Opening {
+        version: 2,
+        ..Opening::new(true, 0)
+    };
+    s.write_all(&old.encode()).unwrap();
+    assert!(
+        wait_status(&x, |l| l[0].bad_frames >= 2),
+        "{:?}",
+        x.status()
+    );
+    // A link index the listener does not hold on this port.
+    let s = TcpStream::connect(target).unwrap();
+    assert!(matches!(
+        blocking::dial(s, KEY, true, 1),
+        Err(BlockingError::Handshake(
+            handshake::HandshakeError::WrongLink { .. }
+        ))
+    ));
+    // A handshake cut short.
+    let mut s = TcpStream::connect(target).unwrap();
+    s.write_all(&Opening::new(true, 0).encode()[..20]).unwrap();
+    drop(s);
+    std::thread::sleep(ms(100));
+    assert_eq!(
+        x.status()[0].connects,
+        connects,
+        "no stranger was installed"
+    );
+    assert!(
+        wait_status(&x, |l| healthy(l) == 2),
+        "the real peer's links are untouched: {:?}",
+        x.status()
+    );
+    while let Some(ev) = xrx.try_recv() {
+        assert!(
+            !matches!(ev, Event::Message(_)),
+            "a stranger's message reached the CoServer: {ev:?}"
+        );
+    }
+    x.shutdown();
+    y.shutdown();
+}
+
+#[test]
+fn frames_recorded_on_one_connection_are_rejected_on_another_and_when_reflected() {
+    let (xc, _) = pair_configs();
+    let (x, mut xrx) = Links::start(&xc, options(KEY, true), local("x", 64)).unwrap();
+    let target = xc[0].local;
+    // A key holder dials and records what it sends and receives.
+    let mut a = blocking::dial(TcpStream::connect(target).unwrap(), KEY, true, 0).unwrap();
+    let hello = Message::Hello {
+        version: PROTOCOL_VERSION,
+        node: "y".into(),
+        session: 77,
+        role: Role::Primary,
+        generation: 1,
+        guest: local("y", 64).guest,
+    };
+    let mut sent = Vec::new();
+    for plain in [
+        Plain::Control(hello.encode().unwrap()),
+        frame::chunks(1, false, &Message::Join.encode().unwrap())
+            .next()
+            .unwrap(),
+    ] {
+        let f = a.sealer.seal(&plain);
+        a.stream.write_all(&f).unwrap();
+        sent.push(f);
+    }
+    assert_eq!(
+        next_message(&mut xrx, Duration::from_secs(5)),
+        Some(Message::Join)
+    );
+    // What the listener sent on that connection (its hello, heartbeats).
+    let (_, received) = a.read().unwrap();
+    let auth_before = x.status()[0].auth_failures;
+    // Replayed on a new connection by a key holder: the keys differ, nothing opens.
+    let mut b = blocking::dial(TcpStream::connect(target).unwrap(), KEY, true, 0).unwrap();
+    for f in &sent {
+        let _ = b.stream.write_all(f);
+    }
+    assert!(
+        wait_status(&x, |l| l[0].auth_failures > auth_before),
+        "{:?}",
+        x.status()
+    );
+    // Reflected: the listener's own frame written back to it on the first connection.
+    let before = x.status()[0].auth_failures;
+    let _ = a.stream.write_all(&received);
+    assert!(
+        wait_status(&x, |l| l[0].auth_failures > before),
+        "{:?}",
+        x.status()
+    );
+    // A stranger replays a recorded dialer opening and confirm: the listener's fresh
+    // nonce makes the old confirm worthless.
+    let before = x.status()[0].auth_failures;
+    let mut c = TcpStream::connect(target).unwrap();
+    let _ = c.write_all(&a.sent_handshake);
+    assert!(
+        wait_status(&x, |l| l[0].auth_failures > before),
+        "{:?}",
+        x.status()
+    );
+    assert_eq!(
+        next_message(&mut xrx, ms(300)),
+        None,
+        "nothing replayed was delivered"
+    );
+    x.shutdown();
+}
+
+#[test]
+fn a_peer_whose_guest_differs_is_refused_with_a_reason_naming_the_difference() {
+    let (xc, yc) = pair_configs();
+    let (x, mut xrx) = Links::start(&xc, options(KEY, true), local("x", 64)).unwrap();
+    let (y, mut yrx) = Links::start(&yc, options(KEY, true), local("y", 128)).unwrap();
+    let refused = |rx: &mut Events| {
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            match rx.recv_timeout(ms(50)) {
+                Ok(Event::Refused { reason }) => return Some(reason),
+                Ok(Event::Message(m)) => panic!("message from a refused peer: {m:?}"),
+                _ => {}
+            }
+        }
+        None
+    };
+    let rx_reason = refused(&mut xrx).expect("x refuses y");
+    assert!(rx_reason.contains("guest.mem_mib = 128"), "{rx_reason}");
+    let ry_reason = refused(&mut yrx).expect("y hears why");
+    assert!(ry_reason.contains("mem_mib"), "{ry_reason}");
+    x.shutdown();
+    y.shutdown();
+}
+
+#[test]
+fn ends_that_disagree_on_encryption_never_connect() {
+    let (xc, yc) = pair_configs();
+    let (x, _xrx) = Links::start(&xc, options(KEY, true), local("x", 64)).unwrap();
+    let (y, _yrx) = Links::start(&yc, options(KEY, false), local("y", 64)).unwrap();
+    assert!(wait_status(&x, |l| l.iter().all(|s| s.bad_frames >= 1)));
+    assert!(x.status().iter().all(|s| s.connects == 0));
+    x.shutdown();
+    y.shutdown();
+}
+
+#[test]
+fn two_hundred_strangers_hold_a_few_connections_and_the_peer_still_connects() {
+    let (xc, yc) = pair_configs();
+    let (x, _xrx) = Links::start(&xc, options(KEY, true), local("x", 64)).unwrap();
+    let target = xc[0].local;
+    // Each stranger sends a valid opening, then trickles bytes and never confirms.
+    let mut strangers = Vec::new();
+    for _ in 0..200 {
+        let mut s = TcpStream::connect(target).unwrap();
+        s.write_all(&Opening::new(true, 0).encode()).unwrap();
+        s.write_all(&[0x10]).unwrap();
+        strangers.push(s);
+    }
+    assert!(
+        wait_status(&x, |l| l[0].evicted >= (200 - MAX_PENDING) as u64),
+        "{:?}",
+        x.status()
+    );
+    // The evicted ones are closed: reading gives the opening, then the end.
+    let mut closed = 0;
+    for s in strangers.iter_mut().take(50) {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; OPENING_LEN + 1];
+        let mut got = 0;
+        loop {
+            match s.read(&mut buf[got..]) {
+                // Closed, with a FIN or (unread bytes were left) a reset.
+                Ok(0) => break closed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break closed += 1,
+                Err(e) => panic!("a stranger's connection is still open: {e}"),
+                Ok(n) => got += n,
+            }
+            assert!(got <= OPENING_LEN, "a stranger got more than the opening");
+        }
+    }
+    assert_eq!(closed, 50, "the oldest strangers were closed");
+    let (y, _yrx) = Links::start(&yc, options(KEY, true), local("y", 64)).unwrap();
+    assert!(wait_status(&x, |l| healthy(l) == 2), "{:?}", x.status());
+    drop(strangers);
+    x.shutdown();
+    y.shutdown();
+}
