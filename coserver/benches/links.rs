@@ -1,0 +1,147 @@
+//! Link benchmark: two link sets on loopback in one process (two links each, as in a
+//! pair), one streaming incompressible 1 MiB messages to the other. For encryption on
+//! and off it prints the goodput (each message crosses both links, so the links carry
+//! twice that), the CPU time of both ends per Gbit/s of goodput, and the heartbeat round
+//! trip seen while the bulk data flows (heartbeats go ahead of bulk chunks).
+//!
+//! Run with `cargo bench -p ftvm-coserver --bench links` (see docs/PERFORMANCE.md).
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use ftvm_coserver::config::LinkConfig;
+use ftvm_coserver::link::handshake::fill_random;
+use ftvm_coserver::link::{Event, LinkOptions, Links, LocalInfo};
+use ftvm_coserver::protocol::{GuestShape, Message, Role};
+
+/// Bytes sent per setting.
+const TOTAL: usize = 1 << 30;
+/// Message size.
+const MESSAGE: usize = 1 << 20;
+/// Messages queued per link at most before the sender waits.
+const WINDOW: usize = 32;
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free loopback port")
+}
+
+fn local(node: &str) -> LocalInfo {
+    LocalInfo {
+        node: node.into(),
+        role: Role::Starting,
+        generation: 0,
+        guest: GuestShape {
+            mem_mib: 64,
+            disk_bytes: vec![],
+            mode: Default::default(),
+        },
+    }
+}
+
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass; no other precondition.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_SELF is always valid.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+struct Row {
+    encrypt: bool,
+    mbit: f64,
+    cpu_per_gbit: f64,
+    rtt_max_ms: f64,
+}
+
+fn measure(encrypt: bool) -> Row {
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        let (mut p, mut q) = (free_addr(), free_addr());
+        if p.to_string() < q.to_string() {
+            std::mem::swap(&mut p, &mut q);
+        }
+        xs.push(LinkConfig { local: p, peer: q });
+        ys.push(LinkConfig { local: q, peer: p });
+    }
+    let opts = LinkOptions {
+        psk: b"bench-key-0123456789".to_vec(),
+        encrypt,
+        interval: Duration::from_millis(10),
+        timeout: Duration::from_millis(500),
+    };
+    let (x, _xrx) = Links::start(&xs, opts.clone(), local("x")).expect("links x");
+    let (y, mut yrx) = Links::start(&ys, opts, local("y")).expect("links y");
+    let start = Instant::now();
+    while x.status().iter().filter(|s| s.healthy).count() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "links never came up");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut data = vec![0u8; MESSAGE];
+    fill_random(&mut data);
+    let count = TOTAL / MESSAGE;
+    let receiver = std::thread::spawn(move || {
+        let mut got = 0;
+        while got < count {
+            match yrx.recv_timeout(Duration::from_secs(10)) {
+                Ok(Event::Message(_)) => got += 1,
+                Ok(_) => {}
+                Err(e) => panic!("receiver: {e:?} after {got} messages"),
+            }
+        }
+        y
+    });
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    let mut rtt_max: f64 = 0.0;
+    for i in 0..count {
+        while x.backlog().unwrap_or(0) >= WINDOW {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let msg = Message::Inbound {
+            epoch: i as u64,
+            frame: data.clone(),
+        };
+        x.send(&msg).expect("send");
+        if i % 16 == 0 {
+            for l in x.status() {
+                rtt_max = rtt_max.max(l.rtt_ms.unwrap_or(0.0));
+            }
+        }
+    }
+    let y = receiver.join().expect("receiver");
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    x.shutdown();
+    y.shutdown();
+    let gbit = (TOTAL as f64 * 8.0) / 1e9;
+    Row {
+        encrypt,
+        mbit: gbit * 1000.0 / secs,
+        cpu_per_gbit: cpu / gbit,
+        rtt_max_ms: rtt_max,
+    }
+}
+
+fn main() {
+    println!(
+        "links: {} MiB of incompressible 1 MiB messages over 2 loopback links (each message on both)",
+        TOTAL >> 20
+    );
+    println!(
+        "{:<14} {:>14} {:>22} {:>26}",
+        "encryption", "goodput Mbit/s", "CPU s per Gbit (both)", "heartbeat RTT max (ms)"
+    );
+    for encrypt in [true, false] {
+        let r = measure(encrypt);
+        println!(
+            "{:<14} {:>14.0} {:>22.3} {:>26.2}",
+            if r.encrypt { "on" } else { "off (auth)" },
+            r.mbit,
+            r.cpu_per_gbit,
+            r.rtt_max_ms
+        );
+    }
+}
