@@ -76,7 +76,10 @@ fn measure(encrypt: bool) -> Row {
     let (y, mut yrx) = Links::start(&ys, opts, local("y")).expect("links y");
     let start = Instant::now();
     while x.status().iter().filter(|s| s.healthy).count() < 2 {
-        assert!(start.elapsed() < Duration::from_secs(10), "links never came up");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "links never came up"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let mut data = vec![0u8; MESSAGE];

@@ -289,6 +289,7 @@ fn main() {
     for (interval, misses, rto_min) in [(10u64, 3u32, None), (20, 10, None), (10, 3, Some("10ms"))]
     {
         let mut takeovers = Vec::new();
+        let mut inside = Vec::new();
         let mut worst_set = Vec::new();
         let client_route = |rto: &str| {
             let mut args = vec![
@@ -307,9 +308,10 @@ fn main() {
             client_route(rto);
         }
         for run in 0..TAKEOVER_RUNS {
-            let (took, worst) = takeover_run(&net, interval, misses, KILL_SPREAD * run);
-            takeovers.push(took);
-            worst_set.push(worst);
+            let r = takeover_run(&net, interval, misses, KILL_SPREAD * run);
+            takeovers.push(r.status);
+            inside.push(r.inside);
+            worst_set.push(r.worst_set);
         }
         if rto_min.is_some() {
             // Back to the kernel's default.
@@ -325,6 +327,10 @@ fn main() {
             spread(&mut takeovers)
         );
         println!(
+            "| takeover inside the new primary, same runs: the old primary last heard to the first output released (its own log) | {} |",
+            spread(&mut inside)
+        );
+        println!(
             "| client-observed outage, same runs: the longest SET across the failover | {}; {retransmitted} of {TAKEOVER_RUNS} runs waited for the client's TCP retransmission |",
             spread(&mut worst_set)
         );
@@ -333,18 +339,30 @@ fn main() {
 
 /// Failover runs per setting (the kill moves by [`KILL_SPREAD`] each run, across the
 /// client's request cycle and the epoch).
-const TAKEOVER_RUNS: u32 = 8;
+const TAKEOVER_RUNS: u32 = 16;
 const KILL_SPREAD: Duration = Duration::from_micros(1300);
 
+/// What one failover measured.
+struct Takeover {
+    /// SIGKILL to the secondary reporting itself primary (polled through status).
+    status: Duration,
+    /// Inside the new primary: the old one last heard to its first released output.
+    inside: Duration,
+    /// The client's longest SET.
+    worst_set: Duration,
+}
+
+/// The new primary's own figure from its log ("takeover: first output X ms after ...").
+fn takeover_from_log(log: &str) -> Option<Duration> {
+    let at = log.find("takeover: first output ")?;
+    let rest = &log[at + "takeover: first output ".len()..];
+    let ms: f64 = rest.split(' ').next()?.parse().ok()?;
+    Some(Duration::from_secs_f64(ms / 1000.0))
+}
+
 /// One failover under a TCP client: SIGKILL of the primary while the client makes SETs
-/// one at a time, `delay` after its 50th. Returns (kill to the secondary reporting
-/// itself primary, the client's longest SET).
-fn takeover_run(
-    net: &PairNet,
-    interval: u64,
-    misses: u32,
-    delay: Duration,
-) -> (Duration, Duration) {
+/// one at a time, `delay` after its 50th.
+fn takeover_run(net: &PairNet, interval: u64, misses: u32, delay: Duration) -> Takeover {
     let dir = tempfile::tempdir().expect("tempdir");
     let g = GuestSpec {
         heartbeat: (interval, misses),
@@ -385,8 +403,15 @@ fn takeover_run(
         "{}",
         b.log()
     );
-    let took = t.elapsed();
-    (took, client.join().expect("client"))
+    let status = t.elapsed();
+    let worst_set = client.join().expect("client");
+    let inside =
+        takeover_from_log(&b.log()).unwrap_or_else(|| panic!("no takeover line:\n{}", b.log()));
+    Takeover {
+        status,
+        inside,
+        worst_set,
+    }
 }
 
 /// "min / median / max ms" of `v`.
@@ -394,9 +419,10 @@ fn spread(v: &mut [Duration]) -> String {
     v.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     format!(
-        "{:.0} / {:.0} / {:.0} ms (min / median / max)",
+        "{:.1} / {:.1} / {:.1} ms (min / median / max of {})",
         ms(v[0]),
         ms(v[v.len() / 2]),
-        ms(v[v.len() - 1])
+        ms(v[v.len() - 1]),
+        v.len()
     )
 }

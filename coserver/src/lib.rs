@@ -16,3 +16,4 @@ pub mod protocol;
 pub mod recording;
 pub mod replication;
 pub mod run;
+pub mod session;

@@ -482,6 +482,49 @@ impl Links {
     }
 }
 
+/// Messages on their way to the links from threads that must not spend time encoding
+/// (the vCPU thread), through one sender thread; it knows how many are still on their
+/// way, so a node that ends can let them all leave first.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: std::sync::mpsc::Sender<Message>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Outbox {
+    /// Starts the sender thread for `links`.
+    pub fn start(links: &Links) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<Message>();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let (links, count) = (links.clone(), in_flight.clone());
+        std::thread::spawn(move || {
+            for msg in rx {
+                if let Err(e) = links.send(&msg) {
+                    tracing::error!("not sent: {e}");
+                }
+                count.fetch_sub(1, Ordering::Release);
+            }
+        });
+        Self { tx, in_flight }
+    }
+
+    /// Queues `msg` for the links.
+    pub fn send(&self, msg: Message) {
+        self.in_flight.fetch_add(1, Ordering::Acquire);
+        if self.tx.send(msg).is_err() {
+            self.in_flight.fetch_sub(1, Ordering::Release);
+        }
+    }
+
+    /// Waits until every message queued so far has reached the links, at most `limit`.
+    pub fn flush(&self, limit: Duration) {
+        let end = Instant::now() + limit;
+        while self.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
 /// Queues a message on link `i`; a stalled link is reset. Returns whether it was queued.
 fn queue_bulk(inner: &Inner, i: usize, out: &Arc<Outgoing>) -> bool {
     let mut l = lock(&inner.links[i]);

@@ -2,6 +2,7 @@
 //! the standby replica at a takeover, with the outputs and frames the old primary left
 //! and the announcements that move the guest's network identity here.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ftvm_devices::backend::disk::DiskFile;
@@ -11,9 +12,8 @@ use ftvm_devices::world::LiveWorld;
 use ftvm_vmm::{Attachments, Vm, VmConfig};
 
 use super::{Node, NodeError, Running};
-use crate::protocol::Role;
 use crate::replication::commit::{Commit, CommitWorld, Sinks};
-use crate::replication::primary::{EpochLoop, Shared};
+use crate::replication::primary::{EpochLoop, EpochStats};
 use crate::replication::secondary::Takeover;
 
 /// Frames at most discarded from a held tap at takeover (the kernel queues ~1000).
@@ -61,16 +61,17 @@ impl Node {
             tap: tap_sender,
         });
         commit.forward_inbound(self.out.clone());
-        let mut world = CommitWorld::new(Box::new(live), commit.clone());
-        let shared = Shared::new();
+        if from.is_some() {
+            commit.took_over(self.links.last_heard());
+        }
+        let mut world = CommitWorld::new(Box::new(live), commit.clone(), self.session.clone());
         let vm = match from {
             Some(Takeover {
                 standby,
-                epoch,
+                epoch: _,
                 outputs,
                 frames,
             }) => {
-                shared.lock().epoch = epoch;
                 if !outputs.is_empty() {
                     tracing::info!(
                         outputs = outputs.len(),
@@ -81,7 +82,7 @@ impl Node {
                     let (console, frames): (Vec<_>, Vec<_>) = outputs
                         .into_iter()
                         .partition(|o| matches!(o, crate::protocol::Output::Console(_)));
-                    commit.release_now(console);
+                    commit.release(console);
                     redo_frames = frames;
                 }
                 if !frames.is_empty() {
@@ -132,29 +133,29 @@ impl Node {
                     std::thread::sleep(Duration::from_millis(delay_ms));
                     announcer.announce(&frame);
                     if delay_ms == 0 {
-                        announcer.release_now(std::mem::take(&mut redo_frames));
+                        announcer.release(std::mem::take(&mut redo_frames));
                     }
                 }
             });
         } else {
-            commit.release_now(redo_frames);
+            commit.release(redo_frames);
         }
+        let stats = Arc::new(Mutex::new(EpochStats::default()));
         let epoch_loop = EpochLoop {
             vm,
             commit: commit.clone(),
-            shared: shared.clone(),
+            session: self.session.clone(),
+            stats: stats.clone(),
             out: self.out.clone(),
             links: self.links.clone(),
             disk: self.cfg.host.disk.clone(),
             epoch_length: Duration::from_millis(self.cfg.replication.epoch_ms),
-            final_wait: self.cfg.heartbeat.timeout(),
         };
         std::thread::Builder::new()
             .name("vcpu".into())
             .spawn(move || epoch_loop.run())
             .map_err(|e| guest(format!("cannot start the vCPU thread: {e}")))?;
-        self.running = Some(Running { shared, commit });
-        self.set_role(Role::Primary);
+        self.running = Some(Running { commit, stats });
         Ok(())
     }
 }

@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use super::Node;
 use crate::control::{PeerStatus, Percentiles, Status};
-use crate::replication::primary::Mode;
 
 impl Node {
     /// Alerts when a link is lost or restored.
@@ -46,14 +45,16 @@ impl Node {
         } else {
             self.bytes_sample.2 = rate;
         }
+        let session = self.session.lock();
+        let peer = session.peer().clone();
         let mut st = Status {
             node: self.cfg.node.clone(),
-            role: self.role.name().to_string(),
+            role: session.role().name().to_string(),
             arbiter: self.arbiter.describe(),
-            generation: self.known.get(),
+            generation: session.generation(),
             peer: PeerStatus {
-                name: self.peer_name.clone(),
-                role: self.peer_role.map(|r| r.name().to_string()),
+                name: peer.name,
+                role: peer.role.map(|r| r.name().to_string()),
                 alive,
                 last_heard_ms: self
                     .links
@@ -65,22 +66,24 @@ impl Node {
             alerts: self.alerts.clone(),
             ..Status::default()
         };
-        if let Some(r) = &self.running {
-            let s = r.shared.lock();
-            st.mode = Some(s.mode.name().to_string());
-            st.guest_running = s.finished.is_none() && !s.stop;
-            st.epoch = s.epoch;
-            st.acked_epoch = s.acked;
-            st.checkpoint_pause_us = Percentiles::of(&s.pauses_us);
-            if s.mode == Mode::Syncing {
-                st.copy_left = Some(s.sync_left);
-            }
-            drop(s);
-            st.output_commit_delay_us = Percentiles::of(&r.commit.delays_us());
+        if let Some(p) = session.primary() {
+            st.mode = Some(p.mode().name().to_string());
+            st.epoch = p.epoch();
+            st.acked_epoch = p.acked();
+            st.rejected_acks = p.rejected_acks();
+            st.output_commit_delay_us = Percentiles::of(p.delays_us());
         }
-        if let Some(rep) = &self.replica {
+        if let Some(rep) = session.replica() {
             st.epoch = rep.last_epoch().unwrap_or(0);
-            st.mode = Some(if rep.ready() { "ready" } else { "copying" }.to_string());
+            st.mode = Some(if rep.is_ready() { "ready" } else { "copying" }.to_string());
+        }
+        drop(session);
+        if let Some(r) = &self.running {
+            if let Ok(s) = r.stats.lock() {
+                st.guest_running = s.finished.is_none();
+                st.checkpoint_pause_us = Percentiles::of(&s.pauses_us);
+                st.copy_left = s.sync_left;
+            }
         }
         if let Ok(mut s) = self.status.lock() {
             *s = st;

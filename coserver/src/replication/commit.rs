@@ -1,18 +1,21 @@
-//! Output commit: the primary's World, which holds every output of an epoch until the
-//! secondary acknowledges that epoch's checkpoint, records the epoch's disk writes for
-//! the checkpoint, and ends epochs (at their deadline, or early when the guest idles
-//! with output waiting).
+//! Output commit, the World side: the primary's World keeps each output the session
+//! says to hold with the running epoch (and lets the others leave at once), records the
+//! epoch's disk writes for its checkpoint, forwards received frames while outputs are
+//! held, and ends epochs (at their deadline, or early when the guest idles with output
+//! waiting). Which outputs are held, and when they leave, is the session's: it returns
+//! them in `Action::Release` and the drivers write them here.
 
+use crate::link::Outbox;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ftvm_devices::world::{IdleRequest, Wake, World, WorldError};
 
 use crate::protocol::{DiskWrite, Message, Output};
+use crate::session::{OutputPolicy, SharedSession};
 
 /// How long an epoch may last while the guest idles with nothing to commit (no output,
 /// no disk write): an idle guest costs a checkpoint per wake-up, or one per this period,
@@ -28,31 +31,28 @@ pub struct Sinks {
 }
 
 struct State {
-    /// Whether outputs wait for acknowledgement (a secondary holds a full copy).
-    holding: bool,
     /// Whether disk writes are recorded (a secondary is being fed).
     recording: bool,
+    /// Outputs held with the running epoch.
     outputs: Vec<Output>,
     writes: Vec<DiskWrite>,
     flushed: bool,
-    /// Sealed epochs waiting for their acknowledgement: (epoch, sealed at, outputs).
-    pending: VecDeque<(u64, Instant, Vec<Output>)>,
     deadline: Instant,
     started: Instant,
     pause: bool,
     sinks: Sinks,
-    /// Output-commit delays of released epochs (µs), for status.
-    delays_us: Vec<u64>,
     /// The running epoch.
     epoch: u64,
-    /// Where received frames are forwarded while holding.
-    forward: Option<Sender<Message>>,
+    /// Where received frames are forwarded while outputs are held.
+    forward: Option<Outbox>,
     /// This node lost the arbiter: nothing is released any more.
     discarded: bool,
+    /// After a takeover: when the old primary was last heard, until the first output.
+    takeover_heard: Option<Instant>,
 }
 
-/// The output-commit state shared by the primary's World, its epoch loop and the
-/// thread that receives acknowledgements.
+/// The World-side output state shared by the primary's World, its epoch loop and the
+/// node (which writes what the session releases).
 #[derive(Clone)]
 pub struct Commit(Arc<Mutex<State>>);
 
@@ -67,40 +67,38 @@ pub struct Sealed {
     pub writes: Vec<DiskWrite>,
     /// Whether the guest flushed.
     pub flushed: bool,
-    /// The outputs held under the epoch (empty when not holding).
+    /// The outputs held with the epoch, for the session to hold or release.
     pub outputs: Vec<Output>,
 }
 
 impl Commit {
-    /// Output commit releasing to `sinks`; it starts degraded (nothing held).
+    /// Output commit releasing to `sinks`.
     pub fn new(sinks: Sinks) -> Self {
         Self(Arc::new(Mutex::new(State {
-            holding: false,
             recording: false,
             outputs: Vec::new(),
             writes: Vec::new(),
             flushed: false,
-            pending: VecDeque::new(),
             deadline: Instant::now(),
             started: Instant::now(),
             pause: false,
             sinks,
-            delays_us: Vec::new(),
             epoch: 0,
             forward: None,
             discarded: false,
+            takeover_heard: None,
         })))
     }
 
     /// Forwards the frames the guest receives to `out` while outputs are held.
-    pub fn forward_inbound(&self, out: Sender<Message>) {
+    pub fn forward_inbound(&self, out: Outbox) {
         lock(&self.0).forward = Some(out);
     }
 
     fn inbound(&self, frame: &[u8]) {
         let s = lock(&self.0);
-        if let (true, Some(out)) = (s.holding, &s.forward) {
-            let _ = out.send(Message::Inbound {
+        if let Some(out) = &s.forward {
+            out.send(Message::Inbound {
                 epoch: s.epoch,
                 frame: frame.to_vec(),
             });
@@ -116,63 +114,18 @@ impl Commit {
         s.pause = false;
     }
 
-    /// Ends the epoch: its outputs are held under `epoch` (or released at once when not
-    /// holding); returns its disk writes.
-    pub fn seal(&self, epoch: u64) -> Sealed {
+    /// Ends the epoch: its held outputs and disk writes.
+    pub fn seal(&self) -> Sealed {
         let mut s = lock(&self.0);
-        let outputs = std::mem::take(&mut s.outputs);
-        let mut sealed = Sealed {
+        let _ = s.sinks.console.flush();
+        Sealed {
             writes: std::mem::take(&mut s.writes),
             flushed: std::mem::take(&mut s.flushed),
-            outputs: Vec::new(),
-        };
-        if s.discarded {
-            // Nothing more reaches the world from a fenced node.
-        } else if s.holding {
-            if !outputs.is_empty() {
-                sealed.outputs = outputs.clone();
-                s.pending.push_back((epoch, Instant::now(), outputs));
-            }
-        } else {
-            release(&mut s.sinks, outputs);
-        }
-        let _ = s.sinks.console.flush();
-        sealed
-    }
-
-    /// The secondary holds `epoch`: release everything sealed up to it.
-    pub fn acked(&self, epoch: u64) {
-        let mut s = lock(&self.0);
-        let now = Instant::now();
-        while s.pending.front().is_some_and(|(e, _, _)| *e <= epoch) {
-            if let Some((_, at, outputs)) = s.pending.pop_front() {
-                let delay = now.duration_since(at).as_micros() as u64;
-                s.delays_us.push(delay);
-                release(&mut s.sinks, outputs);
-            }
-        }
-        if s.delays_us.len() > 4096 {
-            s.delays_us.drain(..2048);
+            outputs: std::mem::take(&mut s.outputs),
         }
     }
 
-    /// Holds outputs from now on (a secondary holds a full copy) or not (degraded:
-    /// everything held so far is released).
-    pub fn set_holding(&self, holding: bool) {
-        let mut s = lock(&self.0);
-        if s.discarded {
-            return;
-        }
-        s.holding = holding;
-        if !holding {
-            let pending: Vec<_> = s.pending.drain(..).collect();
-            for (_, _, outputs) in pending {
-                release(&mut s.sinks, outputs);
-            }
-        }
-    }
-
-    /// Records disk writes for a secondary (from a full copy on) or not.
+    /// Records disk writes for a secondary (from a copy on) or not.
     pub fn set_recording(&self, recording: bool) {
         let mut s = lock(&self.0);
         s.recording = recording;
@@ -186,24 +139,31 @@ impl Commit {
     pub fn discard(&self) {
         let mut s = lock(&self.0);
         s.discarded = true;
-        s.pending.clear();
         s.outputs.clear();
-        s.holding = true;
         s.sinks.tap = None;
     }
 
-    /// Releases outputs at once (those a dead primary may not have released).
-    pub fn release_now(&self, outputs: Vec<Output>) {
+    /// This node took over; the old primary was last heard at `heard`. The first
+    /// output released is logged with the time since (the takeover as the world sees
+    /// it, measured inside the CoServer).
+    pub fn took_over(&self, heard: Option<Instant>) {
+        lock(&self.0).takeover_heard = heard;
+    }
+
+    /// Lets outputs leave (those the session released).
+    pub fn release(&self, outputs: Vec<Output>) {
         let mut s = lock(&self.0);
-        if s.discarded {
+        if s.discarded || outputs.is_empty() {
             return;
         }
+        first_output(&mut s);
         release(&mut s.sinks, outputs);
     }
 
     /// Sends a frame of the VMM's own at once (a gratuitous ARP on takeover).
     pub fn announce(&self, frame: &[u8]) {
         let mut s = lock(&self.0);
+        first_output(&mut s);
         if let Some(tap) = &mut s.sinks.tap {
             if let Err(e) = tap.write(frame) {
                 tracing::warn!("announcement not sent: {e}");
@@ -211,22 +171,27 @@ impl Commit {
         }
     }
 
-    /// Recent output-commit delays (µs).
-    pub fn delays_us(&self) -> Vec<u64> {
-        lock(&self.0).delays_us.clone()
-    }
-
-    fn output(&self, o: Output) {
+    fn output(&self, policy: OutputPolicy, o: Output) {
         let mut s = lock(&self.0);
         if s.discarded {
             return;
         }
-        if s.holding || !s.pending.is_empty() {
-            s.outputs.push(o);
-        } else {
-            // Degraded: nothing to wait for.
-            release(&mut s.sinks, vec![o]);
+        match policy {
+            OutputPolicy::Hold => s.outputs.push(o),
+            OutputPolicy::Pass => {
+                first_output(&mut s);
+                release(&mut s.sinks, vec![o]);
+            }
+            OutputPolicy::Discard => {}
         }
+    }
+}
+
+/// Logs the first output after a takeover.
+fn first_output(s: &mut State) {
+    if let Some(heard) = s.takeover_heard.take() {
+        let ms = heard.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!("takeover: first output {ms:.3} ms after the old primary was last heard");
     }
 }
 
@@ -260,6 +225,7 @@ fn release(sinks: &mut Sinks, outputs: Vec<Output>) {
 pub struct CommitWorld {
     inner: Box<dyn World>,
     commit: Commit,
+    session: Arc<SharedSession>,
     /// Frames to deliver before the tap's (received by a dead primary after the
     /// checkpoint this VM resumed from).
     redeliver: VecDeque<Vec<u8>>,
@@ -268,12 +234,17 @@ pub struct CommitWorld {
 impl CommitWorld {
     /// Wraps `inner` (which does the disk and input work; its own console and frame
     /// output are bypassed).
-    pub fn new(inner: Box<dyn World>, commit: Commit) -> Self {
+    pub fn new(inner: Box<dyn World>, commit: Commit, session: Arc<SharedSession>) -> Self {
         Self {
             inner,
             commit,
+            session,
             redeliver: VecDeque::new(),
         }
+    }
+
+    fn policy(&self) -> OutputPolicy {
+        self.session.lock().output_policy()
     }
 
     /// Delivers `frames` to the guest first.
@@ -285,11 +256,13 @@ impl CommitWorld {
 
 impl World for CommitWorld {
     fn console_output(&mut self, bytes: &[u8]) {
-        self.commit.output(Output::Console(bytes.to_vec()));
+        self.commit
+            .output(self.policy(), Output::Console(bytes.to_vec()));
     }
 
     fn transmit(&mut self, frame: &[u8]) {
-        self.commit.output(Output::Frame(frame.to_vec()));
+        self.commit
+            .output(self.policy(), Output::Frame(frame.to_vec()));
     }
 
     fn receive(&mut self, exit: u64) -> Result<Option<Vec<u8>>, WorldError> {
@@ -297,7 +270,7 @@ impl World for CommitWorld {
             return Ok(Some(frame));
         }
         let frame = self.inner.receive(exit)?;
-        if let Some(f) = &frame {
+        if let (Some(f), OutputPolicy::Hold) = (&frame, self.policy()) {
             self.commit.inbound(f);
         }
         Ok(frame)
@@ -341,7 +314,7 @@ impl World for CommitWorld {
         }
         let deadline = {
             let mut s = lock(&self.commit.0);
-            if s.holding && !s.outputs.is_empty() {
+            if !s.outputs.is_empty() {
                 // Output is waiting and the guest has nothing to do: end the epoch now
                 // rather than hold the output for the rest of it.
                 s.pause = true;
@@ -396,38 +369,30 @@ mod tests {
     }
 
     #[test]
-    fn held_outputs_leave_on_acknowledgement_or_degrade_and_never_after_a_discard() {
+    fn held_outputs_wait_for_the_session_and_nothing_leaves_after_a_discard() {
         let console = Console::default();
         let released = || String::from_utf8(console.0.lock().unwrap().clone()).unwrap();
         let c = Commit::new(Sinks {
             console: Box::new(console.clone()),
             tap: None,
         });
-        c.set_holding(true);
         c.start_epoch(1, Duration::from_millis(10));
-        c.output(line("one\n"));
-        assert_eq!(c.seal(1).outputs, vec![line("one\n")]);
-        assert_eq!(released(), "", "held until acknowledged");
-        c.acked(1);
-        assert_eq!(released(), "one\n");
-        c.start_epoch(2, Duration::from_millis(10));
-        c.output(line("two\n"));
-        c.seal(2);
-        c.set_holding(false);
-        assert_eq!(released(), "one\ntwo\n", "degraded: released at once");
-        c.set_holding(true);
-        c.start_epoch(3, Duration::from_millis(10));
-        c.output(line("three\n"));
-        c.seal(3);
+        c.output(OutputPolicy::Pass, line("zero\n"));
+        c.output(OutputPolicy::Hold, line("one\n"));
+        assert_eq!(released(), "zero\n", "passed at once, held kept");
+        assert_eq!(c.seal().outputs, vec![line("one\n")]);
+        c.release(vec![line("one\n")]);
+        assert_eq!(released(), "zero\none\n");
+        c.output(OutputPolicy::Discard, line("two\n"));
+        assert!(c.seal().outputs.is_empty());
+        c.output(OutputPolicy::Hold, line("three\n"));
         c.discard();
-        c.set_holding(false);
-        c.acked(3);
-        c.output(line("four\n"));
-        c.seal(4);
-        c.release_now(vec![line("five\n")]);
+        assert!(c.seal().outputs.is_empty(), "held output dropped");
+        c.output(OutputPolicy::Pass, line("four\n"));
+        c.release(vec![line("five\n")]);
         assert_eq!(
             released(),
-            "one\ntwo\n",
+            "zero\none\n",
             "a fenced node releases nothing more"
         );
     }

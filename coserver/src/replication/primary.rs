@@ -2,20 +2,22 @@
 //! capture dirty pages, vCPU and device state and the epoch's disk writes, resume, and
 //! hand the checkpoint to the sender. While a secondary joins it also copies memory and
 //! disk to it in chunks between epochs, re-sending what the guest changes meanwhile.
+//! What each cut becomes (released, copied, checkpointed, held) is the session's
+//! decision; this loop carries it out.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::mpsc::Sender;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ftvm_vmm::{RunLimits, RunStop, Vm, VmError};
 
 use super::commit::Commit;
-use crate::link::Links;
+use crate::link::{Links, Outbox};
 use crate::protocol::{DiskWrite, Message};
+use crate::session::{Action, CutPlan, RunPermit, SharedSession};
 
 /// Pages sent per epoch boundary while copying memory to a joining secondary.
 const SYNC_PAGES: usize = 512;
@@ -23,152 +25,18 @@ const SYNC_PAGES: usize = 512;
 const SYNC_DISK_BYTES: u64 = 1 << 20;
 /// Remaining pages small enough to go into the final pause of a copy.
 const FINAL_PAGES: usize = 4096;
-/// Link backlog (frames) above which no more copy chunks are queued this epoch.
+/// Link backlog (messages) above which no more copy chunks are queued this epoch.
 const SYNC_BACKLOG: usize = 16;
-/// Unacknowledged epochs after which the guest waits for the secondary.
-const MAX_UNACKED: u64 = 16;
 
-/// Replication mode of a primary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    /// No secondary: outputs are released at once.
-    Degraded,
-    /// Copying memory and disk to a joining secondary.
-    Syncing,
-    /// The completing checkpoint of a copy was sent; waiting for its acknowledgement.
-    AwaitingFullAck,
-    /// The secondary holds a full copy: outputs wait for acknowledgements.
-    Protected,
-}
-
-impl Mode {
-    /// Lower-case name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Degraded => "degraded",
-            Mode::Syncing => "syncing",
-            Mode::AwaitingFullAck => "awaiting-full-ack",
-            Mode::Protected => "protected",
-        }
-    }
-}
-
-/// State shared between the epoch loop and the node's event loop.
-#[derive(Debug)]
-pub struct PrimaryState {
-    /// The mode.
-    pub mode: Mode,
-    /// A secondary asked for a (new) full copy.
-    pub join_requested: bool,
-    /// Highest epoch acknowledged.
-    pub acked: u64,
-    /// Last epoch sealed.
-    pub epoch: u64,
-    /// The completing epoch of the current copy.
-    pub full_epoch: u64,
-    /// The current copy's identifier (the epoch at which it began).
-    pub copy: u64,
-    /// Checkpoints sent and not yet acknowledged: (epoch, when sent), oldest first.
-    pub unacked: VecDeque<(u64, Instant)>,
-    /// Acknowledgements rejected (an epoch never sent, or another copy).
-    pub rejected_acks: u64,
-    /// Stop the guest (fenced or shutting down).
-    pub stop: bool,
+/// What the epoch loop reports for status: pauses, the copy's progress, its end.
+#[derive(Debug, Default)]
+pub struct EpochStats {
     /// Checkpoint pauses (µs), recent.
     pub pauses_us: Vec<u64>,
     /// Pages and disk bytes still to copy.
-    pub sync_left: (usize, u64),
+    pub sync_left: Option<(usize, u64)>,
     /// Set when the loop ends: the guest's exit code or the error.
     pub finished: Option<Result<u32, String>>,
-}
-
-/// The shared state and its condition variable.
-#[derive(Debug)]
-pub struct Shared {
-    state: Mutex<PrimaryState>,
-    cv: Condvar,
-}
-
-impl Shared {
-    /// A degraded primary's state.
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self {
-            state: Mutex::new(PrimaryState {
-                mode: Mode::Degraded,
-                join_requested: false,
-                acked: 0,
-                epoch: 0,
-                full_epoch: 0,
-                copy: 0,
-                unacked: VecDeque::new(),
-                rejected_acks: 0,
-                stop: false,
-                pauses_us: Vec::new(),
-                sync_left: (0, 0),
-                finished: None,
-            }),
-            cv: Condvar::new(),
-        })
-    }
-
-    /// Locks the state.
-    pub fn lock(&self) -> MutexGuard<'_, PrimaryState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Wakes the epoch loop (after an acknowledgement or a mode change).
-    pub fn notify(&self) {
-        self.cv.notify_all();
-    }
-}
-
-/// What an acknowledgement means to the primary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AckOutcome {
-    /// It acknowledges sent checkpoints up to its epoch.
-    Accepted {
-        /// It completed the copy: the pair is protected now.
-        protected: bool,
-    },
-    /// For an epoch never sent, of another copy, or while no checkpoint is awaited.
-    Rejected,
-}
-
-impl PrimaryState {
-    /// Takes `Ack{epoch, copy}`: accepted only for a checkpoint of the current copy that
-    /// was sent.
-    pub fn ack(&mut self, epoch: u64, copy: u64) -> AckOutcome {
-        let waiting = matches!(self.mode, Mode::AwaitingFullAck | Mode::Protected);
-        if !waiting || copy != self.copy || epoch < self.full_epoch || epoch > self.epoch {
-            self.rejected_acks += 1;
-            return AckOutcome::Rejected;
-        }
-        if !self.unacked.iter().any(|(e, _)| *e == epoch) && epoch > self.acked {
-            self.rejected_acks += 1;
-            return AckOutcome::Rejected;
-        }
-        self.acked = self.acked.max(epoch);
-        while self.unacked.front().is_some_and(|(e, _)| *e <= epoch) {
-            self.unacked.pop_front();
-        }
-        let protected = self.mode == Mode::AwaitingFullAck;
-        if protected {
-            self.mode = Mode::Protected;
-        }
-        AckOutcome::Accepted { protected }
-    }
-
-    /// How long the oldest unacknowledged checkpoint has waited, and its epoch.
-    pub fn oldest_unacked(&self) -> Option<(u64, Duration)> {
-        self.unacked.front().map(|(e, t)| (*e, t.elapsed()))
-    }
-
-    /// No secondary any more: nothing is awaited.
-    pub fn degrade(&mut self) {
-        self.mode = Mode::Degraded;
-        self.unacked.clear();
-    }
 }
 
 /// What the epoch loop needs.
@@ -177,18 +45,18 @@ pub struct EpochLoop {
     pub vm: Vm,
     /// Output commit.
     pub commit: Commit,
-    /// Shared with the node.
-    pub shared: Arc<Shared>,
+    /// The session, shared with the node.
+    pub session: Arc<SharedSession>,
+    /// Status figures, shared with the node.
+    pub stats: Arc<Mutex<EpochStats>>,
     /// Messages for the peer (sent by the sender thread).
-    pub out: Sender<Message>,
+    pub out: Outbox,
     /// The links (for copy flow control).
     pub links: Links,
     /// This host's disk replica (read for the copy).
     pub disk: Option<PathBuf>,
     /// Longest epoch.
     pub epoch_length: Duration,
-    /// After how long a power-off still waiting for its last acknowledgement is logged.
-    pub final_wait: Duration,
 }
 
 /// A copy in progress.
@@ -203,23 +71,24 @@ struct Copy {
 }
 
 impl EpochLoop {
-    /// Runs until the guest powers off, the node stops it, or the VM fails.
+    /// Runs until the guest powers off, the session stops it, or the VM fails.
     pub fn run(mut self) {
         let result = self.epochs();
         if let Err(e) = &result {
             tracing::error!("guest stopped: {e}");
         }
-        let mut s = self.shared.lock();
-        s.finished = Some(result.map_err(|e| e.to_string()));
-        drop(s);
-        self.shared.notify();
+        self.stats_lock().finished = Some(result.map_err(|e| e.to_string()));
+    }
+
+    fn stats_lock(&self) -> std::sync::MutexGuard<'_, EpochStats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn epochs(&mut self) -> Result<u32, VmError> {
         let mut copy: Option<Copy> = None;
-        let mut epoch = self.shared.lock().epoch;
+        let mut epoch = self.session.lock().primary().map_or(0, |p| p.epoch());
         loop {
-            if self.shared.lock().stop {
+            if self.session.wait_permit(epoch + 1) == RunPermit::Stop {
                 return Ok(0);
             }
             epoch += 1;
@@ -227,59 +96,73 @@ impl EpochLoop {
             let stop = self.vm.run(&RunLimits::default())?;
             let started = Instant::now();
             let dirty = self.vm.take_dirty_pages()?;
-            let sealed = self.commit.seal(epoch);
-            let (mode, join) = {
-                let mut s = self.shared.lock();
-                s.epoch = epoch;
-                let join = std::mem::take(&mut s.join_requested);
-                (s.mode, join)
-            };
-            if join {
-                copy = Some(self.start_copy(epoch)?);
-                self.commit.set_recording(true);
-                self.set_mode(Mode::Syncing);
-            }
-            let syncing = join || mode == Mode::Syncing;
-            if let (true, Some(c)) = (syncing, copy.as_mut()) {
-                c.pages.extend(dirty.iter());
-                for write in sealed.writes {
-                    self.send(Message::SyncDisk {
-                        copy: c.id,
-                        index: c.sent,
-                        write,
-                    });
-                    c.sent += 1;
+            let sealed = self.commit.seal();
+            let mut writes = sealed.writes;
+            let plan = self.session.lock().cut(epoch, sealed.outputs, started);
+            self.session.notify();
+            let (release, copying) = match plan {
+                CutPlan::Stop => return Ok(0),
+                CutPlan::Release(outputs) => (outputs, None),
+                CutPlan::StartCopy { copy: id, release } => {
+                    copy = Some(self.start_copy(id)?);
+                    (release, Some(id))
                 }
-                if self.copy_step(c, epoch, sealed.flushed)? {
+                CutPlan::Copy { copy: id, release } => (release, Some(id)),
+                CutPlan::Checkpoint { outputs } => {
+                    copy = None;
+                    let state = self.vm.capture_state()?;
+                    let pages = self.vm.read_pages(dirty.iter())?;
+                    self.send(Message::Checkpoint {
+                        epoch,
+                        full: false,
+                        state,
+                        pages,
+                        disk_writes: std::mem::take(&mut writes),
+                        flush: sealed.flushed,
+                        copy: 0,
+                        copy_messages: 0,
+                        outputs,
+                    });
+                    (Vec::new(), None)
+                }
+            };
+            self.commit.release(release);
+            match (copying, copy.as_mut()) {
+                (Some(id), Some(c)) if c.id == id => {
+                    c.pages.extend(dirty.iter());
+                    for write in writes {
+                        self.send(Message::SyncDisk {
+                            copy: c.id,
+                            index: c.sent,
+                            write,
+                        });
+                        c.sent += 1;
+                    }
+                    if self.copy_step(c, epoch, sealed.flushed)? {
+                        copy = None;
+                    }
+                }
+                (Some(_), _) => {
+                    // A copy this loop did not begin (it cannot happen: copies begin
+                    // here); the session will ask again.
                     copy = None;
                 }
-            } else if matches!(mode, Mode::AwaitingFullAck | Mode::Protected) {
-                let state = self.vm.capture_state()?;
-                let pages = self.vm.read_pages(dirty.iter())?;
-                self.shared
-                    .lock()
-                    .unacked
-                    .push_back((epoch, Instant::now()));
-                self.send(Message::Checkpoint {
-                    epoch,
-                    full: false,
-                    state,
-                    pages,
-                    disk_writes: sealed.writes,
-                    flush: sealed.flushed,
-                    copy: 0,
-                    copy_messages: 0,
-                    outputs: sealed.outputs,
-                });
-            } else {
-                copy = None;
+                (None, _) => {}
             }
+            // Disk writes are recorded while a secondary is (being) fed.
+            self.commit
+                .set_recording(self.session.lock().records_disk_writes());
             self.record_pause(started.elapsed());
             if let RunStop::PowerOff(code) = stop {
-                self.finish(epoch, code);
+                let actions = self.session.lock().powered_off(epoch, code);
+                self.session.notify();
+                for a in actions {
+                    if let Action::Send(m) = a {
+                        self.send(m);
+                    }
+                }
                 return Ok(code);
             }
-            self.wait_for_acks(epoch);
         }
     }
 
@@ -299,7 +182,6 @@ impl EpochLoop {
             pages = pages.len(),
             "copying the guest to a joining secondary"
         );
-        self.shared.lock().copy = id;
         self.send(Message::CopyStart { copy: id });
         Ok(Copy {
             id,
@@ -347,26 +229,19 @@ impl EpochLoop {
                 }
             }
         }
-        self.shared.lock().sync_left = (c.pages.len(), disk_len - c.disk_cursor.min(disk_len));
+        self.stats_lock().sync_left = Some((c.pages.len(), disk_len - c.disk_cursor.min(disk_len)));
         if c.pages.len() > FINAL_PAGES || c.disk_cursor < disk_len {
             return Ok(false);
         }
         let state = self.vm.capture_state()?;
         let pages = self.vm.read_pages(std::mem::take(&mut c.pages))?;
-        // Awaited before it is sent: its acknowledgement may come back at once. Mode
-        // and output holding change under the state's lock (the node degrades under
-        // it too), so they never disagree.
-        {
-            let mut s = self.shared.lock();
-            if s.mode != Mode::Syncing {
-                // The node degraded meanwhile: the copy is abandoned.
-                return Ok(true);
-            }
-            s.full_epoch = epoch;
-            s.mode = Mode::AwaitingFullAck;
-            s.unacked.push_back((epoch, Instant::now()));
-            self.commit.set_holding(true);
+        // Awaited before it is sent: its acknowledgement may come back at once. The
+        // session may have abandoned the copy meanwhile (the node degraded).
+        if !self.session.lock().full_cut(epoch, c.id, Instant::now()) {
+            return Ok(true);
         }
+        self.session.notify();
+        self.stats_lock().sync_left = None;
         self.send(Message::Checkpoint {
             epoch,
             full: true,
@@ -386,74 +261,15 @@ impl EpochLoop {
         Ok(true)
     }
 
-    fn set_mode(&self, mode: Mode) {
-        self.shared.lock().mode = mode;
-    }
-
     fn send(&self, msg: Message) {
-        // The sender thread lives as long as the node; if it is gone the node is
-        // shutting down and nothing needs sending.
-        let _ = self.out.send(msg);
+        self.out.send(msg);
     }
 
     fn record_pause(&self, pause: Duration) {
-        let mut s = self.shared.lock();
+        let mut s = self.stats_lock();
         s.pauses_us.push(pause.as_micros() as u64);
         if s.pauses_us.len() > 4096 {
             s.pauses_us.drain(..2048);
         }
-    }
-
-    /// Backpressure: a protected primary runs at most [`MAX_UNACKED`] epochs ahead of
-    /// its secondary.
-    fn wait_for_acks(&self, epoch: u64) {
-        let mut s = self.shared.lock();
-        while matches!(s.mode, Mode::Protected | Mode::AwaitingFullAck)
-            && epoch.saturating_sub(s.acked) >= MAX_UNACKED
-            && !s.stop
-        {
-            let (g, _) = self
-                .shared
-                .cv
-                .wait_timeout(s, Duration::from_millis(50))
-                .unwrap_or_else(|e| e.into_inner());
-            s = g;
-        }
-    }
-
-    /// The guest powered off at the end of `epoch`. Its held outputs leave only once
-    /// the secondary acknowledged the last checkpoint, or the node degraded (secondary
-    /// lost, arbiter won); a fenced node discards them and tells nobody.
-    fn finish(&self, epoch: u64, code: u32) {
-        let started = Instant::now();
-        let mut warned = false;
-        let mut s = self.shared.lock();
-        while matches!(s.mode, Mode::Protected | Mode::AwaitingFullAck)
-            && s.acked < epoch
-            && !s.stop
-        {
-            if !warned && started.elapsed() > self.final_wait {
-                warned = true;
-                tracing::warn!(
-                    epoch,
-                    "the guest powered off; its last output waits for the secondary's acknowledgement"
-                );
-            }
-            let (g, _) = self
-                .shared
-                .cv
-                .wait_timeout(s, Duration::from_millis(20))
-                .unwrap_or_else(|e| e.into_inner());
-            s = g;
-        }
-        let fenced = s.stop;
-        drop(s);
-        if fenced {
-            self.commit.discard();
-            return;
-        }
-        // Everything held is acknowledged (or the node is degraded): nothing waits.
-        self.commit.set_holding(false);
-        self.send(Message::Stopped { exit_code: code });
     }
 }

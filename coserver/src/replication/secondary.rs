@@ -33,22 +33,6 @@ pub enum ReplicaError {
         /// Replica size.
         size: u64,
     },
-    /// A copy message out of order, or a copy that is incomplete.
-    #[error("copy message {got} where {expected} was due")]
-    CopyOrder {
-        /// The index received (or the count announced).
-        got: u64,
-        /// The index expected (or the count received).
-        expected: u64,
-    },
-    /// A message of a copy whose start was never received.
-    #[error("message of copy {got} while copy {current} is in progress")]
-    CopyUnknown {
-        /// The copy named by the message.
-        got: u64,
-        /// The copy in progress.
-        current: u64,
-    },
     /// The marker of an incomplete replica cannot be written or removed.
     #[error("replica marker {path}: {source}")]
     Marker {
@@ -57,14 +41,9 @@ pub enum ReplicaError {
         /// Cause.
         source: std::io::Error,
     },
-    /// A checkpoint that does not follow the last one.
-    #[error("checkpoint {got} does not follow {have:?}")]
-    Gap {
-        /// The epoch received.
-        got: u64,
-        /// The last epoch applied.
-        have: Option<u64>,
-    },
+    /// A checkpoint the session rejected (the session checks order first).
+    #[error("{0}")]
+    Order(#[from] crate::session::ResyncReason),
 }
 
 /// A checkpoint received whole, before it is applied.
@@ -173,14 +152,6 @@ pub struct Replica {
     disk: Option<(File, PathBuf, u64)>,
     marker: IncompleteMarker,
     last_epoch: Option<u64>,
-    ready: bool,
-    /// The copy in progress (its start seen), so a completing checkpoint yields a whole
-    /// replica.
-    copying: Option<u64>,
-    /// The full copy the applied state descends from.
-    copy_id: u64,
-    /// The next copy message's index.
-    copy_next: u64,
     /// Frames the primary's guest received after the last applied checkpoint.
     inbound: Vec<(u64, Vec<u8>)>,
     /// Outputs of applied epochs the primary has not yet said it released.
@@ -194,7 +165,6 @@ impl std::fmt::Debug for Replica {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Replica")
             .field("last_epoch", &self.last_epoch)
-            .field("ready", &self.ready)
             .finish_non_exhaustive()
     }
 }
@@ -229,18 +199,9 @@ impl Replica {
             disk,
             marker,
             last_epoch: None,
-            ready: false,
-            copying: None,
-            copy_id: 0,
-            copy_next: 0,
             inbound: Vec::new(),
             unreleased: Vec::new(),
         })
-    }
-
-    /// Whether a full copy is applied (the replica can take over).
-    pub fn ready(&self) -> bool {
-        self.ready
     }
 
     /// The last epoch applied.
@@ -248,17 +209,9 @@ impl Replica {
         self.last_epoch
     }
 
-    /// The full copy the applied state descends from (named in acknowledgements).
-    pub fn copy_id(&self) -> u64 {
-        self.copy_id
-    }
-
     /// A new copy begins (or the replica fell behind): it cannot take over until the
     /// copy completes.
     pub fn reset(&mut self) -> Result<(), ReplicaError> {
-        self.ready = false;
-        self.copying = None;
-        self.copy_next = 0;
         self.last_epoch = None;
         // What the primary released or received before the new copy is no business of
         // a takeover from it.
@@ -281,63 +234,16 @@ impl Replica {
         self.unreleased.retain(|(e, _)| *e > epoch);
     }
 
-    /// Full copy `copy` begins.
-    pub fn start_copy(&mut self, copy: u64) -> Result<(), ReplicaError> {
-        self.reset()?;
-        self.copying = Some(copy);
-        Ok(())
+    /// Applies copied pages (the session checked their order).
+    pub fn copy_pages(&mut self, batch: &PageBatch) -> Result<(), ReplicaError> {
+        self.last_epoch = None;
+        Ok(self.standby.apply_pages(batch)?)
     }
 
-    /// Whether a message of copy `copy` belongs to the copy in progress (`Ok(false)`:
-    /// a late message of an earlier copy, or one before any copy began, is ignored).
-    fn of_this_copy(&self, copy: u64) -> Result<bool, ReplicaError> {
-        match self.copying {
-            Some(current) if copy == current => Ok(true),
-            Some(current) if copy > current => {
-                Err(ReplicaError::CopyUnknown { got: copy, current })
-            }
-            _ => Ok(false),
-        }
-    }
-
-    /// Takes copy message `index` of copy `copy` in order (it must be the next of the
-    /// copy in progress). `Ok(false)`: stale, ignored.
-    fn next_copy(&mut self, copy: u64, index: u64) -> Result<bool, ReplicaError> {
-        if !self.of_this_copy(copy)? {
-            tracing::debug!(copy, index, "message of an earlier copy ignored");
-            return Ok(false);
-        }
-        self.ready = false;
-        if index != self.copy_next {
-            return Err(ReplicaError::CopyOrder {
-                got: index,
-                expected: self.copy_next,
-            });
-        }
-        self.copy_next += 1;
-        Ok(true)
-    }
-
-    /// Applies copied pages (message `index` of copy `copy`).
-    pub fn copy_pages(
-        &mut self,
-        copy: u64,
-        index: u64,
-        batch: &PageBatch,
-    ) -> Result<(), ReplicaError> {
-        if self.next_copy(copy, index)? {
-            self.standby.apply_pages(batch)?;
-        }
-        Ok(())
-    }
-
-    /// Applies a copied disk range or a write made during the copy (message `index` of
-    /// copy `copy`).
-    pub fn copy_disk(&mut self, copy: u64, index: u64, w: &DiskWrite) -> Result<(), ReplicaError> {
-        if self.next_copy(copy, index)? {
-            self.write_disk(w)?;
-        }
-        Ok(())
+    /// Applies a copied disk range or a write made during the copy.
+    pub fn copy_disk(&mut self, w: &DiskWrite) -> Result<(), ReplicaError> {
+        self.last_epoch = None;
+        self.write_disk(w)
     }
 
     fn write_disk(&mut self, w: &DiskWrite) -> Result<(), ReplicaError> {
@@ -365,44 +271,10 @@ impl Replica {
             })
     }
 
-    /// Checks whether a received checkpoint can be applied next (so it may be
-    /// acknowledged): `Ok(true)` if so, `Ok(false)` if it is stale (of an earlier copy,
-    /// or arriving before any copy completed) and is ignored, an error if the replica
-    /// cannot follow.
-    pub fn check(&self, staged: &Staged) -> Result<bool, ReplicaError> {
-        if staged.full {
-            if !self.of_this_copy(staged.copy)? {
-                return Ok(false);
-            }
-            if staged.copy_messages != self.copy_next {
-                return Err(ReplicaError::CopyOrder {
-                    got: staged.copy_messages,
-                    expected: self.copy_next,
-                });
-            }
-            return Ok(true);
-        }
-        match self.last_epoch {
-            // Before the first full copy (or while one runs) ordinary checkpoints are
-            // those of an earlier copy's primary: nothing to follow yet.
-            None => Ok(false),
-            Some(_) if self.copying.is_some() => Ok(false),
-            Some(e) if staged.epoch == e + 1 => Ok(true),
-            Some(e) if staged.epoch <= e => Ok(false),
-            Some(_) => Err(ReplicaError::Gap {
-                got: staged.epoch,
-                have: self.last_epoch,
-            }),
-        }
-    }
-
     /// Applies a checked checkpoint: pages, state, disk writes (made durable if the guest
     /// flushed). A failure leaves the replica not ready.
     pub fn apply(&mut self, staged: Staged) -> Result<(), ReplicaError> {
-        if !self.check(&staged)? {
-            return Ok(());
-        }
-        self.ready = false;
+        self.last_epoch = None;
         self.standby.apply_pages(&staged.pages)?;
         for w in &staged.disk_writes {
             self.write_disk(w)?;
@@ -423,10 +295,7 @@ impl Replica {
         }
         if staged.full {
             self.marker.clear()?;
-            self.copy_id = staged.copy;
         }
-        self.ready = true;
-        self.copying = None;
         Ok(())
     }
 
@@ -453,41 +322,21 @@ impl Replica {
 mod tests {
     use super::*;
 
-    fn replica(disk: &Path, state: &Path) -> Option<Replica> {
-        match Replica::new(16, Some(disk), IncompleteMarker::new(state)) {
-            Ok(r) => Some(r),
-            Err(e) if std::env::var("FTVM_REQUIRE_KVM").as_deref() != Ok("1") => {
-                eprintln!("SKIPPED: cannot create a standby VM: {e}");
-                None
-            }
-            Err(e) => panic!("FTVM_REQUIRE_KVM=1 but no standby VM: {e}"),
-        }
-    }
-
-    fn staged(epoch: u64, full: bool, copy: u64, copy_messages: u64) -> Staged {
-        Staged {
-            epoch,
-            full,
-            copy,
-            state: Vec::new(),
-            pages: PageBatch::default(),
-            disk_writes: Vec::new(),
-            flush: false,
-            copy_messages,
-            outputs: Vec::new(),
-        }
-    }
-
     #[test]
-    fn copies_must_arrive_whole_and_in_order_and_checkpoints_must_follow() {
+    fn the_replica_applies_in_range_keeps_its_marker_until_a_full_copy_and_hands_over() {
         let dir = tempfile::tempdir().unwrap();
         let disk = dir.path().join("replica.img");
         std::fs::File::create(&disk)
             .unwrap()
             .set_len(1 << 20)
             .unwrap();
-        let Some(mut r) = replica(&disk, dir.path()) else {
-            return;
+        let mut r = match Replica::new(16, Some(&disk), IncompleteMarker::new(dir.path())) {
+            Ok(r) => r,
+            Err(e) if std::env::var("FTVM_REQUIRE_KVM").as_deref() != Ok("1") => {
+                eprintln!("SKIPPED: cannot create a standby VM: {e}");
+                return;
+            }
+            Err(e) => panic!("FTVM_REQUIRE_KVM=1 but no standby VM: {e}"),
         };
         let marker = IncompleteMarker::new(dir.path());
         assert!(marker.is_set(), "set as soon as the node joins");
@@ -495,56 +344,38 @@ mod tests {
             offset,
             data: vec![1; 512],
         };
-        r.copy_disk(5, 0, &w(0)).unwrap();
-        assert_eq!(r.copy_next, 0, "no copy started: ignored");
-        r.start_copy(5).unwrap();
-        r.copy_disk(5, 0, &w(0)).unwrap();
+        r.copy_disk(&w(0)).unwrap();
         assert!(
             matches!(
-                r.copy_disk(5, 2, &w(512)),
-                Err(ReplicaError::CopyOrder {
-                    got: 2,
-                    expected: 1
-                })
+                r.copy_disk(&w((1 << 20) - 256)),
+                Err(ReplicaError::DiskRange { .. })
             ),
-            "a skipped message is detected"
-        );
-        r.start_copy(9).unwrap();
-        r.copy_disk(9, 0, &w(0)).unwrap();
-        r.copy_disk(5, 1, &w(512)).unwrap();
-        assert_eq!(
-            r.copy_next, 1,
-            "a late message of copy 5 is not part of copy 9"
-        );
-        assert!(
-            matches!(
-                r.copy_pages(11, 1, &PageBatch::default()),
-                Err(ReplicaError::CopyUnknown {
-                    got: 11,
-                    current: 9
-                })
-            ),
-            "a copy whose start was lost is detected"
-        );
-        r.copy_pages(9, 1, &PageBatch::default()).unwrap();
-        assert!(
-            r.check(&staged(7, true, 9, 3)).is_err(),
-            "announced 3, took 2"
-        );
-        assert!(
-            !r.check(&staged(7, true, 5, 2)).unwrap(),
-            "the completing checkpoint of copy 5 cannot complete copy 9"
-        );
-        assert!(r.check(&staged(7, true, 9, 2)).unwrap());
-        assert!(
-            r.copy_disk(9, 2, &w((1 << 20) - 256)).is_err(),
             "beyond the replica"
         );
+        let staged = |epoch, full| Staged {
+            epoch,
+            full,
+            copy: 3,
+            state: Vec::new(),
+            pages: PageBatch::default(),
+            disk_writes: vec![w(512)],
+            flush: true,
+            copy_messages: 1,
+            outputs: vec![Output::Console(b"x".to_vec())],
+        };
         assert!(
-            !r.check(&staged(9, false, 0, 0)).unwrap(),
-            "ordinary checkpoints before the copy completes are ignored"
+            r.apply(staged(4, true)).is_err(),
+            "an empty state does not decode"
         );
-        assert!(!r.ready());
-        assert!(marker.is_set());
+        assert!(
+            marker.is_set(),
+            "a failed apply leaves the replica incomplete"
+        );
+        let data = std::fs::read(&disk).unwrap();
+        assert_eq!(
+            &data[512..1024],
+            &[1u8; 512][..],
+            "the disk write was applied"
+        );
     }
 }

@@ -1,0 +1,767 @@
+//! The replication session: one CoServer's role state machine, free of I/O.
+//!
+//! The session alone owns the role and the primary's mode, the arbiter generation this
+//! node knows, the stream positions (cut, sent, acknowledged, released), the copy's
+//! progress on both sides and the outputs held per position. Its drivers — the node's
+//! event loop (links, timers, arbiter, replica) and the primary's epoch loop on the vCPU
+//! thread — feed it [`Input`]s and carry out the [`Action`]s it returns; they decide
+//! nothing themselves. It is tested without KVM, root or sockets (`tests`,
+//! `pair_tests`).
+//!
+//! ```text
+//! starting --(peer is primary)--> secondary --(full copy applied)--> secondary, ready
+//! starting --(no primary heard for the start wait; arbiter won)--> primary (degraded)
+//! primary: degraded --(Join, next cut)--> syncing --(full cut)--> awaiting-full-ack
+//!          --(Ack of the full cut)--> protected
+//! primary, not degraded --(peer lost, ack timeout, or a stall)--> claim:
+//!          won --> degraded (held output released); lost or unusable --> fenced
+//! primary --(peer heard with a higher generation)--> fenced
+//! secondary, ready --(peer lost)--> claim: won --> primary (take over); lost --> fenced
+//! secondary --(primary heard with a higher generation)--> replica reset, Join
+//! secondary, not ready --(peer lost)--> starting (the replica stays incomplete)
+//! fenced --(its guest has stopped; a primary heard)--> secondary (Join)
+//! ```
+
+mod primary;
+mod replica;
+
+#[cfg(test)]
+mod pair_tests;
+#[cfg(test)]
+mod tests;
+
+use std::time::{Duration, Instant};
+
+pub use primary::{AckOutcome, CutPlan, Mode, OutputPolicy, Primary};
+pub use replica::{CopyCheck, ReplicaProgress, ResyncReason};
+
+use crate::arbiter::Claim;
+use crate::protocol::{Message, Output, Role};
+
+/// What the session needs to know of the configuration.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// This node's name.
+    pub node: String,
+    /// Whether the arbiter can grant a takeover (`shared-storage`) or not (`none`).
+    pub arbiter: ArbiterKind,
+    /// Silence after which the peer is lost (heartbeat interval × misses).
+    pub peer_timeout: Duration,
+    /// How long a checkpoint or a Join may wait for its answer.
+    pub ack_timeout: Duration,
+    /// How long a starting node listens for a primary before it claims the guest.
+    pub start_wait: Duration,
+    /// A gap between two ticks longer than this means this process did not run.
+    pub stall_limit: Duration,
+}
+
+/// The arbiter as far as roles are concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArbiterKind {
+    /// Claims can be won.
+    Claims,
+    /// No automatic takeover; `starts` says whether this node boots the guest at start.
+    None {
+        /// This node is the configured primary.
+        starts: bool,
+    },
+}
+
+/// Something that happened, as the drivers tell the session.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Time passes (`peer_alive`: heard on some link within the peer timeout).
+    Tick {
+        /// Now.
+        now: Instant,
+        /// Whether the peer is heard.
+        peer_alive: bool,
+    },
+    /// The peer introduced itself or sent a heartbeat.
+    PeerSays {
+        /// Its name, when it says it (hello).
+        node: Option<String>,
+        /// Its role.
+        role: Role,
+        /// The highest generation it knows.
+        generation: u64,
+    },
+    /// A message from the peer (the replication stream's control part; bulk payloads
+    /// stay with the driver, which asks with [`Session::check_copy`] and
+    /// [`Session::check_checkpoint`]).
+    Message {
+        /// When.
+        now: Instant,
+        /// The message.
+        msg: Message,
+    },
+    /// The answer to [`Action::Claim`].
+    Claimed(Result<Claim, String>),
+    /// The driver could not apply what the session accepted (a copy part or a
+    /// checkpoint), or the replica cannot be created.
+    ApplyFailed(String),
+    /// A full copy was applied and is durable.
+    FullApplied {
+        /// Its epoch.
+        epoch: u64,
+        /// The copy.
+        copy: u64,
+    },
+    /// The guest that ran here has stopped (fenced or failed).
+    GuestEnded(Result<u32, String>),
+}
+
+/// What the drivers must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send a message to the peer.
+    Send(Message),
+    /// Let outputs leave (console, tap), in order.
+    Release(Vec<Output>),
+    /// Claim the arbiter for the generation after [`Session::generation`]; answer with
+    /// [`Input::Claimed`].
+    Claim,
+    /// Persist and advertise a higher generation.
+    Generation(u64),
+    /// Advertise this role in hellos and heartbeats.
+    Advertise(Role),
+    /// Boot the guest fresh here (the first primary).
+    BootGuest,
+    /// Start the guest here from the standby replica (takeover).
+    TakeOver,
+    /// Stop the guest, drop held output for good, close the tap.
+    Fence,
+    /// Create the replica (standby VM, disk, incomplete marker) for a new copy.
+    NewReplica,
+    /// The replica starts over: marked incomplete, its outputs and frames forgotten.
+    ResetReplica,
+    /// Forget the replica (it was not complete).
+    DropReplica,
+    /// Tell the operator.
+    Alert(String),
+    /// The pair has ended: exit with this code.
+    Exit(i32),
+}
+
+enum State {
+    Starting { since: Instant },
+    Primary(Primary),
+    Secondary(Secondary),
+    Fenced { guest_stopped: bool },
+}
+
+struct Secondary {
+    progress: ReplicaProgress,
+    /// When a Join (or Resync) was sent that no CopyStart has answered yet.
+    join_sent: Option<Instant>,
+}
+
+/// The peer as last heard.
+#[derive(Debug, Clone, Default)]
+pub struct PeerView {
+    /// Its name.
+    pub name: Option<String>,
+    /// Its role.
+    pub role: Option<Role>,
+    /// Heard within the peer timeout.
+    pub alive: bool,
+}
+
+/// One CoServer's replication session.
+pub struct Session {
+    cfg: SessionConfig,
+    state: State,
+    generation: u64,
+    peer: PeerView,
+    /// The replica on this host may be half copied (the marker is set).
+    incomplete: bool,
+    last_tick: Option<Instant>,
+    exit: Option<i32>,
+    last_alert: Option<String>,
+}
+
+impl Session {
+    /// A starting session that knows `generation`; `incomplete`: this host's replica
+    /// is marked half copied.
+    pub fn new(cfg: SessionConfig, generation: u64, incomplete: bool, now: Instant) -> Self {
+        Self {
+            cfg,
+            state: State::Starting { since: now },
+            generation,
+            peer: PeerView::default(),
+            incomplete,
+            last_tick: None,
+            exit: None,
+            last_alert: None,
+        }
+    }
+
+    /// The role.
+    pub fn role(&self) -> Role {
+        match self.state {
+            State::Starting { .. } => Role::Starting,
+            State::Primary(_) => Role::Primary,
+            State::Secondary(_) => Role::Secondary,
+            State::Fenced { .. } => Role::Fenced,
+        }
+    }
+
+    /// The primary's stream, while primary.
+    pub fn primary(&self) -> Option<&Primary> {
+        match &self.state {
+            State::Primary(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The secondary's replica progress, while secondary.
+    pub fn replica(&self) -> Option<&ReplicaProgress> {
+        match &self.state {
+            State::Secondary(s) => Some(&s.progress),
+            _ => None,
+        }
+    }
+
+    /// The highest arbiter generation this node knows.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The peer as last heard.
+    pub fn peer(&self) -> &PeerView {
+        &self.peer
+    }
+
+    /// The exit code, once the pair has ended.
+    pub fn exit_code(&self) -> Option<i32> {
+        self.exit
+    }
+
+    /// Whether the primary's World records disk writes for a secondary (one is being
+    /// copied to, or protects the guest).
+    pub fn records_disk_writes(&self) -> bool {
+        self.primary().is_some_and(|p| p.mode() != Mode::Degraded)
+    }
+
+    /// What the primary's World does with an output now.
+    pub fn output_policy(&self) -> OutputPolicy {
+        match &self.state {
+            State::Primary(p) => p.output_policy(),
+            _ => OutputPolicy::Discard,
+        }
+    }
+
+    fn alert(&mut self, out: &mut Vec<Action>, text: String) {
+        self.last_alert = Some(text.clone());
+        out.push(Action::Alert(text));
+    }
+
+    fn alert_once(&mut self, out: &mut Vec<Action>, text: String) {
+        if self.last_alert.as_deref() != Some(text.as_str()) {
+            self.alert(out, text);
+        }
+    }
+
+    /// Takes one input; returns what to do, in order.
+    pub fn on(&mut self, input: Input) -> Vec<Action> {
+        let mut out = Vec::new();
+        match input {
+            Input::Tick { now, peer_alive } => self.tick(&mut out, now, peer_alive),
+            Input::PeerSays {
+                node,
+                role,
+                generation,
+            } => {
+                if node.is_some() {
+                    self.peer.name = node;
+                }
+                self.peer.role = Some(role);
+                self.learn_generation(&mut out, generation);
+            }
+            Input::Message { now, msg } => self.message(&mut out, now, msg),
+            Input::Claimed(result) => self.claimed(&mut out, result),
+            Input::ApplyFailed(why) => self.apply_failed(&mut out, why),
+            Input::FullApplied { epoch, copy } => {
+                if let State::Secondary(s) = &mut self.state {
+                    if s.progress.full_applied(epoch, copy) {
+                        self.incomplete = false;
+                    }
+                }
+            }
+            Input::GuestEnded(result) => self.guest_ended(&mut out, result),
+        }
+        out
+    }
+
+    fn tick(&mut self, out: &mut Vec<Action>, now: Instant, alive: bool) {
+        let gap = self.last_tick.map(|t| now.saturating_duration_since(t));
+        self.last_tick = Some(now);
+        self.peer.alive = alive;
+        if let (Some(gap), State::Primary(p)) = (gap, &self.state) {
+            if gap > self.cfg.stall_limit && p.mode() != Mode::Degraded {
+                // This process did not run: the peer may have taken over meanwhile, and
+                // an acknowledgement queued before that must not release output now.
+                self.alert(
+                    out,
+                    format!(
+                        "this node did not run for {} ms, longer than the peer timeout: asking the arbiter",
+                        gap.as_millis()
+                    ),
+                );
+                out.push(Action::Claim);
+                return;
+            }
+        }
+        match &mut self.state {
+            State::Starting { since } => {
+                let since = *since;
+                self.tick_starting(out, now, since, alive);
+            }
+            State::Primary(p) => {
+                if p.mode() == Mode::Degraded {
+                    return;
+                }
+                if let Some((epoch, waited)) = p.oldest_unacked(now) {
+                    if waited > self.cfg.ack_timeout {
+                        self.alert(
+                            out,
+                            format!(
+                                "secondary has not acknowledged checkpoint {epoch} for {} ms: asking the arbiter",
+                                waited.as_millis()
+                            ),
+                        );
+                        out.push(Action::Claim);
+                        return;
+                    }
+                }
+                if !alive {
+                    out.push(Action::Claim);
+                }
+            }
+            State::Secondary(s) => {
+                if alive {
+                    if s.join_sent.is_some_and(|t| now - t > self.cfg.ack_timeout) {
+                        s.join_sent = Some(now);
+                        out.push(Action::Send(Message::Join));
+                    }
+                    return;
+                }
+                if !s.progress.is_ready() {
+                    self.alert(out, "primary lost before the copy completed; this host's replica stays marked incomplete; waiting for a primary".into());
+                    out.push(Action::DropReplica);
+                    self.set_state(out, State::Starting { since: now });
+                    return;
+                }
+                out.push(Action::Claim);
+            }
+            State::Fenced { guest_stopped } => {
+                if alive && *guest_stopped && self.peer.role == Some(Role::Primary) {
+                    self.alert(
+                        out,
+                        "a primary is heard again: rejoining it as secondary".into(),
+                    );
+                    self.join(out, now);
+                }
+            }
+        }
+    }
+
+    fn tick_starting(&mut self, out: &mut Vec<Action>, now: Instant, since: Instant, alive: bool) {
+        if alive && self.peer.role == Some(Role::Primary) {
+            self.join(out, now);
+            return;
+        }
+        if now.saturating_duration_since(since) < self.cfg.start_wait {
+            return;
+        }
+        if self.incomplete {
+            // A half-copied disk is never booted: only a primary can make it whole.
+            self.alert_once(
+                out,
+                "this host holds an incomplete copy of the guest; waiting for a primary to copy from".into(),
+            );
+            return;
+        }
+        match self.cfg.arbiter {
+            ArbiterKind::None { starts: true } => {
+                self.alert(
+                    out,
+                    "starting the guest (arbiter none names this node)".into(),
+                );
+                self.become_primary(out, 0, Action::BootGuest);
+            }
+            ArbiterKind::None { starts: false } => {}
+            ArbiterKind::Claims => out.push(Action::Claim),
+        }
+    }
+
+    fn set_state(&mut self, out: &mut Vec<Action>, state: State) {
+        self.state = state;
+        out.push(Action::Advertise(self.role()));
+    }
+
+    fn become_primary(&mut self, out: &mut Vec<Action>, epoch: u64, start: Action) {
+        out.push(start);
+        self.set_state(out, State::Primary(Primary::new(epoch)));
+    }
+
+    /// Becomes a secondary of the primary heard.
+    fn join(&mut self, out: &mut Vec<Action>, now: Instant) {
+        out.push(Action::NewReplica);
+        self.incomplete = true;
+        self.set_state(
+            out,
+            State::Secondary(Secondary {
+                progress: ReplicaProgress::default(),
+                join_sent: Some(now),
+            }),
+        );
+        out.push(Action::Send(Message::Join));
+    }
+
+    fn raise_generation(&mut self, out: &mut Vec<Action>, g: u64) {
+        if g > self.generation {
+            self.generation = g;
+            out.push(Action::Generation(g));
+        }
+    }
+
+    /// The peer knows generation `g`. A higher one than this node's means the peer won
+    /// the arbiter while this node was not heard: a primary's guest is no longer the
+    /// guest and it fences; a secondary's replica missed what the primary ran alone.
+    fn learn_generation(&mut self, out: &mut Vec<Action>, g: u64) {
+        if g <= self.generation {
+            return;
+        }
+        self.raise_generation(out, g);
+        match &mut self.state {
+            State::Primary(_) => self.fence(
+                out,
+                format!("the peer won the arbiter (generation {g}) while this node was not heard: fencing"),
+            ),
+            State::Secondary(s) => {
+                s.progress = ReplicaProgress::default();
+                s.join_sent = self.last_tick;
+                self.incomplete = true;
+                out.push(Action::ResetReplica);
+                self.alert(out, format!("the primary won the arbiter (generation {g}) while this node was not heard: asking for a new copy"));
+                out.push(Action::Send(Message::Join));
+            }
+            State::Starting { .. } | State::Fenced { .. } => {}
+        }
+    }
+
+    fn fence(&mut self, out: &mut Vec<Action>, why: String) {
+        let guest_stopped = !matches!(self.state, State::Primary(_));
+        out.push(Action::Fence);
+        self.set_state(out, State::Fenced { guest_stopped });
+        self.alert(out, why);
+    }
+
+    fn claimed(&mut self, out: &mut Vec<Action>, result: Result<Claim, String>) {
+        match (&self.state, result) {
+            (State::Starting { .. }, Ok(Claim::Won { generation })) => {
+                self.raise_generation(out, generation);
+                self.alert(out, format!("no primary heard: won the arbiter (generation {generation}); starting the guest"));
+                self.become_primary(out, 0, Action::BootGuest);
+            }
+            (State::Starting { .. }, Ok(Claim::Lost { .. } | Claim::Refused)) => {
+                // Not learned from the arbiter itself: only a peer that is heard can
+                // vouch for a generation, or a stale node could win the next one.
+                self.restart_wait();
+            }
+            (State::Starting { .. }, Err(e)) => {
+                self.alert_once(
+                    out,
+                    format!("no primary heard, and the arbiter cannot be used: {e}"),
+                );
+                self.restart_wait();
+            }
+            (State::Primary(p), claim) => {
+                if p.mode() == Mode::Degraded {
+                    return;
+                }
+                match claim {
+                    Ok(Claim::Won { generation }) => {
+                        self.raise_generation(out, generation);
+                        self.degrade(out, format!("secondary lost; won the arbiter (generation {generation}); running degraded"));
+                    }
+                    Ok(Claim::Refused) => {
+                        self.degrade(out, "secondary lost; running degraded (arbiter none)".into())
+                    }
+                    Ok(Claim::Lost { generation, holder }) => self.fence(
+                        out,
+                        format!("secondary lost and {holder} won the arbiter (generation {generation}): fencing"),
+                    ),
+                    Err(e) => self.fence(
+                        out,
+                        format!("secondary lost and the arbiter cannot be used ({e}): fencing"),
+                    ),
+                }
+            }
+            (State::Secondary(s), claim) => {
+                let Some(epoch) = s.progress.ready_epoch() else {
+                    return;
+                };
+                match claim {
+                    Ok(Claim::Won { generation }) => {
+                        self.raise_generation(out, generation);
+                        self.alert(out, format!("primary lost; won the arbiter (generation {generation}); taking over from checkpoint {epoch}"));
+                        self.become_primary(out, epoch, Action::TakeOver);
+                    }
+                    Ok(Claim::Lost { generation, holder }) => self.fence(
+                        out,
+                        format!("primary lost and {holder} holds the arbiter (generation {generation}): fencing"),
+                    ),
+                    Ok(Claim::Refused) => {
+                        self.alert_once(out, "primary lost; not taking over (arbiter none)".into())
+                    }
+                    // Nothing runs here: try again at the next tick.
+                    Err(e) => {
+                        self.alert_once(out, format!("primary lost; the arbiter cannot be used: {e}"))
+                    }
+                }
+            }
+            (State::Fenced { .. }, _) => {}
+        }
+    }
+
+    fn restart_wait(&mut self) {
+        if let (State::Starting { since }, Some(now)) = (&mut self.state, self.last_tick) {
+            *since = now;
+        }
+    }
+
+    fn degrade(&mut self, out: &mut Vec<Action>, why: String) {
+        if let State::Primary(p) = &mut self.state {
+            let released = p.degrade();
+            if !released.is_empty() {
+                out.push(Action::Release(released));
+            }
+            out.extend(p.take_finish());
+        }
+        self.alert(out, why);
+        if let Some(Action::Exit(code)) = out.iter().find(|a| matches!(a, Action::Exit(_))) {
+            self.exit = Some(*code);
+        }
+    }
+
+    fn message(&mut self, out: &mut Vec<Action>, now: Instant, msg: Message) {
+        match (&mut self.state, msg) {
+            (State::Primary(p), Message::Join) => {
+                let released = p.restart_copy();
+                if !released.is_empty() {
+                    out.push(Action::Release(released));
+                }
+            }
+            (State::Primary(p), Message::Resync { reason }) => {
+                let released = p.restart_copy();
+                if !released.is_empty() {
+                    out.push(Action::Release(released));
+                }
+                self.alert(out, format!("secondary asks for a new copy: {reason}"));
+            }
+            (State::Primary(p), Message::Ack { epoch, copy }) => match p.ack(epoch, copy, now) {
+                AckOutcome::Accepted {
+                    protected,
+                    released,
+                } => {
+                    if !released.is_empty() {
+                        out.push(Action::Release(released));
+                    }
+                    out.push(Action::Send(Message::Released { epoch }));
+                    let finish = p.take_finish();
+                    if protected {
+                        self.alert(
+                            out,
+                            "secondary holds a full copy: the pair is protected".into(),
+                        );
+                    }
+                    if let Some(Action::Exit(code)) = finish.last() {
+                        self.exit = Some(*code);
+                    }
+                    out.extend(finish);
+                }
+                AckOutcome::Rejected => {
+                    tracing::warn!(
+                        epoch,
+                        copy,
+                        "acknowledgement of no checkpoint sent rejected"
+                    )
+                }
+            },
+            (State::Secondary(s), Message::CopyStart { copy }) => {
+                s.join_sent = None;
+                s.progress.start_copy(copy);
+                self.incomplete = true;
+                out.push(Action::ResetReplica);
+            }
+            (State::Secondary(_), Message::Stopped { exit_code }) => {
+                self.exit = Some(exit_code as i32);
+                out.push(Action::Exit(exit_code as i32));
+            }
+            (_, other) => {
+                tracing::debug!(
+                    kind = other.kind(),
+                    role = self.role().name(),
+                    "message ignored"
+                )
+            }
+        }
+    }
+
+    /// Whether a copy message (`index` of copy `copy`) is the next the replica takes.
+    pub fn check_copy(&mut self, copy: u64, index: u64) -> CopyCheck {
+        let State::Secondary(s) = &mut self.state else {
+            return CopyCheck::Ignore;
+        };
+        s.progress.copy_part(copy, index)
+    }
+
+    /// Whether a checkpoint can be applied next: then it is acknowledged (the returned
+    /// actions carry the Ack) and the driver applies it.
+    pub fn check_checkpoint(
+        &mut self,
+        epoch: u64,
+        full: bool,
+        copy: u64,
+        copy_messages: u64,
+    ) -> (CopyCheck, Vec<Action>) {
+        let State::Secondary(s) = &mut self.state else {
+            return (CopyCheck::Ignore, Vec::new());
+        };
+        let check = s.progress.checkpoint(epoch, full, copy, copy_messages);
+        let mut out = Vec::new();
+        if check == CopyCheck::Apply {
+            let copy = if full { copy } else { s.progress.copy_id() };
+            out.push(Action::Send(Message::Ack { epoch, copy }));
+        }
+        (check, out)
+    }
+
+    fn apply_failed(&mut self, out: &mut Vec<Action>, why: String) {
+        if let State::Secondary(s) = &mut self.state {
+            s.progress = ReplicaProgress::default();
+            s.join_sent = self.last_tick;
+            self.incomplete = true;
+            out.push(Action::ResetReplica);
+            self.alert(
+                out,
+                format!("replica cannot follow ({why}); asking for a new copy"),
+            );
+            out.push(Action::Send(Message::Resync { reason: why }));
+        }
+    }
+
+    fn guest_ended(&mut self, out: &mut Vec<Action>, result: Result<u32, String>) {
+        match (&mut self.state, result) {
+            (State::Fenced { guest_stopped }, _) => *guest_stopped = true,
+            (State::Primary(_), Err(e)) => {
+                self.alert(out, format!("the guest stopped: {e}"));
+                self.exit = Some(125);
+                out.push(Action::Exit(125));
+            }
+            (State::Primary(_), Ok(_)) | (_, _) => {}
+        }
+    }
+
+    /// The primary's epoch loop ends epoch `epoch` with `outputs` (held by the World
+    /// under [`OutputPolicy::Hold`]): what to do with them and with the cut.
+    pub fn cut(&mut self, epoch: u64, outputs: Vec<Output>, now: Instant) -> CutPlan {
+        match &mut self.state {
+            State::Primary(p) => p.cut(epoch, outputs, now),
+            _ => CutPlan::Stop,
+        }
+    }
+
+    /// The epoch loop built the checkpoint completing copy `copy` at `epoch`: whether
+    /// to send it (the copy may have been abandoned meanwhile).
+    pub fn full_cut(&mut self, epoch: u64, copy: u64, now: Instant) -> bool {
+        match &mut self.state {
+            State::Primary(p) => p.full_cut(epoch, copy, now),
+            _ => false,
+        }
+    }
+
+    /// The guest powered off at the end of `epoch`: the pair ends once its outputs are
+    /// acknowledged (or at once while degraded).
+    pub fn powered_off(&mut self, epoch: u64, code: u32) -> Vec<Action> {
+        let State::Primary(p) = &mut self.state else {
+            return Vec::new();
+        };
+        p.powered_off(epoch, code);
+        let out = p.take_finish();
+        if let Some(Action::Exit(c)) = out.last() {
+            self.exit = Some(*c);
+        }
+        out
+    }
+
+    /// Whether the epoch loop may run epoch `next` now (a protected primary runs at
+    /// most a few epochs ahead of its acknowledgements; a fenced one not at all).
+    pub fn may_run(&self, next: u64) -> RunPermit {
+        match &self.state {
+            State::Primary(p) => p.may_run(next),
+            _ => RunPermit::Stop,
+        }
+    }
+}
+
+/// Whether the epoch loop may go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunPermit {
+    /// Run the next epoch.
+    Run,
+    /// Wait for acknowledgements.
+    Wait,
+    /// Stop the guest (this node is no longer primary).
+    Stop,
+}
+
+/// The session shared by the node's event loop and the primary's epoch loop: every
+/// input goes through its lock, and the epoch loop waits on it for acknowledgements.
+pub struct SharedSession {
+    session: std::sync::Mutex<Session>,
+    changed: std::sync::Condvar,
+}
+
+impl SharedSession {
+    /// Shares `session`.
+    pub fn new(session: Session) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            session: std::sync::Mutex::new(session),
+            changed: std::sync::Condvar::new(),
+        })
+    }
+
+    /// Locks the session (a panicking holder cannot leave it half changed: every
+    /// transition completes before it returns).
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Session> {
+        self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Feeds one input and wakes the epoch loop.
+    pub fn on(&self, input: Input) -> Vec<Action> {
+        let actions = self.lock().on(input);
+        self.changed.notify_all();
+        actions
+    }
+
+    /// Wakes the epoch loop after a change made through [`SharedSession::lock`].
+    pub fn notify(&self) {
+        self.changed.notify_all();
+    }
+
+    /// Waits until the epoch loop may run epoch `next` (or must stop).
+    pub fn wait_permit(&self, next: u64) -> RunPermit {
+        let mut s = self.lock();
+        loop {
+            match s.may_run(next) {
+                RunPermit::Wait => {
+                    s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+                }
+                permit => return permit,
+            }
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! The primary's side of the session: its mode, the stream positions and the outputs
+//! held per position until the secondary acknowledges them.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::{Action, RunPermit};
+use crate::protocol::{Message, Output};
+
+/// Unacknowledged epochs after which the guest waits for the secondary.
+pub const MAX_UNACKED: u64 = 16;
+
+/// Replication mode of a primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// No secondary: outputs are released at once.
+    Degraded,
+    /// Copying memory and disk to a joining secondary (copy `copy`).
+    Syncing {
+        /// The copy's identifier (the epoch at which it began).
+        copy: u64,
+    },
+    /// The completing checkpoint of a copy was sent; waiting for its acknowledgement.
+    AwaitingFullAck {
+        /// The copy.
+        copy: u64,
+        /// Its completing epoch.
+        full_epoch: u64,
+    },
+    /// The secondary holds a full copy: outputs wait for acknowledgements.
+    Protected {
+        /// The copy the secondary descends from.
+        copy: u64,
+        /// Its completing epoch.
+        full_epoch: u64,
+    },
+}
+
+impl Mode {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Degraded => "degraded",
+            Mode::Syncing { .. } => "syncing",
+            Mode::AwaitingFullAck { .. } => "awaiting-full-ack",
+            Mode::Protected { .. } => "protected",
+        }
+    }
+
+    /// Whether outputs wait for acknowledgements.
+    pub fn holds(self) -> bool {
+        matches!(self, Mode::AwaitingFullAck { .. } | Mode::Protected { .. })
+    }
+}
+
+/// What the primary's World does with an output as the guest makes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputPolicy {
+    /// Let it leave now (degraded, nothing held before it).
+    Pass,
+    /// Keep it with the running epoch.
+    Hold,
+    /// Drop it (this node is not, or no longer, the primary).
+    Discard,
+}
+
+/// What the epoch loop does at the end of an epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CutPlan {
+    /// Release these outputs; nothing is replicated.
+    Release(Vec<Output>),
+    /// Begin copy `copy` to a joining secondary (after releasing the outputs).
+    StartCopy {
+        /// The copy.
+        copy: u64,
+        /// Outputs to release.
+        release: Vec<Output>,
+    },
+    /// Go on with copy `copy` (after releasing the outputs).
+    Copy {
+        /// The copy.
+        copy: u64,
+        /// Outputs to release.
+        release: Vec<Output>,
+    },
+    /// Send the epoch's checkpoint, carrying these (held) outputs.
+    Checkpoint {
+        /// The outputs, held until acknowledged.
+        outputs: Vec<Output>,
+    },
+    /// Not primary any more: stop the guest.
+    Stop,
+}
+
+/// The answer to an acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// It acknowledges sent checkpoints up to its epoch; these outputs may leave.
+    Accepted {
+        /// It completed the copy: the pair is protected now.
+        protected: bool,
+        /// Outputs released by it, in order.
+        released: Vec<Output>,
+    },
+    /// For an epoch never sent, one of another copy, or while none is awaited.
+    Rejected,
+}
+
+#[derive(Debug)]
+struct Held {
+    epoch: u64,
+    at: Instant,
+    outputs: Vec<Output>,
+}
+
+/// A primary's stream.
+#[derive(Debug)]
+pub struct Primary {
+    mode: Mode,
+    /// Last epoch cut.
+    epoch: u64,
+    /// Highest epoch acknowledged.
+    acked: u64,
+    /// Checkpoints sent and not acknowledged: (epoch, when), oldest first.
+    unacked: VecDeque<(u64, Instant)>,
+    /// Outputs of sent checkpoints, until acknowledged.
+    held: VecDeque<Held>,
+    /// A secondary asked for a (new) copy; it begins at the next cut.
+    join_requested: bool,
+    /// The guest powered off at (epoch, code); the pair ends once that is acknowledged.
+    powered_off: Option<(u64, u32)>,
+    finished: bool,
+    rejected_acks: u64,
+    /// Output-commit delays of released epochs (µs), recent.
+    delays_us: Vec<u64>,
+}
+
+impl Primary {
+    /// A degraded primary whose next epoch is `epoch + 1`.
+    pub fn new(epoch: u64) -> Self {
+        Self {
+            mode: Mode::Degraded,
+            epoch,
+            acked: 0,
+            unacked: VecDeque::new(),
+            held: VecDeque::new(),
+            join_requested: false,
+            powered_off: None,
+            finished: false,
+            rejected_acks: 0,
+            delays_us: Vec::new(),
+        }
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Last epoch cut.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Highest epoch acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// Acknowledgements rejected so far.
+    pub fn rejected_acks(&self) -> u64 {
+        self.rejected_acks
+    }
+
+    /// Recent output-commit delays (µs).
+    pub fn delays_us(&self) -> &[u64] {
+        &self.delays_us
+    }
+
+    /// Outputs held now (for the invariants' checks).
+    pub fn held_epochs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.held.iter().map(|h| h.epoch)
+    }
+
+    pub(super) fn output_policy(&self) -> OutputPolicy {
+        if self.finished {
+            OutputPolicy::Discard
+        } else if self.mode.holds() || !self.held.is_empty() {
+            OutputPolicy::Hold
+        } else {
+            OutputPolicy::Pass
+        }
+    }
+
+    pub(super) fn oldest_unacked(&self, now: Instant) -> Option<(u64, Duration)> {
+        self.unacked
+            .front()
+            .map(|(e, t)| (*e, now.saturating_duration_since(*t)))
+    }
+
+    /// No secondary any more: everything held is released, nothing is awaited.
+    pub(super) fn degrade(&mut self) -> Vec<Output> {
+        self.mode = Mode::Degraded;
+        self.unacked.clear();
+        self.held.drain(..).flat_map(|h| h.outputs).collect()
+    }
+
+    /// A secondary holds nothing and asks for a copy: degraded until it has one.
+    pub(super) fn restart_copy(&mut self) -> Vec<Output> {
+        self.join_requested = true;
+        self.degrade()
+    }
+
+    pub(super) fn cut(&mut self, epoch: u64, outputs: Vec<Output>, now: Instant) -> CutPlan {
+        if self.finished {
+            return CutPlan::Stop;
+        }
+        self.epoch = epoch;
+        match self.mode {
+            Mode::Degraded if self.join_requested => {
+                self.join_requested = false;
+                self.mode = Mode::Syncing { copy: epoch };
+                CutPlan::StartCopy {
+                    copy: epoch,
+                    release: outputs,
+                }
+            }
+            Mode::Degraded => CutPlan::Release(outputs),
+            // Outputs of the copy's epochs leave at once: the copy is not a replica yet.
+            Mode::Syncing { copy } => CutPlan::Copy {
+                copy,
+                release: outputs,
+            },
+            Mode::AwaitingFullAck { .. } | Mode::Protected { .. } => {
+                self.unacked.push_back((epoch, now));
+                if !outputs.is_empty() {
+                    self.held.push_back(Held {
+                        epoch,
+                        at: now,
+                        outputs: outputs.clone(),
+                    });
+                }
+                CutPlan::Checkpoint { outputs }
+            }
+        }
+    }
+
+    pub(super) fn full_cut(&mut self, epoch: u64, copy: u64, now: Instant) -> bool {
+        if self.mode != (Mode::Syncing { copy }) {
+            return false;
+        }
+        self.epoch = self.epoch.max(epoch);
+        self.mode = Mode::AwaitingFullAck {
+            copy,
+            full_epoch: epoch,
+        };
+        self.unacked.push_back((epoch, now));
+        true
+    }
+
+    pub(super) fn ack(&mut self, epoch: u64, copy: u64, now: Instant) -> AckOutcome {
+        let (mode_copy, full_epoch) = match self.mode {
+            Mode::AwaitingFullAck { copy, full_epoch } | Mode::Protected { copy, full_epoch } => {
+                (copy, full_epoch)
+            }
+            Mode::Degraded | Mode::Syncing { .. } => {
+                self.rejected_acks += 1;
+                return AckOutcome::Rejected;
+            }
+        };
+        let sent = self.unacked.iter().any(|(e, _)| *e == epoch);
+        if copy != mode_copy
+            || epoch < full_epoch
+            || epoch > self.epoch
+            || !(sent || epoch <= self.acked)
+        {
+            self.rejected_acks += 1;
+            return AckOutcome::Rejected;
+        }
+        self.acked = self.acked.max(epoch);
+        while self.unacked.front().is_some_and(|(e, _)| *e <= epoch) {
+            self.unacked.pop_front();
+        }
+        let mut released = Vec::new();
+        while self.held.front().is_some_and(|h| h.epoch <= epoch) {
+            if let Some(h) = self.held.pop_front() {
+                self.delays_us
+                    .push(now.saturating_duration_since(h.at).as_micros() as u64);
+                released.extend(h.outputs);
+            }
+        }
+        if self.delays_us.len() > 4096 {
+            self.delays_us.drain(..2048);
+        }
+        let protected = matches!(self.mode, Mode::AwaitingFullAck { .. });
+        if protected {
+            self.mode = Mode::Protected {
+                copy: mode_copy,
+                full_epoch,
+            };
+        }
+        AckOutcome::Accepted {
+            protected,
+            released,
+        }
+    }
+
+    pub(super) fn powered_off(&mut self, epoch: u64, code: u32) {
+        self.powered_off = Some((epoch, code));
+    }
+
+    /// If the guest powered off and nothing of it waits any more: the pair's end.
+    pub(super) fn take_finish(&mut self) -> Vec<Action> {
+        let Some((epoch, code)) = self.powered_off else {
+            return Vec::new();
+        };
+        if self.mode.holds() && self.acked < epoch {
+            return Vec::new();
+        }
+        self.powered_off = None;
+        self.finished = true;
+        vec![
+            Action::Send(Message::Stopped { exit_code: code }),
+            Action::Exit(code as i32),
+        ]
+    }
+
+    pub(super) fn may_run(&self, next: u64) -> RunPermit {
+        if self.finished {
+            RunPermit::Stop
+        } else if self.mode.holds() && next.saturating_sub(self.acked) > MAX_UNACKED {
+            RunPermit::Wait
+        } else {
+            RunPermit::Run
+        }
+    }
+}
