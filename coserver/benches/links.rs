@@ -104,7 +104,7 @@ fn measure(encrypt: bool) -> Row {
             std::thread::sleep(Duration::from_micros(200));
         }
         let msg = Message::Inbound {
-            epoch: i as u64,
+            position: i as u64,
             frame: data.clone(),
         };
         x.send(&msg).expect("send");

@@ -229,20 +229,30 @@ fn main() {
     println!("ftvm pair benchmark (2 veth links in namespaces, heartbeat 20 ms x 10)\n");
     println!("| figure | value |\n|---|---|");
 
+    // FTVM_BENCH_ONLY=takeover runs the failover rows alone.
+    let only_takeover = std::env::var("FTVM_BENCH_ONLY").as_deref() == Ok("takeover");
+    if !only_takeover {
+        overhead_rows(&net);
+    }
+    takeover_rows(&net);
+}
+
+/// Protection overhead, epoch sweep and idle figures.
+fn overhead_rows(net: &PairNet) {
     // Protection overhead, standalone vs pair, each measured in this run (epoch 10 ms).
     for w in [&COUNTER, &DISK] {
         let solo = standalone_rate(w);
         let dir = tempfile::tempdir().expect("tempdir");
-        let (a, b) = protected_pair(&net, dir.path(), &spec(w.cmdline, w.disk_mib, false, 10));
+        let (a, b) = protected_pair(net, dir.path(), &spec(w.cmdline, w.disk_mib, false, 10));
         let rate = pair_rate(&a, w);
         ratio_row(w.name, w.unit, solo, rate);
         drop((a, b));
     }
-    let solo = standalone_kv_rate(&net);
+    let solo = standalone_kv_rate(net);
     let dir = tempfile::tempdir().expect("tempdir");
     let kv_guest = spec(&format!("workload=net ip={GUEST_IP}/24"), 8, true, 10);
-    let (a, b) = protected_pair(&net, dir.path(), &kv_guest);
-    let rate = kv_rate(&net);
+    let (a, b) = protected_pair(net, dir.path(), &kv_guest);
+    let rate = kv_rate(net);
     ratio_row(
         "TCP key-value SETs, one client, one at a time (each waits for its epoch's acknowledgement)",
         "SETs/s",
@@ -255,7 +265,7 @@ fn main() {
     let solo = standalone_rate(&COUNTER);
     for epoch_ms in [5u64, 10, 20, 50] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (a, b) = protected_pair(&net, dir.path(), &spec(COUNTER.cmdline, 0, false, epoch_ms));
+        let (a, b) = protected_pair(net, dir.path(), &spec(COUNTER.cmdline, 0, false, epoch_ms));
         let rate = pair_rate(&a, &COUNTER);
         let st = a.status();
         println!(
@@ -270,7 +280,7 @@ fn main() {
 
     // An idle guest: pauses and replication traffic.
     let dir = tempfile::tempdir().expect("tempdir");
-    let (a, b) = protected_pair(&net, dir.path(), &kv_guest);
+    let (a, b) = protected_pair(net, dir.path(), &kv_guest);
     std::thread::sleep(Duration::from_secs(3));
     let st = a.status();
     println!(
@@ -282,7 +292,10 @@ fn main() {
         bytes_per_s(&st) * 8.0 / 1000.0
     );
     drop((a, b));
+}
 
+/// Takeover after SIGKILL under a TCP client, per heartbeat setting.
+fn takeover_rows(net: &PairNet) {
     // Takeover after SIGKILL, with a TCP client: two heartbeat settings with clients as
     // they come, and one with a client whose route has a short minimum retransmission
     // timeout.
@@ -308,7 +321,7 @@ fn main() {
             client_route(rto);
         }
         for run in 0..TAKEOVER_RUNS {
-            let r = takeover_run(&net, interval, misses, KILL_SPREAD * run);
+            let r = takeover_run(net, interval, misses, KILL_SPREAD * run);
             takeovers.push(r.status);
             inside.push(r.inside);
             worst_set.push(r.worst_set);
@@ -405,8 +418,17 @@ fn takeover_run(net: &PairNet, interval: u64, misses: u32, delay: Duration) -> T
     );
     let status = t.elapsed();
     let worst_set = client.join().expect("client");
-    let inside =
-        takeover_from_log(&b.log()).unwrap_or_else(|| panic!("no takeover line:\n{}", b.log()));
+    let log = b.log();
+    let inside = takeover_from_log(&log).unwrap_or_else(|| panic!("no takeover line:\n{log}"));
+    if std::env::var("FTVM_BENCH_LOG").is_ok() {
+        // The new primary's own account of the takeover, step by step.
+        for l in log
+            .lines()
+            .filter(|l| l.contains("takeover:") || l.contains("arbiter claim"))
+        {
+            eprintln!("{l}");
+        }
+    }
     Takeover {
         status,
         inside,

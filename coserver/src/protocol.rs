@@ -112,6 +112,37 @@ pub struct DiskWrite {
     pub data: Vec<u8>,
 }
 
+/// The end of an epoch in checkpoint mode: everything the secondary needs to be where
+/// the primary was at that position.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointSegment {
+    /// Whether this completes a full copy (the secondary may take over after it).
+    pub full: bool,
+    /// vCPU, VM-level and device state.
+    #[serde(with = "serde_bytes")]
+    pub state: Vec<u8>,
+    /// Pages written during the epoch (or still unsent from the copy).
+    pub pages: PageBatch,
+    /// Disk writes of the epoch, in order.
+    pub disk_writes: Vec<DiskWrite>,
+    /// Whether the guest flushed its disk during the epoch.
+    pub flush: bool,
+    /// For a `full` checkpoint: the copy it completes (0 otherwise).
+    pub copy: u64,
+    /// For a `full` checkpoint: how many copy messages preceded it.
+    pub copy_messages: u64,
+    /// The epoch's outputs: a new primary releases those the old one may not have.
+    pub outputs: Vec<Output>,
+}
+
+/// What a position of the replication stream carries. Checkpoint mode's is the only
+/// kind today; lockstep's slice of the input log will be a second.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Segment {
+    /// A checkpoint.
+    Checkpoint(CheckpointSegment),
+}
+
 /// A message between CoServers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
@@ -178,37 +209,24 @@ pub enum Message {
         /// The data.
         write: DiskWrite,
     },
-    /// The end of an epoch. `full` marks the checkpoint that completes a full copy.
-    Checkpoint {
-        /// Epoch number.
-        epoch: u64,
-        /// Whether this completes a full copy (the secondary may take over after it).
-        full: bool,
-        /// vCPU, VM-level and device state.
-        #[serde(with = "serde_bytes")]
-        state: Vec<u8>,
-        /// Pages written during the epoch (or still unsent from the copy).
-        pages: PageBatch,
-        /// Disk writes of the epoch, in order.
-        disk_writes: Vec<DiskWrite>,
-        /// Whether the guest flushed its disk during the epoch.
-        flush: bool,
-        /// For a `full` checkpoint: the copy it completes (0 otherwise).
-        copy: u64,
-        /// For a `full` checkpoint: how many copy messages preceded it.
-        copy_messages: u64,
-        /// The epoch's outputs: a new primary releases those the old one may not have.
-        outputs: Vec<Output>,
+    /// What the stream carries at `position` (in checkpoint mode: the end of epoch
+    /// `position`). Both replication modes use this one message; they differ in the
+    /// kind of segment.
+    Segment {
+        /// The stream position.
+        position: u64,
+        /// The segment.
+        segment: Segment,
     },
-    /// The primary released the outputs of every epoch up to `epoch`.
+    /// The primary released the outputs of every position up to `position`.
     Released {
-        /// Epoch number.
-        epoch: u64,
+        /// Stream position.
+        position: u64,
     },
-    /// The secondary holds checkpoint `epoch` completely, on top of copy `copy`.
+    /// The secondary holds the segment at `position` whole, on top of copy `copy`.
     Ack {
-        /// Epoch number.
-        epoch: u64,
+        /// Stream position.
+        position: u64,
         /// The full copy the secondary's replica descends from.
         copy: u64,
     },
@@ -217,12 +235,12 @@ pub enum Message {
         /// Why.
         reason: String,
     },
-    /// A frame the primary's guest received during `epoch` (forwarded at once while
-    /// protected). A new primary re-delivers those of epochs after the checkpoint it
-    /// resumes from, so requests that reached only the dead primary are not lost.
+    /// A frame the primary's guest received before `position` (forwarded at once while
+    /// protected). A new primary re-delivers those after the position it resumes from,
+    /// so requests that reached only the dead primary are not lost.
     Inbound {
-        /// The epoch in which the guest received it.
-        epoch: u64,
+        /// The position (epoch) in which the guest received it.
+        position: u64,
         /// The frame.
         #[serde(with = "serde_bytes")]
         frame: Vec<u8>,
@@ -280,7 +298,7 @@ impl Message {
             Message::CopyStart { .. } => "copy-start",
             Message::SyncPages { .. } => "sync-pages",
             Message::SyncDisk { .. } => "sync-disk",
-            Message::Checkpoint { .. } => "checkpoint",
+            Message::Segment { .. } => "segment",
             Message::Ack { .. } => "ack",
             Message::Resync { .. } => "resync",
             Message::Stopped { .. } => "stopped",
@@ -296,22 +314,24 @@ mod tests {
 
     #[test]
     fn messages_round_trip_and_garbage_is_an_error() {
-        let m = Message::Checkpoint {
-            epoch: 9,
-            full: true,
-            state: vec![1, 2, 3],
-            pages: PageBatch {
-                gpas: vec![0x1000],
-                data: vec![5; 4096],
-            },
-            disk_writes: vec![DiskWrite {
-                offset: 512,
-                data: vec![7; 512],
-            }],
-            flush: true,
-            copy: 7,
-            copy_messages: 3,
-            outputs: vec![Output::Console(b"hi".to_vec())],
+        let m = Message::Segment {
+            position: 9,
+            segment: Segment::Checkpoint(CheckpointSegment {
+                full: true,
+                state: vec![1, 2, 3],
+                pages: PageBatch {
+                    gpas: vec![0x1000],
+                    data: vec![5; 4096],
+                },
+                disk_writes: vec![DiskWrite {
+                    offset: 512,
+                    data: vec![7; 512],
+                }],
+                flush: true,
+                copy: 7,
+                copy_messages: 3,
+                outputs: vec![Output::Console(b"hi".to_vec())],
+            }),
         };
         assert_eq!(Message::decode(&m.encode().unwrap()).unwrap(), m);
         assert!(Message::decode(&[0xff; 3]).is_err());

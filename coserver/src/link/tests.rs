@@ -72,7 +72,7 @@ fn a_message_larger_than_a_frame_arrives_whole_while_heartbeats_keep_the_link_al
     let mut data = vec![0u8; 48 << 20];
     handshake::fill_random(&mut data);
     let big = Message::Inbound {
-        epoch: 7,
+        position: 7,
         frame: data,
     };
     let started = Instant::now();

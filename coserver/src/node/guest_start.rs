@@ -22,6 +22,13 @@ const MAX_STALE_FRAMES: usize = 4096;
 impl Node {
     /// Starts the guest here: booted fresh, or from the standby at `epoch`.
     pub(super) fn become_primary(&mut self, from: Option<Takeover>) -> Result<(), NodeError> {
+        let heard = self.links.last_heard();
+        if from.is_some() {
+            tracing::info!(
+                "takeover: starting the guest {:.3} ms after the old primary was last heard",
+                heard.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0)
+            );
+        }
         let guest = |e: String| NodeError::Guest(e);
         let mut redo_frames = Vec::new();
         let mac =
@@ -62,7 +69,7 @@ impl Node {
         });
         commit.forward_inbound(self.out.clone());
         if from.is_some() {
-            commit.took_over(self.links.last_heard());
+            commit.took_over(heard);
         }
         let mut world = CommitWorld::new(Box::new(live), commit.clone(), self.session.clone());
         let vm = match from {

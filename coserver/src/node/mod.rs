@@ -18,7 +18,7 @@ use crate::arbiter::{Arbiter, KnownGeneration};
 use crate::config::{ArbiterConfig, Config};
 use crate::control::{self, Status};
 use crate::link::{Event, Events, LinkOptions, Links, LocalInfo, Outbox, RecvError};
-use crate::protocol::{GuestShape, Message, Role};
+use crate::protocol::{GuestShape, Message, Role, Segment};
 use crate::replication::commit::Commit;
 use crate::replication::primary::EpochStats;
 use crate::replication::secondary::{IncompleteMarker, Replica, Staged};
@@ -78,6 +78,9 @@ struct Node {
     status: Arc<Mutex<Status>>,
     bytes_sample: (Instant, u64, u64),
 }
+
+/// The last stretch before the peer-lost deadline that the event loop sleeps precisely.
+const FINE_WAIT: Duration = Duration::from_millis(2);
 
 /// How often the event loop looks at the clock when nothing arrives.
 fn tick(cfg: &Config) -> Duration {
@@ -181,10 +184,17 @@ impl Node {
             let until_lost = self
                 .links
                 .last_heard()
-                .and_then(|t| (t + timeout).checked_duration_since(Instant::now()))
-                .map(|d| d + Duration::from_micros(200));
-            let wait = until_lost.map_or(tick, |d| d.min(tick));
-            let ev = self.events.recv_timeout(wait);
+                .and_then(|t| (t + timeout).checked_duration_since(Instant::now()));
+            let ev = match until_lost.filter(|d| *d < tick) {
+                // The event queue's timer counts whole milliseconds: the last stretch
+                // before the deadline is slept precisely (events wait in the queue).
+                Some(d) if d <= FINE_WAIT => {
+                    std::thread::sleep(d);
+                    Err(RecvError::Timeout)
+                }
+                Some(d) => self.events.recv_timeout(d - FINE_WAIT),
+                None => self.events.recv_timeout(tick),
+            };
             // The clock first: a stall is noticed before anything that queued up
             // meanwhile is believed.
             self.input(Input::Tick {
@@ -257,10 +267,16 @@ impl Node {
                 }
                 Action::Claim => {
                     let generation = self.session.lock().generation();
+                    let started = Instant::now();
                     let result = self
                         .arbiter
                         .claim(&self.cfg.node, generation)
                         .map_err(|e| e.to_string());
+                    tracing::info!(
+                        "arbiter claim for generation {} answered in {:.3} ms",
+                        generation + 1,
+                        started.elapsed().as_secs_f64() * 1000.0
+                    );
                     self.input(Input::Claimed(result))?;
                 }
                 Action::Generation(g) => {
@@ -326,33 +342,27 @@ impl Node {
                 let check = self.session.lock().check_copy(copy, index);
                 self.copy_part(check, |r| r.copy_disk(&write))
             }
-            Message::Checkpoint {
-                epoch,
-                full,
-                copy,
-                state,
-                pages,
-                disk_writes,
-                flush,
-                copy_messages,
-                outputs,
+            Message::Segment {
+                position: epoch,
+                segment: Segment::Checkpoint(cp),
             } if secondary => {
+                let (full, copy) = (cp.full, cp.copy);
                 let (check, actions) =
                     self.session
                         .lock()
-                        .check_checkpoint(epoch, full, copy, copy_messages);
+                        .check_checkpoint(epoch, full, copy, cp.copy_messages);
                 // Staged whole and checked: acknowledge, then apply.
                 self.execute(actions)?;
                 let staged = Staged {
                     epoch,
                     full,
                     copy,
-                    state,
-                    pages,
-                    disk_writes,
-                    flush,
-                    copy_messages,
-                    outputs,
+                    state: cp.state,
+                    pages: cp.pages,
+                    disk_writes: cp.disk_writes,
+                    flush: cp.flush,
+                    copy_messages: cp.copy_messages,
+                    outputs: cp.outputs,
                 };
                 self.copy_part(check, |r| r.apply(staged))?;
                 if check == CopyCheck::Apply && full && self.replica.is_some() {
@@ -361,13 +371,16 @@ impl Node {
                 }
                 Ok(())
             }
-            Message::Inbound { epoch, frame } if secondary => {
+            Message::Inbound {
+                position: epoch,
+                frame,
+            } if secondary => {
                 if let Some(r) = self.replica.as_mut() {
                     r.note_inbound(epoch, frame);
                 }
                 Ok(())
             }
-            Message::Released { epoch } if secondary => {
+            Message::Released { position: epoch } if secondary => {
                 if let Some(r) = self.replica.as_mut() {
                     r.released(epoch);
                 }

@@ -99,7 +99,7 @@ impl Commit {
         let s = lock(&self.0);
         if let Some(out) = &s.forward {
             out.send(Message::Inbound {
-                epoch: s.epoch,
+                position: s.epoch,
                 frame: frame.to_vec(),
             });
         }

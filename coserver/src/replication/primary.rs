@@ -16,7 +16,7 @@ use ftvm_vmm::{RunLimits, RunStop, Vm, VmError};
 
 use super::commit::Commit;
 use crate::link::{Links, Outbox};
-use crate::protocol::{DiskWrite, Message};
+use crate::protocol::{CheckpointSegment, DiskWrite, Message, Segment};
 use crate::session::{Action, CutPlan, RunPermit, SharedSession};
 
 /// Pages sent per epoch boundary while copying memory to a joining secondary.
@@ -112,16 +112,18 @@ impl EpochLoop {
                     copy = None;
                     let state = self.vm.capture_state()?;
                     let pages = self.vm.read_pages(dirty.iter())?;
-                    self.send(Message::Checkpoint {
-                        epoch,
-                        full: false,
-                        state,
-                        pages,
-                        disk_writes: std::mem::take(&mut writes),
-                        flush: sealed.flushed,
-                        copy: 0,
-                        copy_messages: 0,
-                        outputs,
+                    self.send(Message::Segment {
+                        position: epoch,
+                        segment: Segment::Checkpoint(CheckpointSegment {
+                            full: false,
+                            state,
+                            pages,
+                            disk_writes: std::mem::take(&mut writes),
+                            flush: sealed.flushed,
+                            copy: 0,
+                            copy_messages: 0,
+                            outputs,
+                        }),
                     });
                     (Vec::new(), None)
                 }
@@ -242,17 +244,19 @@ impl EpochLoop {
         }
         self.session.notify();
         self.stats_lock().sync_left = None;
-        self.send(Message::Checkpoint {
-            epoch,
-            full: true,
-            state,
-            pages,
-            disk_writes: Vec::new(),
-            flush: flushed,
-            copy: c.id,
-            copy_messages: c.sent,
-            // Outputs of the copy's epochs were released at once (degraded).
-            outputs: Vec::new(),
+        self.send(Message::Segment {
+            position: epoch,
+            segment: Segment::Checkpoint(CheckpointSegment {
+                full: true,
+                state,
+                pages,
+                disk_writes: Vec::new(),
+                flush: flushed,
+                copy: c.id,
+                copy_messages: c.sent,
+                // Outputs of the copy's epochs were released at once (degraded).
+                outputs: Vec::new(),
+            }),
         });
         tracing::info!(
             epoch,

@@ -299,16 +299,14 @@ impl Replica {
         Ok(())
     }
 
-    /// Makes the disk replica durable and hands over the standby VM for takeover, with
+    /// Hands over the standby VM for takeover, with
     /// what the old primary may have left undone: outputs of applied epochs it may not
     /// have released, and frames its guest received after the last applied checkpoint.
+    ///
+    /// The disk replica is not synced here: every write the guest flushed was made
+    /// durable when its checkpoint was applied, and the others may be lost by a crash
+    /// as on any disk with a volatile cache; the takeover does not wait for them.
     pub fn into_standby(self) -> Result<Takeover, ReplicaError> {
-        if let Some((f, path, _)) = &self.disk {
-            f.sync_all().map_err(|source| ReplicaError::Disk {
-                path: path.clone(),
-                source,
-            })?;
-        }
         Ok(Takeover {
             standby: self.standby,
             epoch: self.last_epoch.unwrap_or(0),

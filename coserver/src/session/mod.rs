@@ -505,9 +505,11 @@ impl Session {
                 };
                 match claim {
                     Ok(Claim::Won { generation }) => {
+                        // The guest first: the claim itself is durable in the arbiter,
+                        // so persisting the generation here can follow the takeover.
+                        self.become_primary(out, epoch, Action::TakeOver);
                         self.raise_generation(out, generation);
                         self.alert(out, format!("primary lost; won the arbiter (generation {generation}); taking over from checkpoint {epoch}"));
-                        self.become_primary(out, epoch, Action::TakeOver);
                     }
                     Ok(Claim::Lost { generation, holder }) => self.fence(
                         out,
@@ -561,7 +563,13 @@ impl Session {
                 }
                 self.alert(out, format!("secondary asks for a new copy: {reason}"));
             }
-            (State::Primary(p), Message::Ack { epoch, copy }) => match p.ack(epoch, copy, now) {
+            (
+                State::Primary(p),
+                Message::Ack {
+                    position: epoch,
+                    copy,
+                },
+            ) => match p.ack(epoch, copy, now) {
                 AckOutcome::Accepted {
                     protected,
                     released,
@@ -569,7 +577,7 @@ impl Session {
                     if !released.is_empty() {
                         out.push(Action::Release(released));
                     }
-                    out.push(Action::Send(Message::Released { epoch }));
+                    out.push(Action::Send(Message::Released { position: epoch }));
                     let finish = p.take_finish();
                     if protected {
                         self.alert(
@@ -634,7 +642,10 @@ impl Session {
         let mut out = Vec::new();
         if check == CopyCheck::Apply {
             let copy = if full { copy } else { s.progress.copy_id() };
-            out.push(Action::Send(Message::Ack { epoch, copy }));
+            out.push(Action::Send(Message::Ack {
+                position: epoch,
+                copy,
+            }));
         }
         (check, out)
     }

@@ -15,6 +15,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
 use super::*;
+use crate::protocol::{CheckpointSegment, Segment};
 
 /// The seed of the random sequences.
 const SEED: [u8; 32] = *b"ftvm replication session pair 01";
@@ -283,17 +284,15 @@ impl World {
                 let check = self.hosts[n].session.check_copy(copy, index);
                 self.applied(n, check, None)
             }
-            Message::Checkpoint {
-                epoch,
-                full,
-                copy,
-                copy_messages,
-                ..
+            Message::Segment {
+                position: epoch,
+                segment: Segment::Checkpoint(cp),
             } => {
+                let (full, copy) = (cp.full, cp.copy);
                 let (check, actions) =
                     self.hosts[n]
                         .session
-                        .check_checkpoint(epoch, full, copy, copy_messages);
+                        .check_checkpoint(epoch, full, copy, cp.copy_messages);
                 self.execute(n, actions)?;
                 self.applied(n, check, full.then_some((epoch, copy)))
             }
@@ -347,16 +346,18 @@ impl World {
                     self.hosts[n].copy = None;
                     self.send(
                         n,
-                        Message::Checkpoint {
-                            epoch,
-                            full: true,
-                            state: vec![],
-                            pages: Default::default(),
-                            disk_writes: vec![],
-                            flush: false,
-                            copy,
-                            copy_messages: sent,
-                            outputs: vec![],
+                        Message::Segment {
+                            position: epoch,
+                            segment: Segment::Checkpoint(CheckpointSegment {
+                                full: true,
+                                state: vec![],
+                                pages: Default::default(),
+                                disk_writes: vec![],
+                                flush: false,
+                                copy,
+                                copy_messages: sent,
+                                outputs: vec![],
+                            }),
                         },
                     );
                 }
@@ -391,16 +392,18 @@ impl World {
             }
             CutPlan::Checkpoint { outputs } => self.send(
                 n,
-                Message::Checkpoint {
-                    epoch,
-                    full: false,
-                    state: vec![],
-                    pages: Default::default(),
-                    disk_writes: vec![],
-                    flush: false,
-                    copy: 0,
-                    copy_messages: 0,
-                    outputs,
+                Message::Segment {
+                    position: epoch,
+                    segment: Segment::Checkpoint(CheckpointSegment {
+                        full: false,
+                        state: vec![],
+                        pages: Default::default(),
+                        disk_writes: vec![],
+                        flush: false,
+                        copy: 0,
+                        copy_messages: 0,
+                        outputs,
+                    }),
                 },
             ),
         }

@@ -100,8 +100,15 @@ fn protected(c: &Clock) -> Session {
     );
     assert!(s.full_cut(2, 1, c.at(402)));
     assert_eq!(s.output_policy(), OutputPolicy::Hold);
-    let a = msg(&mut s, c.at(403), Message::Ack { epoch: 2, copy: 1 });
-    assert!(has(&a, &Action::Send(Message::Released { epoch: 2 })));
+    let a = msg(
+        &mut s,
+        c.at(403),
+        Message::Ack {
+            position: 2,
+            copy: 1,
+        },
+    );
+    assert!(has(&a, &Action::Send(Message::Released { position: 2 })));
     assert_eq!(
         s.primary().map(|p| p.mode()),
         Some(Mode::Protected {
@@ -174,9 +181,23 @@ fn a_primary_copies_then_holds_outputs_until_each_epoch_is_acknowledged() {
         }
     );
     s.cut(4, vec![line("4")], c.at(411));
-    let a = msg(&mut s, c.at(412), Message::Ack { epoch: 3, copy: 1 });
+    let a = msg(
+        &mut s,
+        c.at(412),
+        Message::Ack {
+            position: 3,
+            copy: 1,
+        },
+    );
     assert_eq!(released(&a), vec![line("3")], "only what was acknowledged");
-    let a = msg(&mut s, c.at(413), Message::Ack { epoch: 4, copy: 1 });
+    let a = msg(
+        &mut s,
+        c.at(413),
+        Message::Ack {
+            position: 4,
+            copy: 1,
+        },
+    );
     assert_eq!(released(&a), vec![line("4")]);
     let p = s.primary().unwrap();
     assert_eq!((p.epoch(), p.acked()), (4, 4));
@@ -188,7 +209,14 @@ fn acknowledgements_of_epochs_never_sent_or_of_another_copy_are_rejected() {
     let mut s = protected(&c);
     s.cut(3, vec![line("3")], c.at(410));
     for (epoch, copy) in [(9, 1), (3, 7), (1, 1)] {
-        let a = msg(&mut s, c.at(411), Message::Ack { epoch, copy });
+        let a = msg(
+            &mut s,
+            c.at(411),
+            Message::Ack {
+                position: epoch,
+                copy,
+            },
+        );
         assert!(
             released(&a).is_empty(),
             "Ack {{{epoch}, {copy}}} released output"
@@ -196,7 +224,14 @@ fn acknowledgements_of_epochs_never_sent_or_of_another_copy_are_rejected() {
     }
     assert_eq!(s.primary().unwrap().rejected_acks(), 3);
     let mut d = primary(&c);
-    let a = msg(&mut d, c.at(500), Message::Ack { epoch: 0, copy: 0 });
+    let a = msg(
+        &mut d,
+        c.at(500),
+        Message::Ack {
+            position: 0,
+            copy: 0,
+        },
+    );
     assert!(a.is_empty(), "nothing awaited while degraded");
 }
 
@@ -236,7 +271,14 @@ fn a_primary_that_loses_its_secondary_degrades_if_it_wins_and_fences_if_it_loses
     assert_eq!(f.role(), Role::Fenced);
     assert_eq!(f.output_policy(), OutputPolicy::Discard);
     assert_eq!(f.cut(4, vec![line("4")], c.at(430)), CutPlan::Stop);
-    let a = msg(&mut f, c.at(431), Message::Ack { epoch: 3, copy: 1 });
+    let a = msg(
+        &mut f,
+        c.at(431),
+        Message::Ack {
+            position: 3,
+            copy: 1,
+        },
+    );
     assert!(released(&a).is_empty(), "nothing leaves a fenced node");
     let mut e = protected(&c);
     tick(&mut e, c.at(420), false);
@@ -286,7 +328,13 @@ fn ready(c: &Clock) -> Session {
     assert_eq!(s.check_copy(7, 1), CopyCheck::Apply);
     let (check, a) = s.check_checkpoint(10, true, 7, 2);
     assert_eq!(check, CopyCheck::Apply);
-    assert_eq!(a, vec![Action::Send(Message::Ack { epoch: 10, copy: 7 })]);
+    assert_eq!(
+        a,
+        vec![Action::Send(Message::Ack {
+            position: 10,
+            copy: 7
+        })]
+    );
     assert!(!s.replica().unwrap().is_ready(), "ready only once applied");
     s.on(Input::FullApplied { epoch: 10, copy: 7 });
     assert!(s.replica().unwrap().is_ready());
@@ -337,7 +385,13 @@ fn a_secondary_takes_copies_in_order_and_checkpoints_that_follow() {
     );
     let (check, a) = r.check_checkpoint(11, false, 0, 0);
     assert_eq!(check, CopyCheck::Apply);
-    assert_eq!(a, vec![Action::Send(Message::Ack { epoch: 11, copy: 7 })]);
+    assert_eq!(
+        a,
+        vec![Action::Send(Message::Ack {
+            position: 11,
+            copy: 7
+        })]
+    );
     assert!(matches!(
         r.check_checkpoint(13, false, 0, 0).0,
         CopyCheck::Resync(ResyncReason::Gap { got: 13, have: 11 })
@@ -436,7 +490,14 @@ fn a_powered_off_guest_ends_the_pair_once_its_last_outputs_are_acknowledged() {
         "its last output is not acknowledged"
     );
     assert_eq!(s.exit_code(), None);
-    let a = msg(&mut s, c.at(411), Message::Ack { epoch: 3, copy: 1 });
+    let a = msg(
+        &mut s,
+        c.at(411),
+        Message::Ack {
+            position: 3,
+            copy: 1,
+        },
+    );
     assert_eq!(released(&a), vec![line("bye")]);
     assert!(has(&a, &Action::Send(Message::Stopped { exit_code: 7 })));
     assert_eq!(s.exit_code(), Some(7));
@@ -464,7 +525,14 @@ fn a_protected_primary_runs_at_most_sixteen_epochs_ahead() {
         s.cut(e, vec![], c.at(410));
     }
     assert_eq!(s.may_run(19), RunPermit::Wait);
-    msg(&mut s, c.at(411), Message::Ack { epoch: 3, copy: 1 });
+    msg(
+        &mut s,
+        c.at(411),
+        Message::Ack {
+            position: 3,
+            copy: 1,
+        },
+    );
     assert_eq!(s.may_run(19), RunPermit::Run);
     says(&mut s, Role::Primary, 9);
     assert_eq!(s.may_run(19), RunPermit::Stop, "fenced");
