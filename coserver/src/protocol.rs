@@ -200,6 +200,14 @@ pub enum Message {
         /// The pages.
         pages: PageBatch,
     },
+    /// The secondary has applied the first `applied` messages of copy `copy`: the
+    /// primary paces the copy by it.
+    CopyApplied {
+        /// The copy.
+        copy: u64,
+        /// Copy messages applied.
+        applied: u64,
+    },
     /// Part of the full copy: a range of the disk, or a write the guest made meanwhile.
     SyncDisk {
         /// The copy this belongs to.
@@ -298,6 +306,7 @@ impl Message {
             Message::CopyStart { .. } => "copy-start",
             Message::SyncPages { .. } => "sync-pages",
             Message::SyncDisk { .. } => "sync-disk",
+            Message::CopyApplied { .. } => "copy-applied",
             Message::Segment { .. } => "segment",
             Message::Ack { .. } => "ack",
             Message::Resync { .. } => "resync",

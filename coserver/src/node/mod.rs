@@ -336,11 +336,17 @@ impl Node {
         match msg {
             Message::SyncPages { copy, index, pages } if secondary => {
                 let check = self.session.lock().check_copy(copy, index);
-                self.copy_part(check, |r| r.copy_pages(&pages))
+                if self.copy_part(check, |r| r.copy_pages(&pages))? {
+                    self.input(Input::CopyPartApplied { copy, index })?;
+                }
+                Ok(())
             }
             Message::SyncDisk { copy, index, write } if secondary => {
                 let check = self.session.lock().check_copy(copy, index);
-                self.copy_part(check, |r| r.copy_disk(&write))
+                if self.copy_part(check, |r| r.copy_disk(&write))? {
+                    self.input(Input::CopyPartApplied { copy, index })?;
+                }
+                Ok(())
             }
             Message::Segment {
                 position: epoch,
@@ -364,8 +370,7 @@ impl Node {
                     copy_messages: cp.copy_messages,
                     outputs: cp.outputs,
                 };
-                self.copy_part(check, |r| r.apply(staged))?;
-                if check == CopyCheck::Apply && full && self.replica.is_some() {
+                if self.copy_part(check, |r| r.apply(staged))? && full {
                     tracing::info!(epoch, "full copy applied; ready to take over");
                     self.input(Input::FullApplied { epoch, copy })?;
                 }
@@ -401,21 +406,23 @@ impl Node {
     }
 
     /// Applies what the session accepted; a failure, or what it cannot follow, makes
-    /// the replica start over.
+    /// the replica start over. Returns whether it was applied.
     fn copy_part(
         &mut self,
         check: CopyCheck,
         apply: impl FnOnce(&mut Replica) -> Result<(), crate::replication::secondary::ReplicaError>,
-    ) -> Result<(), NodeError> {
+    ) -> Result<bool, NodeError> {
         let failure = match check {
-            CopyCheck::Ignore => return Ok(()),
+            CopyCheck::Ignore => return Ok(false),
             CopyCheck::Resync(reason) => reason.to_string(),
             CopyCheck::Apply => match self.replica.as_mut().map(apply) {
-                Some(Ok(())) | None => return Ok(()),
+                Some(Ok(())) => return Ok(true),
+                None => return Ok(false),
                 Some(Err(e)) => e.to_string(),
             },
         };
-        self.input(Input::ApplyFailed(failure))
+        self.input(Input::ApplyFailed(failure))?;
+        Ok(false)
     }
 
     /// Becomes a secondary: the replica (standby VM, disk, marker) and the held tap.

@@ -25,8 +25,6 @@ const SYNC_PAGES: usize = 512;
 const SYNC_DISK_BYTES: u64 = 1 << 20;
 /// Remaining pages small enough to go into the final pause of a copy.
 const FINAL_PAGES: usize = 4096;
-/// Link backlog (messages) above which no more copy chunks are queued this epoch.
-const SYNC_BACKLOG: usize = 16;
 
 /// What the epoch loop reports for status: pauses, the copy's progress, its end.
 #[derive(Debug, Default)]
@@ -198,7 +196,12 @@ impl EpochLoop {
     /// checkpoint was sent.
     fn copy_step(&mut self, c: &mut Copy, epoch: u64, flushed: bool) -> Result<bool, VmError> {
         let disk_len = c.disk.as_ref().map_or(0, |(_, l)| *l);
-        if self.links.backlog().is_some_and(|b| b < SYNC_BACKLOG) {
+        let window_open = self
+            .session
+            .lock()
+            .primary()
+            .is_some_and(|p| p.copy_window_open(c.id, c.sent));
+        if window_open && self.links.backlog().is_some() {
             let chunk: Vec<u64> = c.pages.iter().take(SYNC_PAGES).copied().collect();
             if !chunk.is_empty() && c.pages.len() > FINAL_PAGES {
                 for g in &chunk {

@@ -100,6 +100,13 @@ pub enum Input {
     /// The driver could not apply what the session accepted (a copy part or a
     /// checkpoint), or the replica cannot be created.
     ApplyFailed(String),
+    /// A copy message (`index` of copy `copy`) was applied.
+    CopyPartApplied {
+        /// The copy.
+        copy: u64,
+        /// Its index.
+        index: u64,
+    },
     /// A full copy was applied and is durable.
     FullApplied {
         /// Its epoch.
@@ -281,6 +288,14 @@ impl Session {
             Input::Message { now, msg } => self.message(&mut out, now, msg),
             Input::Claimed(result) => self.claimed(&mut out, result),
             Input::ApplyFailed(why) => self.apply_failed(&mut out, why),
+            Input::CopyPartApplied { copy, index } => {
+                if matches!(self.state, State::Secondary(_)) {
+                    out.push(Action::Send(Message::CopyApplied {
+                        copy,
+                        applied: index + 1,
+                    }));
+                }
+            }
             Input::FullApplied { epoch, copy } => {
                 if let State::Secondary(s) = &mut self.state {
                     if s.progress.full_applied(epoch, copy) {
@@ -555,6 +570,9 @@ impl Session {
                 if !released.is_empty() {
                     out.push(Action::Release(released));
                 }
+            }
+            (State::Primary(p), Message::CopyApplied { copy, applied }) => {
+                p.copy_applied(copy, applied)
             }
             (State::Primary(p), Message::Resync { reason }) => {
                 let released = p.restart_copy();

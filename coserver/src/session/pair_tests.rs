@@ -282,7 +282,13 @@ impl World {
         match m {
             Message::SyncPages { copy, index, .. } | Message::SyncDisk { copy, index, .. } => {
                 let check = self.hosts[n].session.check_copy(copy, index);
-                self.applied(n, check, None)
+                if self.applied(n, check, None)? {
+                    let a = self.hosts[n]
+                        .session
+                        .on(Input::CopyPartApplied { copy, index });
+                    self.execute(n, a)?;
+                }
+                Ok(())
             }
             Message::Segment {
                 position: epoch,
@@ -295,6 +301,7 @@ impl World {
                         .check_checkpoint(epoch, full, copy, cp.copy_messages);
                 self.execute(n, actions)?;
                 self.applied(n, check, full.then_some((epoch, copy)))
+                    .map(|_| ())
             }
             msg => {
                 let a = self.hosts[n].session.on(Input::Message { now, msg });
@@ -303,14 +310,15 @@ impl World {
         }
     }
 
+    /// Applies what the session accepted (or fails as injected); whether it was applied.
     fn applied(
         &mut self,
         n: usize,
         check: CopyCheck,
         full: Option<(u64, u64)>,
-    ) -> Result<(), TestCaseError> {
+    ) -> Result<bool, TestCaseError> {
         let failure = match check {
-            CopyCheck::Ignore => return Ok(()),
+            CopyCheck::Ignore => return Ok(false),
             CopyCheck::Resync(r) => Some(r.to_string()),
             CopyCheck::Apply if std::mem::take(&mut self.hosts[n].fail_next_apply) => {
                 Some("injected failure".into())
@@ -323,10 +331,12 @@ impl World {
                 self.hosts[n].incomplete = false;
                 Input::FullApplied { epoch, copy }
             }
-            (None, None) => return Ok(()),
+            (None, None) => return Ok(true),
         };
+        let applied = matches!(input, Input::FullApplied { .. });
         let a = self.hosts[n].session.on(input);
-        self.execute(n, a)
+        self.execute(n, a)?;
+        Ok(applied)
     }
 
     fn cut(&mut self, n: usize, full: bool) -> Result<(), TestCaseError> {
@@ -375,7 +385,12 @@ impl World {
             }
             CutPlan::Copy { copy, release } => {
                 self.check_release(n, &release)?;
-                if let Some((c, sent)) = &mut self.hosts[n].copy {
+                let open = self.hosts[n]
+                    .session
+                    .primary()
+                    .zip(self.hosts[n].copy)
+                    .is_some_and(|(p, (c, sent))| p.copy_window_open(c, sent));
+                if let (Some((c, sent)), true) = (&mut self.hosts[n].copy, open) {
                     if *c == copy {
                         let index = *sent;
                         *sent += 1;

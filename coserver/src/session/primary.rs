@@ -9,6 +9,9 @@ use crate::protocol::{Message, Output};
 
 /// Unacknowledged epochs after which the guest waits for the secondary.
 pub const MAX_UNACKED: u64 = 16;
+/// Copy messages sent and not yet applied by the secondary, at most, before the copy
+/// waits (about 16 MiB of memory or disk in flight).
+pub const COPY_WINDOW: u64 = 8;
 
 /// Replication mode of a primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +130,8 @@ pub struct Primary {
     held: VecDeque<Held>,
     /// A secondary asked for a (new) copy; it begins at the next cut.
     join_requested: bool,
+    /// Copy messages of the current copy the secondary has applied.
+    copy_applied: u64,
     /// The guest powered off at (epoch, code); the pair ends once that is acknowledged.
     powered_off: Option<(u64, u32)>,
     finished: bool,
@@ -145,6 +150,7 @@ impl Primary {
             unacked: VecDeque::new(),
             held: VecDeque::new(),
             join_requested: false,
+            copy_applied: 0,
             powered_off: None,
             finished: false,
             rejected_acks: 0,
@@ -219,6 +225,7 @@ impl Primary {
         match self.mode {
             Mode::Degraded if self.join_requested => {
                 self.join_requested = false;
+                self.copy_applied = 0;
                 self.mode = Mode::Syncing { copy: epoch };
                 CutPlan::StartCopy {
                     copy: epoch,
@@ -243,6 +250,20 @@ impl Primary {
                 CutPlan::Checkpoint { outputs }
             }
         }
+    }
+
+    /// The secondary applied `applied` messages of copy `copy`.
+    pub(super) fn copy_applied(&mut self, copy: u64, applied: u64) {
+        if self.mode == (Mode::Syncing { copy }) {
+            self.copy_applied = self.copy_applied.max(applied);
+        }
+    }
+
+    /// Whether copy `copy`, having sent `sent` messages, may send more now: paced by
+    /// what the secondary has applied, not by what this host has queued.
+    pub fn copy_window_open(&self, copy: u64, sent: u64) -> bool {
+        self.mode == (Mode::Syncing { copy })
+            && sent.saturating_sub(self.copy_applied) < COPY_WINDOW
     }
 
     pub(super) fn full_cut(&mut self, epoch: u64, copy: u64, now: Instant) -> bool {

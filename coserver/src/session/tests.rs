@@ -537,3 +537,51 @@ fn a_protected_primary_runs_at_most_sixteen_epochs_ahead() {
     says(&mut s, Role::Primary, 9);
     assert_eq!(s.may_run(19), RunPermit::Stop, "fenced");
 }
+
+#[test]
+fn a_copy_is_paced_by_what_the_secondary_has_applied() {
+    let c = Clock(Instant::now());
+    let mut s = primary(&c);
+    tick(&mut s, c.at(400), true);
+    msg(&mut s, c.at(400), Message::Join);
+    s.cut(1, vec![], c.at(401));
+    let open = |s: &Session, sent| s.primary().unwrap().copy_window_open(1, sent);
+    assert!(open(&s, 0) && open(&s, 7));
+    assert!(!open(&s, 8), "eight messages in flight: wait");
+    msg(
+        &mut s,
+        c.at(402),
+        Message::CopyApplied {
+            copy: 9,
+            applied: 8,
+        },
+    );
+    assert!(!open(&s, 8), "progress of another copy counts for nothing");
+    msg(
+        &mut s,
+        c.at(402),
+        Message::CopyApplied {
+            copy: 1,
+            applied: 3,
+        },
+    );
+    assert!(open(&s, 10) && !open(&s, 11));
+    assert!(
+        !s.primary().unwrap().copy_window_open(2, 0),
+        "not the copy in progress"
+    );
+
+    let mut r = Session::new(cfg(ArbiterKind::Claims), 1, false, c.0);
+    says(&mut r, Role::Primary, 1);
+    tick(&mut r, c.at(10), true);
+    msg(&mut r, c.at(11), Message::CopyStart { copy: 1 });
+    assert_eq!(r.check_copy(1, 0), CopyCheck::Apply);
+    let a = r.on(Input::CopyPartApplied { copy: 1, index: 0 });
+    assert_eq!(
+        a,
+        vec![Action::Send(Message::CopyApplied {
+            copy: 1,
+            applied: 1
+        })]
+    );
+}
