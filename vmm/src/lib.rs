@@ -8,6 +8,7 @@
 
 pub mod boot;
 pub mod exit_trace;
+pub mod kick;
 pub mod layout;
 pub mod memory;
 pub mod output_digest;
@@ -15,5 +16,6 @@ pub mod snapshot;
 pub mod vcpu_state;
 pub mod vm;
 
+pub use kick::VcpuKick;
 pub use memory::PageSet;
 pub use vm::{Attachments, PageBatch, RunLimits, RunStop, Standby, Vm, VmConfig, VmError};

@@ -35,6 +35,9 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 /// Errors of running a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// The kick signal cannot be installed.
+    #[error("cannot install the vCPU kick signal: {0}")]
+    Kick(std::io::Error),
     /// /dev/kvm is missing or cannot be opened.
     #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
     KvmUnavailable(kvm_ioctls::Error),
@@ -175,6 +178,8 @@ pub struct Vm {
     /// Pages written since the last [`Vm::take_dirty_pages`].
     dirty: PageSet,
     attachments: Attachments,
+    /// Kicks armed on the thread that runs the VM.
+    kick: Option<crate::kick::Armed>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -277,6 +282,7 @@ impl Vm {
             devices,
             world: OutputDigestWorld::new(world, 0),
             attachments: config.attachments.clone(),
+            kick: None,
             caps,
             cpuid,
             sync_regs: parts.sync_regs,
@@ -329,6 +335,7 @@ impl Vm {
             devices,
             world: OutputDigestWorld::new(world, state.output_digest),
             attachments: state.attachments.clone(),
+            kick: None,
             caps,
             cpuid: state.vcpu.cpuid.clone(),
             sync_regs: parts.sync_regs,
@@ -375,6 +382,16 @@ impl Vm {
     /// Current virtual time in ns.
     pub fn virtual_time_ns(&mut self) -> u64 {
         self.devices.platform().now_ns()
+    }
+
+    /// A handle that ends this VM's `KVM_RUN` at once from any thread (see
+    /// [`crate::kick`]); the run loop then asks the World whether to stop. Call it on
+    /// the thread that runs the VM, and run and drop the VM on that thread.
+    pub fn arm_kick(&mut self) -> Result<crate::kick::VcpuKick, VmError> {
+        let run = self.vcpu.get_kvm_run() as *mut kvm_bindings::kvm_run;
+        let (kick, armed) = crate::kick::arm(run).map_err(VmError::Kick)?;
+        self.kick = Some(armed);
+        Ok(kick)
     }
 
     /// Runs the guest until it powers off or a limit is reached.
@@ -431,7 +448,12 @@ impl Vm {
     fn run_vcpu_once(&mut self) -> Result<Option<ExitRecord>, VmError> {
         let exit = match self.vcpu.run() {
             Ok(exit) => exit,
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(None),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick: clear its flag, so the next KVM_RUN enters the guest again
+                // (the run loop first asks the World whether to stop).
+                self.vcpu.set_kvm_immediate_exit(0);
+                return Ok(None);
+            }
             Err(source) => {
                 return Err(VmError::Kvm {
                     what: "KVM_RUN",

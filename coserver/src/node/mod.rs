@@ -446,6 +446,9 @@ impl Node {
     fn fence(&mut self) {
         if let Some(r) = self.running.take() {
             r.commit.discard();
+            if let Some(kick) = r.stats.lock().ok().and_then(|s| s.kick.clone()) {
+                kick.kick();
+            }
             self.fenced_guest = Some(r.stats);
         }
         self.session.notify();

@@ -343,7 +343,8 @@ impl World for CommitWorld {
 
     fn pause_requested(&mut self) -> bool {
         let s = lock(&self.commit.0);
-        s.pause || Instant::now() >= s.deadline
+        // A fenced node's guest stops at once (the node kicks its vCPU).
+        s.pause || s.discarded || Instant::now() >= s.deadline
     }
 }
 

@@ -35,6 +35,9 @@ pub struct EpochStats {
     pub sync_left: Option<(usize, u64)>,
     /// Set when the loop ends: the guest's exit code or the error.
     pub finished: Option<Result<u32, String>>,
+    /// Ends the vCPU's KVM_RUN at once (a fence must not wait for the guest's next
+    /// exit); set once the loop runs.
+    pub kick: Option<ftvm_vmm::VcpuKick>,
 }
 
 /// What the epoch loop needs.
@@ -71,6 +74,10 @@ struct Copy {
 impl EpochLoop {
     /// Runs until the guest powers off, the session stops it, or the VM fails.
     pub fn run(mut self) {
+        match self.vm.arm_kick() {
+            Ok(kick) => self.stats_lock().kick = Some(kick),
+            Err(e) => tracing::warn!("{e}; a fence waits for the guest's next exit"),
+        }
         let result = self.epochs();
         if let Err(e) = &result {
             tracing::error!("guest stopped: {e}");

@@ -18,6 +18,7 @@ mod fault;
 mod kv;
 mod kvproto;
 mod net;
+mod spin;
 
 use core::fmt;
 
@@ -33,6 +34,7 @@ pub fn run(cmdline: &mut Cmdline, ram_end: u64) -> ! {
         "disk" => disk::run(cmdline),
         "net" => net::run(cmdline),
         "echo" => echo::run(cmdline),
+        "spin" => spin::run(cmdline),
         other => {
             fatal!("unknown workload {other:?} (known: counter, dirty, fault, disk, net, echo)")
         }
