@@ -178,7 +178,14 @@ fn with_all_links_down_the_arbiter_lets_exactly_one_run() {
         ];
         roles.contains(&"fenced".to_string()) && roles.contains(&"primary".to_string())
     });
-    assert!(settled, "A:\n{}\nB:\n{}", a.status_text(), b.status_text());
+    assert!(
+        settled,
+        "A:\n{}\n{}\nB:\n{}\n{}",
+        a.status_text(),
+        a.log(),
+        b.status_text(),
+        b.log()
+    );
     let running: Vec<bool> = [&a, &b]
         .iter()
         .map(|n| {

@@ -1,5 +1,5 @@
-//! The control API: a CoServer's status as JSON over HTTP (`GET /status`), and the
-//! `ftvm ctl` client that prints it.
+//! The control API: a CoServer's status as JSON over HTTP (`GET /status`, served on the
+//! CoServer's tokio runtime), and the `ftvm ctl` client that prints it.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -115,27 +115,39 @@ pub struct Status {
     pub alerts: Vec<String>,
 }
 
-/// Serves `status` on `addr` from a background thread.
-pub fn serve(addr: SocketAddr, status: Arc<Mutex<Status>>) -> Result<(), ControlError> {
-    let server = tiny_http::Server::http(addr).map_err(|e| ControlError::Listen {
+/// Serves `status` on `addr` (HTTP, `GET /status` as JSON) as a task of `runtime`.
+pub fn serve(
+    addr: SocketAddr,
+    status: Arc<Mutex<Status>>,
+    runtime: &tokio::runtime::Handle,
+) -> Result<(), ControlError> {
+    let listen = |e: std::io::Error| ControlError::Listen {
         addr,
         message: e.to_string(),
-    })?;
-    std::thread::spawn(move || {
-        for request in server.incoming_requests() {
-            let (code, body) = if request.url() == "/status" {
+    };
+    let std_listener = std::net::TcpListener::bind(addr).map_err(listen)?;
+    std_listener.set_nonblocking(true).map_err(listen)?;
+    let listener = {
+        let _guard = runtime.enter();
+        tokio::net::TcpListener::from_std(std_listener).map_err(listen)?
+    };
+    let app = axum::Router::new()
+        .route(
+            "/status",
+            axum::routing::get(move || {
                 let s = status.lock().map(|s| s.clone()).unwrap_or_default();
-                (200, serde_json::to_string_pretty(&s).unwrap_or_default())
-            } else {
-                (404, "{\"error\":\"not found; try /status\"}".to_string())
-            };
-            let header =
-                tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]);
-            let mut response = tiny_http::Response::from_string(body).with_status_code(code);
-            if let Ok(h) = header {
-                response = response.with_header(h);
-            }
-            let _ = request.respond(response);
+                async move { axum::Json(s) }
+            }),
+        )
+        .fallback(|| async {
+            (
+                axum::http::StatusCode::NOT_FOUND,
+                axum::Json(serde_json::json!({ "error": "not found; try /status" })),
+            )
+        });
+    runtime.spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("control API stopped: {e}");
         }
     });
     Ok(())
@@ -256,7 +268,12 @@ mod tests {
             .unwrap()
             .port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        serve(addr, status).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        serve(addr, status, rt.handle()).unwrap();
         let got = fetch(&addr.to_string()).unwrap();
         assert_eq!((got.node.as_str(), got.role.as_str()), ("a", "primary"));
         assert!(render(&got).starts_with("node a: primary"));

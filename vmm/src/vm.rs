@@ -182,6 +182,14 @@ pub struct Vm {
     kick: Option<crate::kick::Armed>,
 }
 
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // Disarm kicks before the vCPU's run area is unmapped with the vCPU: a kick
+        // arriving after that would write into memory that is gone.
+        self.kick.take();
+    }
+}
+
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vm")

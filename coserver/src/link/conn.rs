@@ -347,12 +347,25 @@ async fn read_loop(
                     return Err(ConnEnd::Protocol("message before the hello".into()));
                 };
                 if let Some((seq, payload)) = reassembly.push(seq, first, last, lz4, data)? {
-                    if !lock(&inner.dedup).fresh(session, seq) {
-                        continue;
+                    lock(&inner.links[index]).blocked += 1;
+                    let delivered = async {
+                        let mut dedup = inner.dedup.lock().await;
+                        if !dedup.fresh(session, seq) {
+                            return Ok(());
+                        }
+                        let msg = Message::decode(&payload)
+                            .map_err(|e| ConnEnd::Protocol(e.to_string()))?;
+                        // Queued while the order is held (push-back included).
+                        inner.events.send(Event::Message(msg)).await.map_err(|_| {
+                            ConnEnd::Protocol("the CoServer stopped taking events".into())
+                        })
                     }
-                    let msg =
-                        Message::decode(&payload).map_err(|e| ConnEnd::Protocol(e.to_string()))?;
-                    deliver(inner, index, Event::Message(msg)).await?;
+                    .await;
+                    let mut l = lock(&inner.links[index]);
+                    l.blocked -= 1;
+                    l.last_rx = Some(Instant::now());
+                    drop(l);
+                    delivered?;
                 }
             }
         }

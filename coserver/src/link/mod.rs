@@ -261,7 +261,10 @@ struct Inner {
     links: Vec<Mutex<LinkState>>,
     configs: Vec<LinkConfig>,
     events: mpsc::Sender<Event>,
-    dedup: Mutex<Dedup>,
+    /// Held from the de-duplication of a message until it is queued for the CoServer,
+    /// so the links' readers (on different worker threads) deliver in the order they
+    /// de-duplicated: a message never overtakes an earlier one decoded on another link.
+    dedup: tokio::sync::Mutex<Dedup>,
     clock: Instant,
     stopped: AtomicBool,
     handle: Handle,
@@ -360,7 +363,7 @@ impl Links {
                 .collect(),
             configs: configs.to_vec(),
             events: tx,
-            dedup: Mutex::new(Dedup::default()),
+            dedup: tokio::sync::Mutex::new(Dedup::default()),
             clock: Instant::now(),
             stopped: AtomicBool::new(false),
             handle: handle.clone(),
@@ -393,6 +396,11 @@ impl Links {
             },
             Events { rx, handle },
         ))
+    }
+
+    /// The runtime the links run on, for the CoServer's other I/O (the control API).
+    pub fn runtime(&self) -> Handle {
+        self.inner.handle.clone()
     }
 
     /// Updates what hellos and heartbeats advertise.
@@ -487,14 +495,14 @@ impl Links {
 /// way, so a node that ends can let them all leave first.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: std::sync::mpsc::Sender<Message>,
+    tx: std::sync::mpsc::SyncSender<Message>,
     in_flight: Arc<AtomicUsize>,
 }
 
 impl Outbox {
     /// Starts the sender thread for `links`.
     pub fn start(links: &Links) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel::<Message>();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Message>(OUTBOX_MESSAGES);
         let in_flight = Arc::new(AtomicUsize::new(0));
         let (links, count) = (links.clone(), in_flight.clone());
         std::thread::spawn(move || {
@@ -508,7 +516,7 @@ impl Outbox {
         Self { tx, in_flight }
     }
 
-    /// Queues `msg` for the links.
+    /// Queues `msg` for the links (waiting while the outbox is full).
     pub fn send(&self, msg: Message) {
         self.in_flight.fetch_add(1, Ordering::Acquire);
         if self.tx.send(msg).is_err() {
@@ -524,6 +532,11 @@ impl Outbox {
         }
     }
 }
+
+/// Messages on their way to the sender thread at most; a full outbox makes the sender
+/// (the vCPU thread at an epoch's end) wait: push-back, never an unbounded queue. The
+/// sender thread itself never blocks (`Links::send` does not).
+const OUTBOX_MESSAGES: usize = 256;
 
 /// Queues a message on link `i`; a stalled link is reset. Returns whether it was queued.
 fn queue_bulk(inner: &Inner, i: usize, out: &Arc<Outgoing>) -> bool {

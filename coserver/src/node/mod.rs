@@ -107,8 +107,6 @@ pub fn run(config_path: &Path) -> Result<i32, NodeError> {
             .len()],
         None => Vec::new(),
     };
-    let status = Arc::new(Mutex::new(Status::default()));
-    control::serve(cfg.control.listen, status.clone())?;
     let (links, events) = Links::start(
         &cfg.links,
         LinkOptions {
@@ -129,6 +127,8 @@ pub fn run(config_path: &Path) -> Result<i32, NodeError> {
         },
     )?;
     let out = Outbox::start(&links);
+    let status = Arc::new(Mutex::new(Status::default()));
+    control::serve(cfg.control.listen, status.clone(), &links.runtime())?;
     tracing::info!(node = %cfg.node, "CoServer starting; looking for a peer");
     let marker = IncompleteMarker::new(&cfg.host.state_dir);
     let timeout = cfg.heartbeat.timeout();
