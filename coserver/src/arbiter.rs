@@ -169,9 +169,14 @@ fn highest_generation(dir: &Path) -> Result<u64, ArbiterError> {
     Ok(highest)
 }
 
+/// The winner's name as its file says; a winner that has created the file but not yet
+/// written its name (the race just lost) is "the other node".
 fn holder(dir: &Path, generation: u64) -> String {
-    std::fs::read_to_string(dir.join(format!("gen-{generation}")))
-        .unwrap_or_else(|_| "?".to_string())
+    match std::fs::read_to_string(dir.join(format!("gen-{generation}"))) {
+        Ok(name) if !name.trim().is_empty() => name.trim().to_string(),
+        Ok(_) => "the other node".to_string(),
+        Err(_) => "?".to_string(),
+    }
 }
 
 /// The highest generation this node knew, kept in its state directory.
