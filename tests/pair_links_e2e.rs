@@ -140,7 +140,7 @@ fn strangers_on_a_link_port_change_nothing_and_hold_little_memory() {
 }
 
 #[test]
-fn link_traffic_recorded_from_the_pair_is_refused_when_replayed() {
+fn link_traffic_recorded_from_an_earlier_session_of_the_pair_is_refused_when_replayed() {
     let Some((net, dir)) = setup("pair_replay", "r") else {
         return;
     };
@@ -161,11 +161,21 @@ fn link_traffic_recorded_from_the_pair_is_refused_when_replayed() {
         !a_to_b.windows(16).any(|w| w == &b"workload=counter"[..]),
         "guest memory crossed the link unencrypted"
     );
+    // B's process ends and a new one joins: the recording is of an earlier session now.
+    let mut b = b;
+    b.kill();
+    let b = CoServer::start("b", &net.ns[1], &b.config);
+    assert!(
+        wait_until(LIMIT, || field(&a.status(), "mode") == "protected"
+            && field(&b.status(), "mode") == "ready"),
+        "B did not re-join:\n{}",
+        b.log()
+    );
     let generation = typed(&a).generation;
     let before = typed(&b).links[0].clone();
     net.in_ns(0, move || {
-        // The whole recorded session, as if from A (Join, CopyStart, checkpoints,
-        // heartbeats) and as if from B (Join, Ack), on fresh connections.
+        // The whole recorded earlier session, as if from A (CopyStart, checkpoints,
+        // heartbeats) and as if from B (Join, Acks), on fresh connections.
         for recorded in [&a_to_b, &b_to_a] {
             let mut c = TcpStream::connect(B_LINK0).expect("connect");
             c.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
