@@ -24,6 +24,7 @@
 
 mod primary;
 mod replica;
+mod shared;
 
 #[cfg(test)]
 mod pair_tests;
@@ -34,6 +35,7 @@ use std::time::{Duration, Instant};
 
 pub use primary::{AckOutcome, CutPlan, Mode, OutputPolicy, Primary};
 pub use replica::{CopyCheck, ReplicaProgress, ResyncReason};
+pub use shared::SharedSession;
 
 use crate::arbiter::Claim;
 use crate::protocol::{Message, Output, Role};
@@ -745,52 +747,4 @@ pub enum RunPermit {
     Wait,
     /// Stop the guest (this node is no longer primary).
     Stop,
-}
-
-/// The session shared by the node's event loop and the primary's epoch loop: every
-/// input goes through its lock, and the epoch loop waits on it for acknowledgements.
-pub struct SharedSession {
-    session: std::sync::Mutex<Session>,
-    changed: std::sync::Condvar,
-}
-
-impl SharedSession {
-    /// Shares `session`.
-    pub fn new(session: Session) -> std::sync::Arc<Self> {
-        std::sync::Arc::new(Self {
-            session: std::sync::Mutex::new(session),
-            changed: std::sync::Condvar::new(),
-        })
-    }
-
-    /// Locks the session (a panicking holder cannot leave it half changed: every
-    /// transition completes before it returns).
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, Session> {
-        self.session.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Feeds one input and wakes the epoch loop.
-    pub fn on(&self, input: Input) -> Vec<Action> {
-        let actions = self.lock().on(input);
-        self.changed.notify_all();
-        actions
-    }
-
-    /// Wakes the epoch loop after a change made through [`SharedSession::lock`].
-    pub fn notify(&self) {
-        self.changed.notify_all();
-    }
-
-    /// Waits until the epoch loop may run epoch `next` (or must stop).
-    pub fn wait_permit(&self, next: u64) -> RunPermit {
-        let mut s = self.lock();
-        loop {
-            match s.may_run(next) {
-                RunPermit::Wait => {
-                    s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
-                }
-                permit => return permit,
-            }
-        }
-    }
 }
