@@ -6,13 +6,12 @@
 //!
 //! Run with `cargo bench -p ftvm-coserver --bench links` (see docs/PERFORMANCE.md).
 
-use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
-use ftvm_coserver::config::LinkConfig;
 use ftvm_coserver::link::handshake::fill_random;
-use ftvm_coserver::link::{Event, LinkOptions, Links, LocalInfo};
-use ftvm_coserver::protocol::{GuestShape, Message, Role};
+use ftvm_coserver::link::test_support::{local, options, pair_configs};
+use ftvm_coserver::link::{Event, Links};
+use ftvm_coserver::protocol::Message;
 
 /// Bytes sent per setting.
 const TOTAL: usize = 1 << 30;
@@ -20,25 +19,6 @@ const TOTAL: usize = 1 << 30;
 const MESSAGE: usize = 1 << 20;
 /// Messages queued per link at most before the sender waits.
 const WINDOW: usize = 32;
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free loopback port")
-}
-
-fn local(node: &str) -> LocalInfo {
-    LocalInfo {
-        node: node.into(),
-        role: Role::Starting,
-        generation: 0,
-        guest: GuestShape {
-            mem_mib: 64,
-            disk_bytes: vec![],
-            mode: Default::default(),
-        },
-    }
-}
 
 fn cpu_seconds() -> f64 {
     // SAFETY: getrusage writes into the zeroed struct we pass; no other precondition.
@@ -57,23 +37,10 @@ struct Row {
 }
 
 fn measure(encrypt: bool) -> Row {
-    let (mut xs, mut ys) = (Vec::new(), Vec::new());
-    for _ in 0..2 {
-        let (mut p, mut q) = (free_addr(), free_addr());
-        if p.to_string() < q.to_string() {
-            std::mem::swap(&mut p, &mut q);
-        }
-        xs.push(LinkConfig { local: p, peer: q });
-        ys.push(LinkConfig { local: q, peer: p });
-    }
-    let opts = LinkOptions {
-        psk: b"bench-key-0123456789".to_vec(),
-        encrypt,
-        interval: Duration::from_millis(10),
-        timeout: Duration::from_millis(500),
-    };
-    let (x, _xrx) = Links::start(&xs, opts.clone(), local("x")).expect("links x");
-    let (y, mut yrx) = Links::start(&ys, opts, local("y")).expect("links y");
+    let (xs, ys) = pair_configs();
+    let opts = options(b"bench-key-0123456789", encrypt);
+    let (x, _xrx) = Links::start(&xs, opts.clone(), local("x", 64)).expect("links x");
+    let (y, mut yrx) = Links::start(&ys, opts, local("y", 64)).expect("links y");
     let start = Instant::now();
     while x.status().iter().filter(|s| s.healthy).count() < 2 {
         assert!(

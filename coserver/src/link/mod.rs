@@ -592,10 +592,9 @@ async fn heartbeat_loop(inner: Arc<Inner>) {
     }
 }
 
-/// Links between two pairs of ends on loopback, for tests of the links and of what
-/// uses them.
-#[cfg(test)]
-pub(crate) mod test_support {
+/// Links between two pairs of ends on loopback, for the links' tests and benchmark.
+#[doc(hidden)]
+pub mod test_support {
     use super::*;
 
     /// A free loopback address.

@@ -75,7 +75,6 @@ impl Node {
         let vm = match from {
             Some(Takeover {
                 standby,
-                epoch: _,
                 outputs,
                 frames,
             }) => {

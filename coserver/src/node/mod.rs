@@ -21,7 +21,7 @@ use crate::link::{Event, Events, LinkOptions, Links, LocalInfo, Outbox, RecvErro
 use crate::protocol::{GuestShape, Message, Role, Segment};
 use crate::replication::commit::Commit;
 use crate::replication::primary::EpochStats;
-use crate::replication::secondary::{IncompleteMarker, Replica, Staged};
+use crate::replication::secondary::{IncompleteMarker, Replica};
 use crate::session::{
     Action, ArbiterKind, CopyCheck, Input, Session, SessionConfig, SharedSession,
 };
@@ -134,7 +134,6 @@ pub fn run(config_path: &Path) -> Result<i32, NodeError> {
     let timeout = cfg.heartbeat.timeout();
     let session = SharedSession::new(Session::new(
         SessionConfig {
-            node: cfg.node.clone(),
             arbiter: match &cfg.arbiter {
                 ArbiterConfig::SharedStorage { .. } => ArbiterKind::Claims,
                 ArbiterConfig::None { primary } => ArbiterKind::None {
@@ -207,8 +206,9 @@ impl Node {
                 Err(RecvError::Closed) => return Ok(125),
             }
             self.watch_guest()?;
-            self.watch_links(self.peer_alive());
-            self.publish_status(self.peer_alive());
+            let alive = self.peer_alive();
+            self.watch_links(alive);
+            self.publish_status(alive);
             let exit = self.session.lock().exit_code();
             // A guest that powered off here: its epoch loop sends the pair's end, so the
             // node waits for the loop to finish before letting the last messages leave.
@@ -359,18 +359,7 @@ impl Node {
                         .check_checkpoint(epoch, full, copy, cp.copy_messages);
                 // Staged whole and checked: acknowledge, then apply.
                 self.execute(actions)?;
-                let staged = Staged {
-                    epoch,
-                    full,
-                    copy,
-                    state: cp.state,
-                    pages: cp.pages,
-                    disk_writes: cp.disk_writes,
-                    flush: cp.flush,
-                    copy_messages: cp.copy_messages,
-                    outputs: cp.outputs,
-                };
-                if self.copy_part(check, |r| r.apply(staged))? && full {
+                if self.copy_part(check, |r| r.apply(epoch, cp))? && full {
                     tracing::info!(epoch, "full copy applied; ready to take over");
                     self.input(Input::FullApplied { epoch, copy })?;
                 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use ftvm_vmm::{PageBatch, Standby, VmError};
 
-use crate::protocol::{DiskWrite, Output};
+use crate::protocol::{CheckpointSegment, DiskWrite, Output};
 
 /// Errors of the replica.
 #[derive(Debug, thiserror::Error)]
@@ -46,35 +46,10 @@ pub enum ReplicaError {
     Order(#[from] crate::session::ResyncReason),
 }
 
-/// A checkpoint received whole, before it is applied.
-#[derive(Debug)]
-pub struct Staged {
-    /// Epoch.
-    pub epoch: u64,
-    /// Completes a full copy.
-    pub full: bool,
-    /// For a full checkpoint: the copy it completes.
-    pub copy: u64,
-    /// Encoded VM state.
-    pub state: Vec<u8>,
-    /// Pages.
-    pub pages: PageBatch,
-    /// Disk writes.
-    pub disk_writes: Vec<DiskWrite>,
-    /// Whether to make the disk durable.
-    pub flush: bool,
-    /// For a full checkpoint: the copy messages that preceded it.
-    pub copy_messages: u64,
-    /// The epoch's outputs.
-    pub outputs: Vec<Output>,
-}
-
 /// What a secondary hands to its takeover.
 pub struct Takeover {
     /// The standby VM.
     pub standby: Standby,
-    /// The checkpoint it resumes from.
-    pub epoch: u64,
     /// Outputs to release before the guest runs.
     pub outputs: Vec<Output>,
     /// Frames to re-deliver to the guest.
@@ -271,9 +246,9 @@ impl Replica {
             })
     }
 
-    /// Applies a checked checkpoint: pages, state, disk writes (made durable if the guest
-    /// flushed). A failure leaves the replica not ready.
-    pub fn apply(&mut self, staged: Staged) -> Result<(), ReplicaError> {
+    /// Applies checkpoint `epoch`, checked by the session: pages, state, disk writes
+    /// (made durable if the guest flushed). A failure leaves the replica not ready.
+    pub fn apply(&mut self, epoch: u64, staged: CheckpointSegment) -> Result<(), ReplicaError> {
         self.last_epoch = None;
         self.standby.apply_pages(&staged.pages)?;
         for w in &staged.disk_writes {
@@ -288,10 +263,10 @@ impl Replica {
             }
         }
         self.standby.set_state(&staged.state)?;
-        self.last_epoch = Some(staged.epoch);
-        self.inbound.retain(|(e, _)| *e > staged.epoch);
+        self.last_epoch = Some(epoch);
+        self.inbound.retain(|(e, _)| *e > epoch);
         if !staged.outputs.is_empty() {
-            self.unreleased.push((staged.epoch, staged.outputs));
+            self.unreleased.push((epoch, staged.outputs));
         }
         if staged.full {
             self.marker.clear()?;
@@ -309,7 +284,6 @@ impl Replica {
     pub fn into_standby(self) -> Result<Takeover, ReplicaError> {
         Ok(Takeover {
             standby: self.standby,
-            epoch: self.last_epoch.unwrap_or(0),
             outputs: self.unreleased.into_iter().flat_map(|(_, o)| o).collect(),
             frames: self.inbound.into_iter().map(|(_, f)| f).collect(),
         })
@@ -350,8 +324,7 @@ mod tests {
             ),
             "beyond the replica"
         );
-        let staged = |epoch, full| Staged {
-            epoch,
+        let staged = |full| CheckpointSegment {
             full,
             copy: 3,
             state: Vec::new(),
@@ -362,7 +335,7 @@ mod tests {
             outputs: vec![Output::Console(b"x".to_vec())],
         };
         assert!(
-            r.apply(staged(4, true)).is_err(),
+            r.apply(4, staged(true)).is_err(),
             "an empty state does not decode"
         );
         assert!(

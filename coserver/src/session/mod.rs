@@ -43,8 +43,6 @@ use crate::protocol::{Message, Output, Role};
 /// What the session needs to know of the configuration.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    /// This node's name.
-    pub node: String,
     /// Whether the arbiter can grant a takeover (`shared-storage`) or not (`none`).
     pub arbiter: ArbiterKind,
     /// Silence after which the peer is lost (heartbeat interval × misses).
@@ -307,6 +305,7 @@ impl Session {
             }
             Input::GuestEnded(result) => self.guest_ended(&mut out, result),
         }
+        self.note_exit(&out);
         out
     }
 
@@ -560,9 +559,6 @@ impl Session {
             out.extend(p.take_finish());
         }
         self.alert(out, why);
-        if let Some(Action::Exit(code)) = out.iter().find(|a| matches!(a, Action::Exit(_))) {
-            self.exit = Some(*code);
-        }
     }
 
     fn message(&mut self, out: &mut Vec<Action>, now: Instant, msg: Message) {
@@ -605,9 +601,6 @@ impl Session {
                             "secondary holds a full copy: the pair is protected".into(),
                         );
                     }
-                    if let Some(Action::Exit(code)) = finish.last() {
-                        self.exit = Some(*code);
-                    }
                     out.extend(finish);
                 }
                 AckOutcome::Rejected => {
@@ -625,7 +618,6 @@ impl Session {
                 out.push(Action::ResetReplica);
             }
             (State::Secondary(_), Message::Stopped { exit_code }) => {
-                self.exit = Some(exit_code as i32);
                 out.push(Action::Exit(exit_code as i32));
             }
             (_, other) => {
@@ -689,7 +681,6 @@ impl Session {
             (State::Fenced { guest_stopped }, _) => *guest_stopped = true,
             (State::Primary(_), Err(e)) => {
                 self.alert(out, format!("the guest stopped: {e}"));
-                self.exit = Some(125);
                 out.push(Action::Exit(125));
             }
             (State::Primary(_), Ok(_)) | (_, _) => {}
@@ -722,10 +713,19 @@ impl Session {
         };
         p.powered_off(epoch, code);
         let out = p.take_finish();
-        if let Some(Action::Exit(c)) = out.last() {
-            self.exit = Some(*c);
-        }
+        self.note_exit(&out);
         out
+    }
+
+    /// Remembers the pair's end when `actions` carry it: the one place the exit code is
+    /// set, whichever input ended the pair.
+    fn note_exit(&mut self, actions: &[Action]) {
+        if let Some(code) = actions.iter().find_map(|a| match a {
+            Action::Exit(c) => Some(*c),
+            _ => None,
+        }) {
+            self.exit = Some(code);
+        }
     }
 
     /// Whether the epoch loop may run epoch `next` now (a protected primary runs at

@@ -114,9 +114,8 @@ struct World {
     was_protected: bool,
 }
 
-fn cfg(n: usize) -> SessionConfig {
+fn cfg() -> SessionConfig {
     SessionConfig {
-        node: ["a", "b"][n].into(),
         arbiter: ArbiterKind::Claims,
         peer_timeout: Duration::from_millis(TIMEOUT_MS),
         ack_timeout: Duration::from_millis(TIMEOUT_MS),
@@ -129,7 +128,7 @@ impl World {
     fn new() -> Self {
         let start = Instant::now();
         let host = |n| Host {
-            session: Session::new(cfg(n), 0, false, start),
+            session: Session::new(cfg(), 0, false, start),
             generation: 0,
             incomplete: false,
             guest_running: false,
@@ -469,7 +468,7 @@ impl World {
         let h = &mut self.hosts[n];
         h.incarnation += 2;
         h.session = Session::new(
-            cfg(n),
+            cfg(),
             h.generation,
             h.incomplete,
             self.start + Duration::from_millis(self.now_ms),

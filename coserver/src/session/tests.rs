@@ -7,7 +7,6 @@ const TIMEOUT: Duration = Duration::from_millis(100);
 
 fn cfg(arbiter: ArbiterKind) -> SessionConfig {
     SessionConfig {
-        node: "a".into(),
         arbiter,
         peer_timeout: TIMEOUT,
         ack_timeout: TIMEOUT,
