@@ -6,14 +6,15 @@ mod common;
 #[path = "common/pair.rs"]
 mod pair;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::BufReader;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
+use ftvm_coserver::protocol::{Incomplete, Standing};
 use pair::{
-    field, protected_pair, setup, spec, wait_until, write_config, CoServer, COUNTER, GUEST_IP,
+    field, kv, protected_pair, setup, spec, wait_until, write_config, CoServer, COUNTER, GUEST_IP,
     LIMIT,
 };
 
@@ -72,17 +73,6 @@ fn killing_the_primary_mid_disk_workload_loses_and_repeats_no_output() {
         "{}",
         b.log()
     );
-}
-
-fn kv(stream: &mut BufReader<TcpStream>, request: &str) -> std::io::Result<String> {
-    stream
-        .get_mut()
-        .write_all(format!("{request}\n").as_bytes())?;
-    let mut reply = String::new();
-    if stream.read_line(&mut reply)? == 0 {
-        return Err(std::io::Error::other("connection closed"));
-    }
-    Ok(reply.trim_end().to_string())
 }
 
 #[test]
@@ -369,7 +359,7 @@ fn a_partition_during_the_copy_keeps_the_primary_and_the_half_copy_never_boots()
     };
     // A large disk replica: the copy takes seconds.
     let guest = spec(COUNTER, 256, false);
-    let a = CoServer::start("a", &net.ns[0], &write_config(dir.path(), 0, &guest));
+    let a = CoServer::start_initial("a", &net.ns[0], &write_config(dir.path(), 0, &guest));
     assert!(
         wait_until(LIMIT, || field(&a.status(), "role") == "primary"),
         "{}",
@@ -414,7 +404,17 @@ fn a_partition_during_the_copy_keeps_the_primary_and_the_half_copy_never_boots()
         b.log()
     );
     assert!(b.console().is_empty(), "B must not run the guest");
-    assert!(!dir.path().join("state-b/replica-incomplete").exists());
+    assert!(
+        matches!(
+            b.replica(),
+            Some(Standing::Incomplete {
+                reason: Incomplete::Applying,
+                ..
+            })
+        ),
+        "B follows the stream: after a crash of its host it is copied again: {:?}",
+        b.replica()
+    );
 }
 
 #[test]
@@ -423,7 +423,7 @@ fn a_node_whose_copy_was_cut_short_never_boots_the_guest_even_after_a_restart() 
         return;
     };
     let guest = spec(COUNTER, 256, false);
-    let mut a = CoServer::start("a", &net.ns[0], &write_config(dir.path(), 0, &guest));
+    let mut a = CoServer::start_initial("a", &net.ns[0], &write_config(dir.path(), 0, &guest));
     assert!(
         wait_until(LIMIT, || field(&a.status(), "role") == "primary"),
         "{}",
@@ -437,7 +437,6 @@ fn a_node_whose_copy_was_cut_short_never_boots_the_guest_even_after_a_restart() 
         b.log()
     );
     a.kill();
-    let marker = dir.path().join("state-b/replica-incomplete");
     for round in ["after the primary died", "after a restart"] {
         assert!(
             wait_until(LIMIT, || b.status_text().contains("incomplete copy")),
@@ -450,7 +449,17 @@ fn a_node_whose_copy_was_cut_short_never_boots_the_guest_even_after_a_restart() 
             b.console().is_empty(),
             "{round}: B booted a half-copied guest"
         );
-        assert!(marker.exists(), "{round}");
+        assert!(
+            matches!(
+                b.replica(),
+                Some(Standing::Incomplete {
+                    reason: Incomplete::Copying,
+                    ..
+                })
+            ),
+            "{round}: {:?}",
+            b.replica()
+        );
         b.kill();
         b = CoServer::start("b", &net.ns[1], &cb);
     }
@@ -529,4 +538,44 @@ fn a_coserver_refuses_to_start_without_its_tap() {
         !err.contains("looking for a peer"),
         "checked before starting: {err}"
     );
+}
+
+#[test]
+fn a_coserver_refuses_an_arbiter_directory_of_another_identity_and_a_half_copy_as_initial_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (used, other) = (dir.path().join("used"), dir.path().join("other"));
+    std::fs::create_dir(&used).unwrap();
+    std::fs::create_dir(&other).unwrap();
+    let init = |d: &Path| {
+        let o = run_ftvm(&["arbiter", "init", s(d)]);
+        assert_eq!(o.status.code(), Some(0), "{o:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let id = init(&used);
+    assert_eq!(init(&used), id, "an identity is written once");
+    assert_ne!(init(&other), id);
+    // This node used `used` (as its state directory says) and is now pointed at `other`
+    // (a wrong path, or another share mounted there).
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let used_id = std::fs::read_to_string(used.join("arbiter-id")).unwrap();
+    std::fs::write(state.join("arbiter-id"), &used_id).unwrap();
+    let cfg = lone_config(dir.path(), "", "", &other, 47121);
+    let o = run_ftvm(&["coserver", "--config", s(&cfg)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains(used_id.trim()) && err.contains("wrong directory"),
+        "{err}"
+    );
+    // A replica recorded half copied (by an earlier version's marker) is never
+    // designated as the pair's data.
+    let second = dir.path().join("second");
+    std::fs::create_dir_all(second.join("state")).unwrap();
+    let cfg = lone_config(&second, "", "", &used, 47131);
+    std::fs::write(second.join("state/replica-incomplete"), "x").unwrap();
+    let o = run_ftvm(&["coserver", "--config", s(&cfg), "--initial-primary"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(err.contains("cannot be designated"), "{err}");
 }

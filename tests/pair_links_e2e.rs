@@ -6,16 +6,16 @@
 #[path = "common/capture.rs"]
 mod capture;
 mod common;
+#[path = "common/loopfs.rs"]
+mod loopfs;
 #[path = "common/pair.rs"]
 mod pair;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ftvm_coserver::control::Status;
 use pair::{
     field, protected_pair, setup, spec, wait_until, write_config, CoServer, GuestSpec, LIMIT,
 };
@@ -27,17 +27,12 @@ const B_LINK0: &str = "10.1.1.2:7100";
 /// The length of a link opening.
 const OPENING: usize = ftvm_coserver::link::handshake::OPENING_LEN;
 use ftvm_coserver::link::MAX_PENDING;
-
-fn typed(c: &CoServer) -> Status {
-    c.status()
-        .and_then(|v| serde_json::from_value(v).ok())
-        .unwrap_or_default()
-}
+use loopfs::LoopFs;
 
 /// Waits until A is still the protected primary and B its ready secondary of the same
 /// generation, with no takeover logged.
 fn still_protected(a: &CoServer, b: &CoServer, generation: u64) {
-    let (sa, sb) = (typed(a), typed(b));
+    let (sa, sb) = (a.typed(), b.typed());
     assert_eq!(sa.role, "primary", "{}", a.status_text());
     assert_eq!(sa.mode.as_deref(), Some("protected"), "{}", a.status_text());
     assert_eq!(sb.mode.as_deref(), Some("ready"), "{}", b.status_text());
@@ -57,8 +52,8 @@ fn strangers_on_a_link_port_change_nothing_and_hold_little_memory() {
         return;
     };
     let (a, b) = protected_pair(&net, dir.path(), &spec(LONG_COUNTER, 0, false));
-    let generation = typed(&a).generation;
-    let before = typed(&b).links[0].clone();
+    let generation = a.typed().generation;
+    let before = b.typed().links[0].clone();
     let rss_before = b.rss_kib().expect("B's resident memory");
     let held = net.in_ns(0, || {
         let connect = || TcpStream::connect(B_LINK0).expect("connect to B's link port");
@@ -103,7 +98,7 @@ fn strangers_on_a_link_port_change_nothing_and_hold_little_memory() {
         held
     });
     let rss_after = b.rss_kib().expect("B's resident memory");
-    let after = typed(&b).links[0].clone();
+    let after = b.typed().links[0].clone();
     println!(
         "B's resident memory {} -> {} KiB; link0 bad {} -> {}, auth-fail {} -> {}, evicted {} -> {}",
         rss_before,
@@ -171,8 +166,8 @@ fn link_traffic_recorded_from_an_earlier_session_of_the_pair_is_refused_when_rep
         "B did not re-join:\n{}",
         b.log()
     );
-    let generation = typed(&a).generation;
-    let before = typed(&b).links[0].clone();
+    let generation = a.typed().generation;
+    let before = b.typed().links[0].clone();
     net.in_ns(0, move || {
         // The whole recorded earlier session, as if from A (CopyStart, checkpoints,
         // heartbeats) and as if from B (Join, Acks), on fresh connections.
@@ -184,68 +179,13 @@ fn link_traffic_recorded_from_an_earlier_session_of_the_pair_is_refused_when_rep
         }
     });
     let ok = wait_until(LIMIT, || {
-        typed(&b).links[0].auth_failures >= before.auth_failures + 2
+        b.typed().links[0].auth_failures >= before.auth_failures + 2
     });
-    let after = typed(&b).links[0].clone();
+    let after = b.typed().links[0].clone();
     assert!(ok, "replays not counted: {after:?}");
     assert_eq!(after.connects, before.connects, "a replay was installed");
     std::thread::sleep(Duration::from_millis(500));
     still_protected(&a, &b, generation);
-}
-
-/// An ext4 filesystem on a loop device, frozen and thawed with fsfreeze; unmounted on
-/// drop.
-struct FreezableFs {
-    mount: PathBuf,
-}
-
-fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{cmd}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{cmd} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-impl FreezableFs {
-    fn create(dir: &Path) -> Result<Self, String> {
-        let image = dir.join("fs.img");
-        let mount = dir.join("frozen");
-        std::fs::create_dir_all(&mount).map_err(|e| e.to_string())?;
-        let f = std::fs::File::create(&image).map_err(|e| e.to_string())?;
-        f.set_len(96 << 20).map_err(|e| e.to_string())?;
-        run("mkfs.ext4", &["-q", "-F", &image.display().to_string()])?;
-        run(
-            "mount",
-            &[
-                "-o",
-                "loop",
-                &image.display().to_string(),
-                &mount.display().to_string(),
-            ],
-        )?;
-        Ok(Self { mount })
-    }
-
-    fn freeze(&self, frozen: bool) {
-        let flag = if frozen { "-f" } else { "-u" };
-        run("fsfreeze", &[flag, &self.mount.display().to_string()]).expect("fsfreeze");
-    }
-}
-
-impl Drop for FreezableFs {
-    fn drop(&mut self) {
-        let m = self.mount.display().to_string();
-        let _ = run("fsfreeze", &["-u", &m]);
-        let _ = run("umount", &["-l", &m]);
-    }
 }
 
 #[test]
@@ -253,15 +193,8 @@ fn a_secondary_whose_apply_stalls_is_dropped_within_the_ack_timeout_and_the_gues
     let Some((net, dir)) = setup("pair_stall", "f") else {
         return;
     };
-    let fs = match FreezableFs::create(dir.path()) {
-        Ok(fs) => fs,
-        Err(e) if std::env::var("FTVM_REQUIRE_KVM").as_deref() == Ok("1") => {
-            panic!("FTVM_REQUIRE_KVM=1 but no loop-mounted filesystem: {e}")
-        }
-        Err(e) => {
-            eprintln!("pair_stall: SKIPPED: no loop-mounted filesystem: {e}");
-            return;
-        }
+    let Some(fs) = LoopFs::for_test("pair_stall", dir.path(), 96) else {
+        return;
     };
     let guest = GuestSpec {
         b_disk_dir: Some(fs.mount.clone()),
@@ -311,7 +244,7 @@ fn link_connections_killed_right_after_the_copy_end_protected_by_retry() {
         return;
     };
     let guest = spec(LONG_COUNTER, 8, false);
-    let a = CoServer::start("a", &net.ns[0], &write_config(dir.path(), 0, &guest));
+    let a = CoServer::start_initial("a", &net.ns[0], &write_config(dir.path(), 0, &guest));
     assert!(wait_until(LIMIT, || field(&a.status(), "role") == "primary"));
     let b = CoServer::start("b", &net.ns[1], &write_config(dir.path(), 1, &guest));
     assert!(
@@ -336,7 +269,7 @@ fn link_connections_killed_right_after_the_copy_end_protected_by_retry() {
     assert!(
         wait_until(LIMIT, || field(&a.status(), "mode") == "protected"
             && field(&b.status(), "mode") == "ready"
-            && typed(&a).links.iter().all(|l| l.healthy && l.connects >= 2)),
+            && a.typed().links.iter().all(|l| l.healthy && l.connects >= 2)),
         "not protected again:\nA:\n{}\n{}\nB:\n{}",
         a.status_text(),
         a.log(),

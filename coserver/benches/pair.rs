@@ -72,6 +72,7 @@ fn spec(cmdline: &str, disk_mib: u64, network: bool, epoch_ms: u64) -> GuestSpec
         heartbeat: (20, 10),
         epoch_ms,
         b_disk_dir: None,
+        arbiter: pair::TestArbiter::Shared,
     }
 }
 

@@ -13,6 +13,18 @@
 //! refused: both are what an unmounted share looks like, where each host could otherwise
 //! win in a private directory of its own.
 //!
+//! A claim is written whole before it exists under its name: the holder's name goes
+//! into a temporary file, which is fsynced and then hard-linked to `gen-<g>` (atomic,
+//! and failing if the name exists, on local file systems and NFS alike). So a claim
+//! file always names its holder, and a node whose claim succeeded but whose answer was
+//! lost (an NFS reply, an error after the link) recognises its own claim on retry.
+//!
+//! The directory identifies itself: `arbiter-id` holds a random identity written once
+//! (by `ftvm arbiter init DIR` or by the first claim). Each node keeps the identity it
+//! used and the nodes tell each other theirs; a claim in a directory whose identity
+//! differs from either is refused: two hosts with directories of their own (a share
+//! that is not mounted, a wrong path) can never both win.
+//!
 //! The `none` arbiter never grants an automatic takeover.
 
 use std::fs::OpenOptions;
@@ -34,6 +46,16 @@ pub enum ArbiterError {
     /// hosts win.
     #[error("arbiter directory {0} does not exist or is not a directory (is the shared storage mounted?)")]
     Missing(PathBuf),
+    /// The directory's identity is not the one this pair's nodes used.
+    #[error("arbiter directory {path} {found} but this pair used arbiter directory {known:016x}: wrong directory, or the shared storage is not mounted")]
+    Foreign {
+        /// The directory.
+        path: PathBuf,
+        /// What the directory holds, in words.
+        found: String,
+        /// The identity a node of the pair used.
+        known: u64,
+    },
     /// The directory holds fewer generations than this node has seen: it is not the
     /// shared directory the pair has been using.
     #[error("arbiter directory {path} holds generation {found} but this node knows generation {known}: wrong directory, or the shared storage is not mounted")]
@@ -86,8 +108,9 @@ pub enum Arbiter {
 }
 
 impl Arbiter {
-    /// Tries to win the generation after `known` for `node`.
-    pub fn claim(&self, node: &str, known: u64) -> Result<Claim, ArbiterError> {
+    /// Tries to win the generation after `known` for `node`, in a directory whose
+    /// identity is each of `ids` (those the pair's nodes used).
+    pub fn claim(&self, node: &str, known: u64, ids: &[u64]) -> Result<Claim, ArbiterError> {
         let dir = match self {
             Arbiter::None => return Ok(Claim::Refused),
             Arbiter::SharedStorage { dir } => dir,
@@ -101,7 +124,15 @@ impl Arbiter {
                 known,
             });
         }
+        self.identify(ids)?;
         if highest > known {
+            // This node's own earlier claim whose answer it never saw is still its win.
+            if highest == known + 1 && holder(dir, highest) == node {
+                sync_dir(dir)?;
+                return Ok(Claim::Won {
+                    generation: highest,
+                });
+            }
             return Ok(Claim::Lost {
                 generation: highest,
                 holder: holder(dir, highest),
@@ -109,21 +140,70 @@ impl Arbiter {
         }
         let next = highest + 1;
         let path = dir.join(format!("gen-{next}"));
-        match OpenOptions::new().write(true).create_new(true).open(&path) {
-            Ok(mut f) => {
-                f.write_all(node.as_bytes()).map_err(io(&path))?;
-                f.sync_all().map_err(io(&path))?;
-                // Make the new name durable too.
-                if let Ok(d) = std::fs::File::open(dir) {
-                    let _ = d.sync_all();
-                }
+        let tmp = dir.join(format!(".claim-{next}-{:016x}", random_id()));
+        let written = write_synced(&tmp, node.as_bytes());
+        let linked = written.and_then(|()| std::fs::hard_link(&tmp, &path));
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {
+                sync_dir(dir)?;
                 Ok(Claim::Won { generation: next })
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(Claim::Lost {
-                generation: next,
-                holder: holder(dir, next),
-            }),
+            // Taken, by the other node or by this one's own attempt whose answer was
+            // lost (NFS retransmits a link whose reply it did not see).
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let holder = holder(dir, next);
+                if holder == node {
+                    sync_dir(dir)?;
+                    Ok(Claim::Won { generation: next })
+                } else {
+                    Ok(Claim::Lost {
+                        generation: next,
+                        holder,
+                    })
+                }
+            }
             Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// The directory's identity, checked against `ids` (those the pair's nodes used):
+    /// a directory without one gets one now unless a node already used another.
+    pub fn identify(&self, ids: &[u64]) -> Result<Option<u64>, ArbiterError> {
+        let dir = match self {
+            Arbiter::None => return Ok(None),
+            Arbiter::SharedStorage { dir } => dir,
+        };
+        let id = match read_id(dir)? {
+            Some(id) => id,
+            None => {
+                if let Some(&known) = ids.first() {
+                    return Err(ArbiterError::Foreign {
+                        path: dir.clone(),
+                        found: "has no identity".into(),
+                        known,
+                    });
+                }
+                init_id(dir)?
+            }
+        };
+        match ids.iter().find(|&&k| k != id) {
+            Some(&known) => Err(ArbiterError::Foreign {
+                path: dir.clone(),
+                found: format!("is arbiter directory {id:016x}"),
+                known,
+            }),
+            None => Ok(Some(id)),
+        }
+    }
+
+    /// Gives the directory its identity (`ftvm arbiter init`), or returns the one it
+    /// has.
+    pub fn init(dir: &Path) -> Result<u64, ArbiterError> {
+        Self::check_dir(dir)?;
+        match read_id(dir)? {
+            Some(id) => Ok(id),
+            None => init_id(dir),
         }
     }
 
@@ -151,6 +231,60 @@ impl Arbiter {
             Arbiter::SharedStorage { dir } => format!("shared-storage {}", dir.display()),
         }
     }
+}
+
+const ID_FILE: &str = "arbiter-id";
+
+fn random_id() -> u64 {
+    let mut b = [0u8; 8];
+    crate::link::handshake::fill_random(&mut b);
+    u64::from_le_bytes(b)
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+fn sync_dir(dir: &Path) -> Result<(), ArbiterError> {
+    crate::replication::record::sync_dir(dir).map_err(io(dir))
+}
+
+fn read_id(dir: &Path) -> Result<Option<u64>, ArbiterError> {
+    let path = dir.join(ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => u64::from_str_radix(text.trim(), 16).map(Some).map_err(|e| {
+            io(&path)(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not an arbiter identity: {e}"),
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(&path)(e)),
+    }
+}
+
+/// Writes a new identity whole, then links it into place (the first writer wins).
+fn init_id(dir: &Path) -> Result<u64, ArbiterError> {
+    let id = random_id();
+    let path = dir.join(ID_FILE);
+    let tmp = dir.join(format!(".{ID_FILE}-{id:016x}"));
+    let linked = write_synced(&tmp, format!("{id:016x}\n").as_bytes())
+        .and_then(|()| std::fs::hard_link(&tmp, &path));
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io(&path)(e)),
+    }
+    sync_dir(dir)?;
+    read_id(dir)?.ok_or_else(|| {
+        io(&path)(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "written but not found",
+        ))
+    })
 }
 
 fn highest_generation(dir: &Path) -> Result<u64, ArbiterError> {
@@ -219,6 +353,9 @@ impl KnownGeneration {
             let _ = f.sync_all();
         }
         std::fs::rename(&tmp, &self.path).map_err(io(&self.path))?;
+        if let Some(dir) = self.path.parent() {
+            sync_dir(dir)?;
+        }
         self.value = g;
         Ok(())
     }
@@ -234,23 +371,39 @@ mod tests {
         let arb = Arbiter::SharedStorage {
             dir: d.path().to_path_buf(),
         };
-        assert_eq!(arb.claim("a", 0).unwrap(), Claim::Won { generation: 1 });
+        assert_eq!(
+            arb.claim("a", 0, &[]).unwrap(),
+            Claim::Won { generation: 1 }
+        );
         // Both learned generation 1; they race for 2 from two threads.
         let (a, b) = (arb.clone(), arb.clone());
-        let ta = std::thread::spawn(move || a.claim("a", 1).unwrap());
-        let tb = std::thread::spawn(move || b.claim("b", 1).unwrap());
+        let ta = std::thread::spawn(move || a.claim("a", 1, &[]).unwrap());
+        let tb = std::thread::spawn(move || b.claim("b", 1, &[]).unwrap());
         let results = [ta.join().unwrap(), tb.join().unwrap()];
         let wins = results
             .iter()
             .filter(|c| matches!(c, Claim::Won { generation: 2 }))
             .count();
         assert_eq!(wins, 1, "{results:?}");
-        // A node that only knew generation 1 cannot win again.
+        let loser = if results[0] == (Claim::Won { generation: 2 }) {
+            "b"
+        } else {
+            "a"
+        };
+        // The loser, which only knew generation 1, cannot win again.
         assert!(matches!(
-            arb.claim("a", 1).unwrap(),
+            arb.claim(loser, 1, &[]).unwrap(),
             Claim::Lost { generation: 2, .. }
         ));
-        assert_eq!(Arbiter::None.claim("a", 0).unwrap(), Claim::Refused);
+        assert!(
+            !std::fs::read_dir(d.path()).unwrap().any(|e| e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with('.')),
+            "no temporary file is left behind"
+        );
+        assert_eq!(Arbiter::None.claim("a", 0, &[]).unwrap(), Claim::Refused);
     }
 
     #[test]
@@ -259,7 +412,7 @@ mod tests {
         let missing = Arbiter::SharedStorage {
             dir: d.path().join("not-mounted"),
         };
-        let e = missing.claim("a", 0).unwrap_err();
+        let e = missing.claim("a", 0, &[]).unwrap_err();
         assert!(matches!(e, ArbiterError::Missing(_)), "{e}");
         assert!(e.to_string().contains("not-mounted"), "{e}");
         assert!(missing.check().is_err());
@@ -268,7 +421,7 @@ mod tests {
         let empty = Arbiter::SharedStorage {
             dir: d.path().to_path_buf(),
         };
-        let e = empty.claim("a", 3).unwrap_err();
+        let e = empty.claim("a", 3, &[]).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -284,6 +437,67 @@ mod tests {
             std::fs::read_dir(d.path()).unwrap().count(),
             0,
             "nothing claimed"
+        );
+    }
+
+    #[test]
+    fn a_claim_whose_answer_was_lost_is_won_by_its_holder_on_retry_and_by_no_one_else() {
+        let d = tempfile::tempdir().unwrap();
+        let arb = Arbiter::SharedStorage {
+            dir: d.path().to_path_buf(),
+        };
+        // Node a's claim of generation 1 reached the directory, but a never saw the
+        // answer (an NFS reply lost, an error after the link): it still knows 0.
+        assert_eq!(
+            arb.claim("a", 0, &[]).unwrap(),
+            Claim::Won { generation: 1 }
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("gen-1")).unwrap(),
+            "a",
+            "the claim names its holder"
+        );
+        assert_eq!(
+            arb.claim("a", 0, &[]).unwrap(),
+            Claim::Won { generation: 1 }
+        );
+        assert_eq!(
+            arb.claim("b", 0, &[]).unwrap(),
+            Claim::Lost {
+                generation: 1,
+                holder: "a".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_directory_of_another_identity_is_refused_and_one_without_is_given_one() {
+        let d = tempfile::tempdir().unwrap();
+        let (one, two) = (d.path().join("one"), d.path().join("two"));
+        std::fs::create_dir(&one).unwrap();
+        std::fs::create_dir(&two).unwrap();
+        let a1 = Arbiter::SharedStorage { dir: one.clone() };
+        let a2 = Arbiter::SharedStorage { dir: two.clone() };
+        let id1 = a1.identify(&[]).unwrap().unwrap();
+        assert_eq!(Arbiter::init(&one).unwrap(), id1, "written once");
+        let id2 = Arbiter::init(&two).unwrap();
+        assert_ne!(id1, id2);
+        let e = a2.claim("b", 0, &[id1]).unwrap_err();
+        assert!(matches!(e, ArbiterError::Foreign { .. }), "{e}");
+        assert!(e.to_string().contains(&format!("{id1:016x}")), "{e}");
+        assert!(!two.join("gen-1").exists(), "nothing claimed");
+        // A directory without an identity where the pair used one: not the pair's.
+        let three = d.path().join("three");
+        std::fs::create_dir(&three).unwrap();
+        let a3 = Arbiter::SharedStorage { dir: three.clone() };
+        assert!(matches!(
+            a3.claim("a", 0, &[id1]),
+            Err(ArbiterError::Foreign { .. })
+        ));
+        assert!(!three.join("arbiter-id").exists());
+        assert_eq!(
+            a1.claim("a", 0, &[id1]).unwrap(),
+            Claim::Won { generation: 1 }
         );
     }
 

@@ -28,9 +28,30 @@ pub enum Command {
     Coserver(CoserverArgs),
     /// Query a running CoServer.
     Ctl(CtlArgs),
+    /// Prepare a shared-storage arbiter directory.
+    Arbiter(ArbiterArgs),
     /// Run a pair on this machine (two CoServers, two loopback links, the built-in guest
     /// with a disk), kill the primary partway and show the guest carrying on.
     Demo(DemoArgs),
+}
+
+/// Options of `ftvm arbiter`.
+#[derive(Debug, Args)]
+pub struct ArbiterArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: ArbiterCommand,
+}
+
+/// `ftvm arbiter` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ArbiterCommand {
+    /// Give an (existing, shared) arbiter directory its identity, once; prints it. Both
+    /// CoServers then refuse to claim in any directory of another identity.
+    Init {
+        /// The directory on the shared storage.
+        dir: PathBuf,
+    },
 }
 
 /// Options of `ftvm demo`.
@@ -67,6 +88,16 @@ pub struct CoserverArgs {
     /// The CoServer's configuration (TOML).
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
+    /// First deployment: this host's disk holds the guest's data. Records it as the
+    /// pair's data (once; a replica already recorded whole is left as it is). Without
+    /// it a host whose replica holds no pair data never boots the guest.
+    #[arg(long, conflicts_with = "discard_replica")]
+    pub initial_primary: bool,
+    /// Discard what this host's replica holds: it boots nothing and is overwritten by a
+    /// copy from the other host (when both hosts hold differing data, on the one whose
+    /// data is not kept).
+    #[arg(long)]
+    pub discard_replica: bool,
 }
 
 /// Options of `ftvm ctl`.

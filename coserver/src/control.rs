@@ -111,6 +111,12 @@ pub struct Status {
     pub rejected_acks: u64,
     /// Pages and disk bytes still to copy to a joining secondary.
     pub copy_left: Option<(usize, u64)>,
+    /// What this host's disk replica holds, as recorded in its state directory.
+    #[serde(default)]
+    pub replica: Option<crate::protocol::Standing>,
+    /// Why a starting node does not start the guest, while it waits.
+    #[serde(default)]
+    pub waiting: Option<String>,
     /// Alerts, oldest first.
     pub alerts: Vec<String>,
 }
@@ -205,6 +211,12 @@ pub fn render(s: &Status) -> String {
         if s.peer.alive { "alive" } else { "not heard" }
     );
     out += &format!("arbiter: {} (generation {})\n", s.arbiter, s.generation);
+    if let Some(r) = &s.replica {
+        out += &format!("replica: {}\n", r.describe());
+    }
+    if let Some(w) = &s.waiting {
+        out += &format!("waiting: {w}\n");
+    }
     for l in &s.links {
         out += &format!(
             "{}: {} -> {} {} {} rtt {} in {} out {} bad {} auth-fail {} evicted {}\n",

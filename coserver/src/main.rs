@@ -36,8 +36,23 @@ fn main() {
         cli::Command::Run(a) => run::run(&a).map_err(|e| e.to_string()),
         cli::Command::Restore(a) => run::restore(&a).map_err(|e| e.to_string()),
         cli::Command::Replay(a) => run::replay(&a).map_err(|e| e.to_string()),
-        cli::Command::Coserver(a) => node::run(&a.config).map_err(|e| e.to_string()),
+        cli::Command::Coserver(a) => node::run(
+            &a.config,
+            node::StartOptions {
+                initial_primary: a.initial_primary,
+                discard_replica: a.discard_replica,
+            },
+        )
+        .map_err(|e| e.to_string()),
         cli::Command::Ctl(a) => ctl(&a),
+        cli::Command::Arbiter(cli::ArbiterArgs {
+            command: cli::ArbiterCommand::Init { dir },
+        }) => ftvm_coserver::arbiter::Arbiter::init(&dir)
+            .map(|id| {
+                println!("arbiter directory {} has identity {id:016x}", dir.display());
+                0
+            })
+            .map_err(|e| e.to_string()),
         cli::Command::Demo(a) => demo::run(&demo::DemoOptions {
             kill_after: std::time::Duration::from_secs_f64(a.kill_after.clamp(0.0, 3600.0)),
             blocks: a.blocks.clamp(16, 1 << 20),

@@ -93,6 +93,107 @@ impl Role {
     }
 }
 
+/// Why a disk replica does not hold the pair's data whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Incomplete {
+    /// A full copy from the primary was under way.
+    Copying,
+    /// The replica was following the primary's stream: after a crash its disk is some
+    /// checkpoint behind the primary's, and its memory is gone.
+    Applying,
+    /// The peer won a later generation: the guest ran on after this replica.
+    Superseded,
+}
+
+impl Incomplete {
+    /// In words, for status and alerts.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Incomplete::Copying => "a copy was under way",
+            Incomplete::Applying => "it was following the primary's stream",
+            Incomplete::Superseded => "the guest ran on elsewhere after it",
+        }
+    }
+}
+
+/// What a disk replica holds of the pair's data: recorded durably in the state
+/// directory, advertised in hellos and heartbeats, and compared before any node boots
+/// the guest from its own disk. `data` is the identity of the pair's data, created once
+/// when an operator designates the first replica (`--initial-primary`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Standing {
+    /// No pair data: never designated and never copied.
+    Blank,
+    /// Part of the pair's data, not usable alone (never a copy source, never booted).
+    Incomplete {
+        /// The data.
+        data: u64,
+        /// Why.
+        reason: Incomplete,
+    },
+    /// The whole data, consistent with the end of `epoch` of `generation`: a pair that
+    /// ended cleanly, or (advertised only) a secondary's ready replica.
+    Whole {
+        /// The data.
+        data: u64,
+        /// The arbiter generation.
+        generation: u64,
+        /// The stream position.
+        epoch: u64,
+    },
+    /// The guest runs (or ran, until this host stopped) on this disk in `generation`.
+    Live {
+        /// The data.
+        data: u64,
+        /// The arbiter generation.
+        generation: u64,
+    },
+}
+
+impl Standing {
+    /// The data's identity, unless blank.
+    pub fn data(&self) -> Option<u64> {
+        match *self {
+            Standing::Blank => None,
+            Standing::Incomplete { data, .. }
+            | Standing::Whole { data, .. }
+            | Standing::Live { data, .. } => Some(data),
+        }
+    }
+
+    /// Where a whole replica stands, to compare two of the same data (later is newer):
+    /// (generation, live, epoch). `None` unless whole or live.
+    pub fn position(&self) -> Option<(u64, bool, u64)> {
+        match *self {
+            Standing::Whole {
+                generation, epoch, ..
+            } => Some((generation, false, epoch)),
+            Standing::Live { generation, .. } => Some((generation, true, 0)),
+            _ => None,
+        }
+    }
+
+    /// In words, for status and alerts.
+    pub fn describe(&self) -> String {
+        match *self {
+            Standing::Blank => "no pair data".into(),
+            Standing::Incomplete { data, reason } => {
+                format!("incomplete data {data:016x} ({})", reason.describe())
+            }
+            Standing::Whole {
+                data,
+                generation,
+                epoch,
+            } => format!("whole data {data:016x} at generation {generation}, epoch {epoch}"),
+            Standing::Live { data, generation } => {
+                format!("data {data:016x} the guest ran on in generation {generation}")
+            }
+        }
+    }
+}
+
 /// One output of the guest, held until its epoch is acknowledged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Output {
@@ -125,8 +226,10 @@ pub struct CheckpointSegment {
     pub pages: PageBatch,
     /// Disk writes of the epoch, in order.
     pub disk_writes: Vec<DiskWrite>,
-    /// Whether the guest flushed its disk during the epoch.
-    pub flush: bool,
+    /// Where the guest flushed its disk in the epoch: after the first `n` of
+    /// `disk_writes`, for each `n` (in order). Writes before a flush are made durable on
+    /// the replica before any write after it.
+    pub flushes: Vec<u32>,
     /// For a `full` checkpoint: the copy it completes (0 otherwise).
     pub copy: u64,
     /// For a `full` checkpoint: how many copy messages preceded it.
@@ -159,6 +262,10 @@ pub enum Message {
         role: Role,
         /// Highest arbiter generation the sender knows.
         generation: u64,
+        /// What the sender's disk replica holds.
+        standing: Standing,
+        /// The identity of the arbiter directory the sender has used, if any.
+        arbiter: Option<u64>,
         /// The guest as the sender's configuration describes it.
         guest: GuestShape,
     },
@@ -175,6 +282,8 @@ pub enum Message {
         role: Role,
         /// Highest arbiter generation the sender knows.
         generation: u64,
+        /// What the sender's disk replica holds.
+        standing: Standing,
     },
     /// Answer to a ping.
     Pong {
@@ -336,7 +445,7 @@ mod tests {
                     offset: 512,
                     data: vec![7; 512],
                 }],
-                flush: true,
+                flushes: vec![0, 1],
                 copy: 7,
                 copy_messages: 3,
                 outputs: vec![Output::Console(b"hi".to_vec())],

@@ -27,7 +27,7 @@ pub fn protected_pair(
 ) -> (CoServer, CoServer) {
     let ca = write_config(dir, 0, guest);
     let cb = write_config(dir, 1, guest);
-    let a = CoServer::start("a", &net.ns[0], &ca);
+    let a = CoServer::start_initial("a", &net.ns[0], &ca);
     assert!(
         wait_until(LIMIT, || field(&a.status(), "role") == "primary"),
         "A never became primary:\n{}",
@@ -54,6 +54,7 @@ pub fn spec(cmdline: &str, disk_mib: u64, network: bool) -> GuestSpec {
         heartbeat: HEARTBEAT,
         epoch_ms: 10,
         b_disk_dir: None,
+        arbiter: TestArbiter::Shared,
     }
 }
 
@@ -212,11 +213,28 @@ pub struct GuestSpec {
     /// Where node B keeps its disk replica, if not in the test's directory (a
     /// filesystem the test can freeze).
     pub b_disk_dir: Option<PathBuf>,
+    /// The arbiter both nodes use.
+    pub arbiter: TestArbiter,
+}
+
+/// The arbiter of a test pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestArbiter {
+    /// One shared-storage directory for both nodes.
+    Shared,
+    /// A shared-storage directory of each node's own (a misconfiguration).
+    OwnDirectories,
+    /// `kind = "none"`, naming node A as the primary.
+    NoneNamingA,
 }
 
 /// Writes the configuration of node `name` (index 0 = A, 1 = B) into `dir`.
 pub fn write_config(dir: &Path, index: usize, guest: &GuestSpec) -> PathBuf {
     let name = ["a", "b"][index];
+    let arbiter = match guest.arbiter {
+        TestArbiter::OwnDirectories => dir.join(format!("arbiter-{name}")),
+        TestArbiter::Shared | TestArbiter::NoneNamingA => dir.join("arbiter"),
+    };
     let (me, peer) = if index == 0 { (1, 2) } else { (2, 1) };
     let disk = match (&guest.b_disk_dir, index) {
         (Some(d), 1) => d.join(format!("disk-{name}.img")),
@@ -254,8 +272,7 @@ misses = {misses}
 [replication]
 epoch_ms = {epoch}
 [arbiter]
-kind = "shared-storage"
-path = "{arb}"
+{arbiter}
 [control]
 listen = "127.0.0.1:7200"
 [security]
@@ -265,9 +282,17 @@ psk = "pair-test-key-0123456789"
         interval = guest.heartbeat.0,
         misses = guest.heartbeat.1,
         epoch = guest.epoch_ms,
-        arb = dir.join("arbiter").display(),
+        arbiter = match guest.arbiter {
+            TestArbiter::NoneNamingA => "kind = \"none\"\nprimary = \"a\"".to_string(),
+            TestArbiter::Shared | TestArbiter::OwnDirectories => {
+                format!(
+                    "kind = \"shared-storage\"\npath = \"{}\"",
+                    arbiter.display()
+                )
+            }
+        },
     );
-    std::fs::create_dir_all(dir.join("arbiter")).expect("arbiter directory");
+    std::fs::create_dir_all(&arbiter).expect("arbiter directory");
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, text).expect("write config");
     path
@@ -294,6 +319,17 @@ fn collect(mut stream: impl std::io::Read + Send + 'static) -> Arc<Mutex<String>
 impl CoServer {
     /// Starts `ftvm coserver` in namespace `ns`.
     pub fn start(name: &str, ns: &str, config: &Path) -> Self {
+        Self::start_with(name, ns, config, &[])
+    }
+
+    /// Starts the pair's first primary at its first deployment: its disk replica is the
+    /// pair's data (`--initial-primary`).
+    pub fn start_initial(name: &str, ns: &str, config: &Path) -> Self {
+        Self::start_with(name, ns, config, &["--initial-primary"])
+    }
+
+    /// Starts `ftvm coserver` in namespace `ns` with `extra` arguments.
+    pub fn start_with(name: &str, ns: &str, config: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new("ip")
             .args([
                 "netns",
@@ -304,6 +340,7 @@ impl CoServer {
                 "--config",
             ])
             .arg(config)
+            .args(extra)
             .env(
                 "FTVM_LOG",
                 std::env::var("FTVM_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -337,19 +374,24 @@ impl CoServer {
 
     /// Output of `ftvm ctl status` with `extra` arguments, run in its namespace.
     fn ctl_status(&self, extra: &[&str]) -> Option<Vec<u8>> {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns, env!("CARGO_BIN_EXE_ftvm")])
-            .args(["ctl", "--connect", "127.0.0.1:7200", "status"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .output()
-            .ok()?;
-        Some(out.stdout)
+        ctl_status_in(&self.ns, extra)
     }
 
     /// Its status as JSON, if it answers.
     pub fn status(&self) -> Option<serde_json::Value> {
         serde_json::from_slice(&self.ctl_status(&["--json"])?).ok()
+    }
+
+    /// Its typed status (the default while it does not answer).
+    pub fn typed(&self) -> ftvm_coserver::control::Status {
+        self.status()
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default()
+    }
+
+    /// What its replica record holds, as its status says.
+    pub fn replica(&self) -> Option<ftvm_coserver::protocol::Standing> {
+        self.typed().replica
     }
 
     /// Its human-readable status.
@@ -418,6 +460,39 @@ impl Drop for CoServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Output of `ftvm ctl status` with `extra` arguments, run in namespace `ns`.
+pub fn ctl_status_in(ns: &str, extra: &[&str]) -> Option<Vec<u8>> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ftvm")])
+        .args(["ctl", "--connect", "127.0.0.1:7200", "status"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    Some(out.stdout)
+}
+
+/// The typed status of the CoServer in namespace `ns`, if it answers.
+pub fn status_in(ns: &str) -> Option<ftvm_coserver::control::Status> {
+    serde_json::from_slice(&ctl_status_in(ns, &["--json"])?).ok()
+}
+
+/// One request of the guest's key-value protocol on `stream`; its reply line.
+pub fn kv(
+    stream: &mut std::io::BufReader<std::net::TcpStream>,
+    request: &str,
+) -> std::io::Result<String> {
+    use std::io::{BufRead, Write};
+    stream
+        .get_mut()
+        .write_all(format!("{request}\n").as_bytes())?;
+    let mut reply = String::new();
+    if stream.read_line(&mut reply)? == 0 {
+        return Err(std::io::Error::other("connection closed"));
+    }
+    Ok(reply.trim_end().to_string())
 }
 
 /// Polls `cond` every 20 ms until it holds or `limit` passes.

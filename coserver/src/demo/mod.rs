@@ -104,9 +104,13 @@ fn spawn(
     tx: Sender<(&'static str, Instant, String)>,
 ) -> Result<Member, DemoError> {
     let exe = std::env::current_exe().map_err(setup)?;
-    let mut child = Command::new(exe)
-        .args(["coserver", "--config"])
-        .arg(cfg)
+    let mut cmd = Command::new(exe);
+    cmd.args(["coserver", "--config"]).arg(cfg);
+    if name == "a" {
+        // A fresh pair: A's disk is the pair's data (B's blank replica is copied over).
+        cmd.arg("--initial-primary");
+    }
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -14,8 +14,8 @@ use tokio::sync::mpsc;
 use super::frame::{self, FrameError, Opener, Plain, Reassembly, Sealer};
 use super::handshake::{self, End, HandshakeError, Opening, OPENING_LEN};
 use super::{
-    lock, queue_control, ConnHandle, Event, Inner, Outgoing, CONNECT_TIMEOUT, MAX_PENDING,
-    QUEUE_CONTROL, QUEUE_MESSAGES, SEND_BUFFER,
+    lock, queue_control, ConnHandle, Event, Inner, Outgoing, PeerInfo, CONNECT_TIMEOUT,
+    MAX_PENDING, QUEUE_CONTROL, QUEUE_MESSAGES, SEND_BUFFER,
 };
 use crate::protocol::{Message, PROTOCOL_VERSION};
 
@@ -139,6 +139,8 @@ async fn connection(
             session: inner.session,
             role: l.role,
             generation: l.generation,
+            standing: l.standing,
+            arbiter: l.arbiter,
             guest: l.guest.clone(),
         }
     };
@@ -397,6 +399,8 @@ async fn control_message(
             session,
             role,
             generation,
+            standing,
+            arbiter,
             guest,
         } => {
             let mismatch = if version != PROTOCOL_VERSION {
@@ -431,8 +435,13 @@ async fn control_message(
                 index,
                 Event::Hello {
                     node,
-                    role,
-                    generation,
+                    arbiter,
+                    peer: PeerInfo {
+                        session,
+                        role,
+                        generation,
+                        standing,
+                    },
                 },
             )
             .await
@@ -448,9 +457,20 @@ async fn control_message(
             sent_us,
             role,
             generation,
+            standing,
         } => {
             queue_control(inner, index, &Message::Pong { sent_us });
-            deliver(inner, index, Event::Heartbeat { role, generation }).await
+            // Heartbeats count only on a connection whose hello named the session.
+            let Some(session) = *peer_session else {
+                return Ok(());
+            };
+            let info = PeerInfo {
+                session,
+                role,
+                generation,
+                standing,
+            };
+            deliver(inner, index, Event::Heartbeat(info)).await
         }
         Message::Pong { sent_us } => {
             let now = inner.clock.elapsed().as_micros() as u64;

@@ -30,7 +30,7 @@ use tokio::runtime::{Handle, Runtime};
 use tokio::sync::mpsc;
 
 use crate::config::LinkConfig;
-use crate::protocol::{EncodeError, GuestShape, Message, Role};
+use crate::protocol::{EncodeError, GuestShape, Message, Role, Standing};
 
 /// Messages queued per connection before the link counts as stalled and is reset.
 const QUEUE_MESSAGES: usize = 512;
@@ -76,23 +76,32 @@ pub enum Event {
     Hello {
         /// Peer's node name.
         node: String,
-        /// Peer's role.
-        role: Role,
-        /// Peer's arbiter generation.
-        generation: u64,
+        /// The identity of the arbiter directory the peer has used, if any.
+        arbiter: Option<u64>,
+        /// What it says of itself.
+        peer: PeerInfo,
     },
-    /// The peer's heartbeat (role and generation as it sees them).
-    Heartbeat {
-        /// Peer's role.
-        role: Role,
-        /// Peer's generation.
-        generation: u64,
-    },
+    /// The peer's heartbeat.
+    Heartbeat(PeerInfo),
     /// A peer that holds the key was refused, or refused this node: why.
     Refused {
         /// The reason, naming what differs.
         reason: String,
     },
+}
+
+/// What the peer says of itself in every hello and heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The peer process's session (random per process, from its hello on this
+    /// connection): a new one means the peer restarted.
+    pub session: u64,
+    /// Its role.
+    pub role: Role,
+    /// The highest arbiter generation it knows.
+    pub generation: u64,
+    /// What its disk replica holds.
+    pub standing: Standing,
 }
 
 /// Counters and health of one link.
@@ -223,6 +232,10 @@ pub struct LocalInfo {
     pub role: Role,
     /// Highest arbiter generation known.
     pub generation: u64,
+    /// What this node's disk replica holds.
+    pub standing: Standing,
+    /// The identity of the arbiter directory this node has used, if any.
+    pub arbiter: Option<u64>,
     /// The guest as this node's configuration describes it.
     pub guest: GuestShape,
 }
@@ -404,10 +417,16 @@ impl Links {
     }
 
     /// Updates what hellos and heartbeats advertise.
-    pub fn set_local(&self, role: Role, generation: u64) {
+    pub fn set_local(&self, role: Role, generation: u64, standing: Standing) {
         let mut l = lock(&self.inner.local);
         l.role = role;
         l.generation = generation;
+        l.standing = standing;
+    }
+
+    /// Updates the arbiter identity hellos advertise.
+    pub fn set_arbiter(&self, arbiter: Option<u64>) {
+        lock(&self.inner.local).arbiter = arbiter;
     }
 
     /// Sends `msg` on every connected link. Returns on how many links it was queued;
@@ -577,14 +596,15 @@ async fn heartbeat_loop(inner: Arc<Inner>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !inner.stopped.load(Ordering::SeqCst) {
         tick.tick().await;
-        let (role, generation) = {
+        let (role, generation, standing) = {
             let l = lock(&inner.local);
-            (l.role, l.generation)
+            (l.role, l.generation, l.standing)
         };
         let ping = Message::Ping {
             sent_us: inner.clock.elapsed().as_micros() as u64,
             role,
             generation,
+            standing,
         };
         for i in 0..inner.links.len() {
             queue_control(&inner, i, &ping);
@@ -638,6 +658,8 @@ pub mod test_support {
             node: node.into(),
             role: Role::Starting,
             generation: 0,
+            standing: Standing::Blank,
+            arbiter: None,
             guest: GuestShape {
                 mem_mib,
                 disk_bytes: vec![],

@@ -177,6 +177,8 @@ fn frames_recorded_on_one_connection_are_rejected_on_another_and_when_reflected(
         session: 77,
         role: Role::Primary,
         generation: 1,
+        standing: crate::protocol::Standing::Blank,
+        arbiter: None,
         guest: local("y", 64).guest,
     };
     let mut sent = Vec::new();

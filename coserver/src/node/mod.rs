@@ -17,11 +17,12 @@ mod status;
 use crate::arbiter::{Arbiter, KnownGeneration};
 use crate::config::{ArbiterConfig, Config};
 use crate::control::{self, Status};
-use crate::link::{Event, Events, LinkOptions, Links, LocalInfo, Outbox, RecvError};
-use crate::protocol::{GuestShape, Message, Role, Segment};
+use crate::link::{Event, Events, LinkOptions, Links, LocalInfo, Outbox, PeerInfo, RecvError};
+use crate::protocol::{GuestShape, Message, Role, Segment, Standing};
 use crate::replication::commit::Commit;
 use crate::replication::primary::EpochStats;
-use crate::replication::secondary::{IncompleteMarker, Replica};
+use crate::replication::record::ReplicaRecord;
+use crate::replication::secondary::Replica;
 use crate::session::{
     Action, ArbiterKind, CopyCheck, Input, Session, SessionConfig, SharedSession,
 };
@@ -47,6 +48,26 @@ pub enum NodeError {
     /// The replica.
     #[error(transparent)]
     Replica(#[from] crate::replication::secondary::ReplicaError),
+    /// The replica's record.
+    #[error(transparent)]
+    Record(#[from] crate::replication::record::RecordError),
+    /// The arbiter identity this node used cannot be kept.
+    #[error("arbiter identity {path}: {source}")]
+    ArbiterId {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// What the operator asks of a starting CoServer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartOptions {
+    /// First deployment: this host's disk holds the pair's data.
+    pub initial_primary: bool,
+    /// Discard what this host's replica holds (it is copied over).
+    pub discard_replica: bool,
 }
 
 /// The guest running here.
@@ -62,7 +83,10 @@ struct Node {
     out: Outbox,
     arbiter: Arbiter,
     known: KnownGeneration,
-    marker: IncompleteMarker,
+    record: ReplicaRecord,
+    /// The arbiter directory's identity this node used, and the peer's.
+    arbiter_id: Option<u64>,
+    peer_arbiter_id: Option<u64>,
     session: Arc<SharedSession>,
     /// The guest this node stopped when it fenced, until its vCPU thread is done.
     fenced_guest: Option<Arc<Mutex<EpochStats>>>,
@@ -88,15 +112,32 @@ fn tick(cfg: &Config) -> Duration {
 }
 
 /// Runs a CoServer until its guest powers off; returns the process exit code.
-pub fn run(config_path: &Path) -> Result<i32, NodeError> {
+pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
     let cfg = Config::load(config_path)?;
     let key = cfg.psk()?;
     let known = KnownGeneration::load(&cfg.host.state_dir)?;
+    let mut record = ReplicaRecord::load(&cfg.host.state_dir)?;
+    if opts.discard_replica {
+        tracing::warn!(was = %record.standing().describe(), "discarding this host's replica: it will be copied over");
+        record.discard()?;
+    }
+    if opts.initial_primary && record.designate()? {
+        tracing::warn!(standing = %record.standing().describe(), "this host's replica is designated as the pair's data");
+    }
+    if cfg.host.disk.is_none() && record.standing() == Standing::Blank {
+        // A guest without a disk has no data to lose: any node may boot it fresh.
+        record.designate()?;
+    }
     let arbiter = match &cfg.arbiter {
         ArbiterConfig::SharedStorage { path } => Arbiter::SharedStorage { dir: path.clone() },
         ArbiterConfig::None { .. } => Arbiter::None,
     };
     arbiter.check()?;
+    let arbiter_id = load_arbiter_id(&cfg.host.state_dir)?;
+    if let Some(id) = arbiter_id {
+        // The directory this node used before must still be the one it sees.
+        arbiter.identify(&[id])?;
+    }
     let held_tap = match &cfg.host.tap {
         Some(name) => Some(Tap::open(name).map_err(|e| NodeError::Guest(e.to_string()))?),
         None => None,
@@ -119,6 +160,8 @@ pub fn run(config_path: &Path) -> Result<i32, NodeError> {
             node: cfg.node.clone(),
             role: Role::Starting,
             generation: known.get(),
+            standing: record.standing(),
+            arbiter: arbiter_id,
             guest: GuestShape {
                 mem_mib: cfg.guest.mem_mib,
                 disk_bytes,
@@ -130,10 +173,10 @@ pub fn run(config_path: &Path) -> Result<i32, NodeError> {
     let status = Arc::new(Mutex::new(Status::default()));
     control::serve(cfg.control.listen, status.clone(), &links.runtime())?;
     tracing::info!(node = %cfg.node, "CoServer starting; looking for a peer");
-    let marker = IncompleteMarker::new(&cfg.host.state_dir);
     let timeout = cfg.heartbeat.timeout();
     let session = SharedSession::new(Session::new(
         SessionConfig {
+            node: cfg.node.clone(),
             arbiter: match &cfg.arbiter {
                 ArbiterConfig::SharedStorage { .. } => ArbiterKind::Claims,
                 ArbiterConfig::None { primary } => ArbiterKind::None {
@@ -147,7 +190,7 @@ pub fn run(config_path: &Path) -> Result<i32, NodeError> {
             stall_limit: tick(&cfg) + timeout,
         },
         known.get(),
-        marker.is_set(),
+        record.standing(),
         Instant::now(),
     ));
     let mut node = Node {
@@ -159,7 +202,9 @@ pub fn run(config_path: &Path) -> Result<i32, NodeError> {
         out,
         arbiter,
         known,
-        marker,
+        record,
+        arbiter_id,
+        peer_arbiter_id: None,
         session,
         fenced_guest: None,
         started: Instant::now(),
@@ -172,8 +217,54 @@ pub fn run(config_path: &Path) -> Result<i32, NodeError> {
     node.event_loop()
 }
 
+/// Where this node keeps the arbiter directory's identity it used.
+fn arbiter_id_path(state_dir: &Path) -> std::path::PathBuf {
+    state_dir.join("arbiter-id")
+}
+
+fn load_arbiter_id(state_dir: &Path) -> Result<Option<u64>, NodeError> {
+    let path = arbiter_id_path(state_dir);
+    let err = |source| NodeError::ArbiterId {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(t) => u64::from_str_radix(t.trim(), 16)
+            .map(Some)
+            .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidData, e))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(err(e)),
+    }
+}
+
 impl Node {
+    /// Runs the event loop; an error while this node may run the guest fences first
+    /// (guest stopped, held output dropped), so no process ends holding the guest.
     fn event_loop(&mut self) -> Result<i32, NodeError> {
+        let result = self.event_loop_inner();
+        if let Err(e) = &result {
+            if self.running.is_some() {
+                tracing::error!("{e}: fencing before this CoServer stops");
+                self.fence();
+                self.wait_fenced_guest(self.cfg.heartbeat.timeout() * 2);
+            }
+        }
+        result
+    }
+
+    /// Waits (at most `limit`) for the vCPU thread of a fenced guest to finish.
+    fn wait_fenced_guest(&mut self, limit: Duration) {
+        let start = Instant::now();
+        while let Some(stats) = &self.fenced_guest {
+            if stats.lock().map(|s| s.finished.is_some()).unwrap_or(true) || start.elapsed() > limit
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn event_loop_inner(&mut self) -> Result<i32, NodeError> {
         let tick = tick(&self.cfg);
         let timeout = self.cfg.heartbeat.timeout();
         loop {
@@ -254,6 +345,55 @@ impl Node {
         self.execute(actions)
     }
 
+    /// Hellos and heartbeats advertise the session's role, generation and replica.
+    fn advertise(&self) {
+        let s = self.session.lock();
+        self.links
+            .set_local(s.role(), s.generation(), s.advertised());
+    }
+
+    /// Claims the arbiter in a directory whose identity is the one this node and the
+    /// peer used (learning it at the first claim).
+    fn claim(&mut self) -> Result<crate::arbiter::Claim, String> {
+        let generation = self.session.lock().generation();
+        let ids: Vec<u64> = self
+            .arbiter_id
+            .into_iter()
+            .chain(self.peer_arbiter_id)
+            .collect();
+        let id = self.arbiter.identify(&ids).map_err(|e| e.to_string())?;
+        if let (None, Some(id)) = (self.arbiter_id, id) {
+            let path = arbiter_id_path(&self.cfg.host.state_dir);
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, format!("{id:016x}\n"))
+                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .and_then(|()| crate::replication::record::sync_dir(&self.cfg.host.state_dir))
+                .map_err(|e| format!("arbiter identity {}: {e}", path.display()))?;
+            self.arbiter_id = Some(id);
+            self.links.set_arbiter(Some(id));
+        }
+        self.arbiter
+            .claim(&self.cfg.node, generation, &ids)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Records what the replica holds; a whole one only after its disk is durable.
+    fn record(&mut self, standing: Standing) -> Result<(), NodeError> {
+        if let Standing::Whole { .. } = standing {
+            if let Some(r) = &self.replica {
+                r.sync()?;
+            } else if let Some(disk) = &self.cfg.host.disk {
+                // The guest's own disk (a primary whose guest powered off).
+                std::fs::File::open(disk)
+                    .and_then(|f| f.sync_data())
+                    .map_err(|e| NodeError::Guest(format!("disk {}: {e}", disk.display())))?;
+            }
+        }
+        self.record.set(standing)?;
+        Ok(())
+    }
+
     fn execute(&mut self, actions: Vec<Action>) -> Result<(), NodeError> {
         for action in actions {
             match action {
@@ -268,10 +408,7 @@ impl Node {
                 Action::Claim => {
                     let generation = self.session.lock().generation();
                     let started = Instant::now();
-                    let result = self
-                        .arbiter
-                        .claim(&self.cfg.node, generation)
-                        .map_err(|e| e.to_string());
+                    let result = self.claim();
                     tracing::info!(
                         "arbiter claim for generation {} answered in {:.3} ms",
                         generation + 1,
@@ -279,12 +416,8 @@ impl Node {
                     );
                     self.input(Input::Claimed(result))?;
                 }
-                Action::Generation(g) => {
-                    self.known.raise(g)?;
-                    let role = self.session.lock().role();
-                    self.links.set_local(role, g);
-                }
-                Action::Advertise(role) => self.links.set_local(role, self.known.get()),
+                Action::Generation(g) => self.known.raise(g)?,
+                Action::Record(standing) => self.record(standing)?,
                 Action::BootGuest => self.become_primary(None)?,
                 Action::TakeOver => {
                     let takeover = self.replica.take().map(Replica::into_standby).transpose()?;
@@ -294,7 +427,7 @@ impl Node {
                 Action::NewReplica => self.new_replica()?,
                 Action::ResetReplica => {
                     if let Some(r) = self.replica.as_mut() {
-                        r.reset()?;
+                        r.reset();
                     }
                 }
                 Action::DropReplica => self.replica = None,
@@ -302,6 +435,7 @@ impl Node {
                 Action::Exit(_) => {}
             }
         }
+        self.advertise();
         Ok(())
     }
 
@@ -309,24 +443,36 @@ impl Node {
         match ev {
             Event::Hello {
                 node,
-                role,
-                generation,
-            } => self.input(Input::PeerSays {
-                node: Some(node),
-                role,
-                generation,
-            }),
-            Event::Heartbeat { role, generation } => self.input(Input::PeerSays {
-                node: None,
-                role,
-                generation,
-            }),
+                arbiter,
+                peer,
+            } => {
+                if let (Some(mine), Some(theirs)) = (self.arbiter_id, arbiter) {
+                    if mine != theirs {
+                        self.alert_once(format!(
+                            "the peer {node} used arbiter directory {theirs:016x}, this node {mine:016x}: they are not one directory (check arbiter.path and the shared mount on both hosts); neither node claims until this is fixed"
+                        ));
+                    }
+                }
+                self.peer_arbiter_id = arbiter.or(self.peer_arbiter_id);
+                self.peer_says(Some(node), peer)
+            }
+            Event::Heartbeat(peer) => self.peer_says(None, peer),
             Event::Refused { reason } => {
                 self.alert_once(reason);
                 Ok(())
             }
             Event::Message(msg) => self.message(msg),
         }
+    }
+
+    fn peer_says(&mut self, node: Option<String>, p: PeerInfo) -> Result<(), NodeError> {
+        self.input(Input::PeerSays {
+            node,
+            session: p.session,
+            role: p.role,
+            generation: p.generation,
+            standing: p.standing,
+        })
     }
 
     /// A message from the peer: the replica's bulk data is checked by the session and
@@ -353,15 +499,17 @@ impl Node {
                 segment: Segment::Checkpoint(cp),
             } if secondary => {
                 let (full, copy) = (cp.full, cp.copy);
-                let (check, actions) =
+                let check =
                     self.session
                         .lock()
                         .check_checkpoint(epoch, full, copy, cp.copy_messages);
-                // Staged whole and checked: acknowledge, then apply.
-                self.execute(actions)?;
-                if self.copy_part(check, |r| r.apply(epoch, cp))? && full {
-                    tracing::info!(epoch, "full copy applied; ready to take over");
-                    self.input(Input::FullApplied { epoch, copy })?;
+                // Checked, then applied (durable where the guest flushed), and only
+                // then acknowledged.
+                if self.copy_part(check, |r| r.apply(epoch, cp))? {
+                    if full {
+                        tracing::info!(epoch, "full copy applied; ready to take over");
+                    }
+                    self.input(Input::CheckpointApplied { epoch, full, copy })?;
                 }
                 Ok(())
             }
@@ -427,7 +575,6 @@ impl Node {
         self.replica = Some(Replica::new(
             self.cfg.guest.mem_mib,
             self.cfg.host.disk.as_deref(),
-            self.marker.clone(),
         )?);
         Ok(())
     }

@@ -64,6 +64,8 @@ impl Node {
             links,
             replication_bytes_per_s: self.bytes_sample.2,
             alerts: self.alerts.clone(),
+            replica: Some(self.record.standing()),
+            waiting: session.waiting().map(str::to_string),
             ..Status::default()
         };
         if let Some(p) = session.primary() {

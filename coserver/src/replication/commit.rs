@@ -36,7 +36,8 @@ struct State {
     /// Outputs held with the running epoch.
     outputs: Vec<Output>,
     writes: Vec<DiskWrite>,
-    flushed: bool,
+    /// Where the guest flushed: after the first `n` of `writes`, for each `n`.
+    flushes: Vec<u32>,
     deadline: Instant,
     started: Instant,
     pause: bool,
@@ -65,8 +66,8 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 pub struct Sealed {
     /// Disk writes in order.
     pub writes: Vec<DiskWrite>,
-    /// Whether the guest flushed.
-    pub flushed: bool,
+    /// Where the guest flushed: after the first `n` writes, for each `n`.
+    pub flushes: Vec<u32>,
     /// The outputs held with the epoch, for the session to hold or release.
     pub outputs: Vec<Output>,
 }
@@ -78,7 +79,7 @@ impl Commit {
             recording: false,
             outputs: Vec::new(),
             writes: Vec::new(),
-            flushed: false,
+            flushes: Vec::new(),
             deadline: Instant::now(),
             started: Instant::now(),
             pause: false,
@@ -120,7 +121,7 @@ impl Commit {
         let _ = s.sinks.console.flush();
         Sealed {
             writes: std::mem::take(&mut s.writes),
-            flushed: std::mem::take(&mut s.flushed),
+            flushes: std::mem::take(&mut s.flushes),
             outputs: std::mem::take(&mut s.outputs),
         }
     }
@@ -302,7 +303,11 @@ impl World for CommitWorld {
 
     fn disk_flush(&mut self, disk: usize) -> Result<(), WorldError> {
         self.inner.disk_flush(disk)?;
-        lock(&self.commit.0).flushed = true;
+        let mut s = lock(&self.commit.0);
+        let at = s.writes.len() as u32;
+        if s.flushes.last() != Some(&at) {
+            s.flushes.push(at);
+        }
         Ok(())
     }
 
@@ -322,7 +327,7 @@ impl World for CommitWorld {
                     at_ns: request.now_ns,
                 });
             }
-            if s.outputs.is_empty() && s.writes.is_empty() && !s.flushed {
+            if s.outputs.is_empty() && s.writes.is_empty() && s.flushes.is_empty() {
                 s.deadline.max(s.started + IDLE_EPOCH)
             } else {
                 s.deadline

@@ -4,4 +4,5 @@
 pub mod commit;
 pub mod garp;
 pub mod primary;
+pub mod record;
 pub mod secondary;

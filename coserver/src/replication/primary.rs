@@ -124,7 +124,7 @@ impl EpochLoop {
                             state,
                             pages,
                             disk_writes: std::mem::take(&mut writes),
-                            flush: sealed.flushed,
+                            flushes: sealed.flushes,
                             copy: 0,
                             copy_messages: 0,
                             outputs,
@@ -145,7 +145,7 @@ impl EpochLoop {
                         });
                         c.sent += 1;
                     }
-                    if self.copy_step(c, epoch, sealed.flushed)? {
+                    if self.copy_step(c, epoch)? {
                         copy = None;
                     }
                 }
@@ -201,7 +201,7 @@ impl EpochLoop {
 
     /// One boundary's share of a copy. Returns true when the copy's completing
     /// checkpoint was sent.
-    fn copy_step(&mut self, c: &mut Copy, epoch: u64, flushed: bool) -> Result<bool, VmError> {
+    fn copy_step(&mut self, c: &mut Copy, epoch: u64) -> Result<bool, VmError> {
         let disk_len = c.disk.as_ref().map_or(0, |(_, l)| *l);
         let window_open = self
             .session
@@ -261,7 +261,9 @@ impl EpochLoop {
                 state,
                 pages,
                 disk_writes: Vec::new(),
-                flush: flushed,
+                // The copy's writes went as copy messages; a full checkpoint is made
+                // durable whole.
+                flushes: Vec::new(),
                 copy: c.id,
                 copy_messages: c.sent,
                 // Outputs of the copy's epochs were released at once (degraded).

@@ -33,14 +33,6 @@ pub enum ReplicaError {
         /// Replica size.
         size: u64,
     },
-    /// The marker of an incomplete replica cannot be written or removed.
-    #[error("replica marker {path}: {source}")]
-    Marker {
-        /// The marker file.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
     /// A checkpoint the session rejected (the session checks order first).
     #[error("{0}")]
     Order(#[from] crate::session::ResyncReason),
@@ -56,76 +48,10 @@ pub struct Takeover {
     pub frames: Vec<Vec<u8>>,
 }
 
-/// A file in the state directory saying this host's memory and disk do not hold a whole
-/// copy of the guest: set from the moment a node joins a primary until its first full
-/// copy is applied (and again whenever it starts over). A node where it is set never
-/// boots the guest on its own, as its disk may be half copied.
-#[derive(Debug, Clone)]
-pub struct IncompleteMarker {
-    path: PathBuf,
-}
-
-impl IncompleteMarker {
-    /// The marker of the node whose state directory is `state_dir`.
-    pub fn new(state_dir: &Path) -> Self {
-        Self {
-            path: state_dir.join("replica-incomplete"),
-        }
-    }
-
-    /// Where it lives.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Whether it is set.
-    pub fn is_set(&self) -> bool {
-        self.path.exists()
-    }
-
-    fn err(&self) -> impl FnOnce(std::io::Error) -> ReplicaError + '_ {
-        |source| ReplicaError::Marker {
-            path: self.path.clone(),
-            source,
-        }
-    }
-
-    /// Sets it, durably, before anything of a copy touches the replica.
-    pub fn set(&self) -> Result<(), ReplicaError> {
-        if self.is_set() {
-            return Ok(());
-        }
-        std::fs::write(
-            &self.path,
-            "this host's replica holds an incomplete copy of the guest; it joins a primary \
-             instead of booting the guest from it\n",
-        )
-        .map_err(self.err())?;
-        sync_parent(&self.path).map_err(self.err())
-    }
-
-    /// Clears it once a full copy is applied and durable.
-    pub fn clear(&self) -> Result<(), ReplicaError> {
-        match std::fs::remove_file(&self.path) {
-            Ok(()) => sync_parent(&self.path).map_err(self.err()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(self.err()(e)),
-        }
-    }
-}
-
-fn sync_parent(path: &Path) -> std::io::Result<()> {
-    match path.parent() {
-        Some(dir) => File::open(dir)?.sync_all(),
-        None => Ok(()),
-    }
-}
-
 /// The standby VM and disk replica.
 pub struct Replica {
     standby: Standby,
     disk: Option<(File, PathBuf, u64)>,
-    marker: IncompleteMarker,
     last_epoch: Option<u64>,
     /// Frames the primary's guest received after the last applied checkpoint.
     inbound: Vec<(u64, Vec<u8>)>,
@@ -145,14 +71,9 @@ impl std::fmt::Debug for Replica {
 }
 
 impl Replica {
-    /// Sets the incomplete-replica marker, pre-creates the standby VM and opens the disk
-    /// replica.
-    pub fn new(
-        mem_mib: u64,
-        disk: Option<&Path>,
-        marker: IncompleteMarker,
-    ) -> Result<Self, ReplicaError> {
-        marker.set()?;
+    /// Pre-creates the standby VM and opens the disk replica (the node has recorded
+    /// the replica incomplete before).
+    pub fn new(mem_mib: u64, disk: Option<&Path>) -> Result<Self, ReplicaError> {
         let disk = match disk {
             Some(p) => {
                 let err = |source| ReplicaError::Disk {
@@ -172,7 +93,6 @@ impl Replica {
         Ok(Self {
             standby: Standby::new(mem_mib)?,
             disk,
-            marker,
             last_epoch: None,
             inbound: Vec::new(),
             unreleased: Vec::new(),
@@ -186,13 +106,12 @@ impl Replica {
 
     /// A new copy begins (or the replica fell behind): it cannot take over until the
     /// copy completes.
-    pub fn reset(&mut self) -> Result<(), ReplicaError> {
+    pub fn reset(&mut self) {
         self.last_epoch = None;
         // What the primary released or received before the new copy is no business of
         // a takeover from it.
         self.unreleased.clear();
         self.inbound.clear();
-        self.marker.set()
     }
 
     /// Keeps a frame the primary's guest received in `epoch`, unless that epoch's
@@ -215,10 +134,45 @@ impl Replica {
         Ok(self.standby.apply_pages(batch)?)
     }
 
-    /// Applies a copied disk range or a write made during the copy.
+    /// Applies a copied disk range or a write made during the copy. A range of zeros
+    /// is punched out of the replica file rather than written: the replica stays as
+    /// sparse as the primary's disk, and a full file system shows when the guest
+    /// writes there, not before.
     pub fn copy_disk(&mut self, w: &DiskWrite) -> Result<(), ReplicaError> {
         self.last_epoch = None;
+        if w.data.len() >= 4096 && w.data.iter().all(|&b| b == 0) && self.punch(w).is_ok() {
+            return Ok(());
+        }
         self.write_disk(w)
+    }
+
+    /// Deallocates a range (reads as zeros); an error leaves it to be written.
+    fn punch(&self, w: &DiskWrite) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let Some((f, _, size)) = &self.disk else {
+            return Err(std::io::ErrorKind::NotFound.into());
+        };
+        if w.offset
+            .checked_add(w.data.len() as u64)
+            .is_none_or(|end| end > *size)
+        {
+            return Err(std::io::ErrorKind::InvalidInput.into());
+        }
+        // SAFETY: fallocate on a file descriptor this replica owns, with a range inside
+        // the file; it touches no memory of this process.
+        let r = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                w.offset as libc::off_t,
+                w.data.len() as libc::off_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
     }
 
     fn write_disk(&mut self, w: &DiskWrite) -> Result<(), ReplicaError> {
@@ -246,30 +200,41 @@ impl Replica {
             })
     }
 
-    /// Applies checkpoint `epoch`, checked by the session: pages, state, disk writes
-    /// (made durable if the guest flushed). A failure leaves the replica not ready.
+    /// Makes every write applied so far durable on the disk replica.
+    pub fn sync(&self) -> Result<(), ReplicaError> {
+        match &self.disk {
+            Some((f, path, _)) => f.sync_data().map_err(|source| ReplicaError::Disk {
+                path: path.clone(),
+                source,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies checkpoint `epoch`, checked by the session: pages, disk writes, state.
+    /// The writes keep the guest's flush order: those before a flush are durable before
+    /// any after it is written, and an epoch holding a flush (or completing a copy) is
+    /// durable when this returns, so its acknowledgement may follow. A failure leaves
+    /// the replica not ready.
     pub fn apply(&mut self, epoch: u64, staged: CheckpointSegment) -> Result<(), ReplicaError> {
         self.last_epoch = None;
         self.standby.apply_pages(&staged.pages)?;
-        for w in &staged.disk_writes {
+        let mut flushes = staged.flushes.iter().map(|&n| n as usize).peekable();
+        for (i, w) in staged.disk_writes.iter().enumerate() {
+            if flushes.next_if(|&n| n <= i).is_some() {
+                while flushes.next_if(|&n| n <= i).is_some() {}
+                self.sync()?;
+            }
             self.write_disk(w)?;
         }
-        if staged.flush || staged.full {
-            if let Some((f, path, _)) = &self.disk {
-                f.sync_data().map_err(|source| ReplicaError::Disk {
-                    path: path.clone(),
-                    source,
-                })?;
-            }
+        if flushes.next().is_some() || staged.full {
+            self.sync()?;
         }
         self.standby.set_state(&staged.state)?;
         self.last_epoch = Some(epoch);
         self.inbound.retain(|(e, _)| *e > epoch);
         if !staged.outputs.is_empty() {
             self.unreleased.push((epoch, staged.outputs));
-        }
-        if staged.full {
-            self.marker.clear()?;
         }
         Ok(())
     }
@@ -295,14 +260,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_replica_applies_in_range_keeps_its_marker_until_a_full_copy_and_hands_over() {
+    fn the_replica_applies_in_range_and_a_failed_apply_leaves_it_not_ready() {
         let dir = tempfile::tempdir().unwrap();
         let disk = dir.path().join("replica.img");
         std::fs::File::create(&disk)
             .unwrap()
             .set_len(1 << 20)
             .unwrap();
-        let mut r = match Replica::new(16, Some(&disk), IncompleteMarker::new(dir.path())) {
+        let mut r = match Replica::new(16, Some(&disk)) {
             Ok(r) => r,
             Err(e) if std::env::var("FTVM_REQUIRE_KVM").as_deref() != Ok("1") => {
                 eprintln!("SKIPPED: cannot create a standby VM: {e}");
@@ -310,8 +275,6 @@ mod tests {
             }
             Err(e) => panic!("FTVM_REQUIRE_KVM=1 but no standby VM: {e}"),
         };
-        let marker = IncompleteMarker::new(dir.path());
-        assert!(marker.is_set(), "set as soon as the node joins");
         let w = |offset| DiskWrite {
             offset,
             data: vec![1; 512],
@@ -330,7 +293,7 @@ mod tests {
             state: Vec::new(),
             pages: PageBatch::default(),
             disk_writes: vec![w(512)],
-            flush: true,
+            flushes: vec![1],
             copy_messages: 1,
             outputs: vec![Output::Console(b"x".to_vec())],
         };
@@ -338,9 +301,10 @@ mod tests {
             r.apply(4, staged(true)).is_err(),
             "an empty state does not decode"
         );
-        assert!(
-            marker.is_set(),
-            "a failed apply leaves the replica incomplete"
+        assert_eq!(
+            r.last_epoch(),
+            None,
+            "a failed apply leaves the replica not ready"
         );
         let data = std::fs::read(&disk).unwrap();
         assert_eq!(

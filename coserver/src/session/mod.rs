@@ -10,13 +10,16 @@
 //!
 //! ```text
 //! starting --(peer is primary)--> secondary --(full copy applied)--> secondary, ready
-//! starting --(no primary heard for the start wait; arbiter won)--> primary (degraded)
+//! starting --(no primary heard for the start wait; this disk is the pair's newest
+//!            whole data; arbiter won)--> primary (degraded)
 //! primary: degraded --(Join, next cut)--> syncing --(full cut)--> awaiting-full-ack
 //!          --(Ack of the full cut)--> protected
 //! primary, not degraded --(peer lost, ack timeout, or a stall)--> claim:
 //!          won --> degraded (held output released); lost or unusable --> fenced
 //! primary --(peer heard with a higher generation)--> fenced
-//! secondary, ready --(peer lost)--> claim: won --> primary (take over); lost --> fenced
+//! secondary, ready --(peer lost, or its CoServer restarted)--> claim:
+//!          won --> primary (take over); lost --> fenced
+//! primary --(peer primary in the same generation, its name sorts first)--> fenced
 //! secondary --(primary heard with a higher generation)--> replica reset, Join
 //! secondary, not ready --(peer lost)--> starting (the replica stays incomplete)
 //! fenced --(its guest has stopped; a primary heard)--> secondary (Join)
@@ -25,6 +28,7 @@
 mod primary;
 mod replica;
 mod shared;
+mod standing;
 
 #[cfg(test)]
 mod pair_tests;
@@ -38,11 +42,14 @@ pub use replica::{CopyCheck, ReplicaProgress, ResyncReason};
 pub use shared::SharedSession;
 
 use crate::arbiter::Claim;
-use crate::protocol::{Message, Output, Role};
+use crate::protocol::{Incomplete, Message, Output, Role, Standing};
 
 /// What the session needs to know of the configuration.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
+    /// This node's name (two primaries of one generation: the name sorting first keeps
+    /// the guest).
+    pub node: String,
     /// Whether the arbiter can grant a takeover (`shared-storage`) or not (`none`).
     pub arbiter: ArbiterKind,
     /// Silence after which the peer is lost (heartbeat interval × misses).
@@ -81,10 +88,14 @@ pub enum Input {
     PeerSays {
         /// Its name, when it says it (hello).
         node: Option<String>,
+        /// Its process's session: a new one means the peer restarted.
+        session: u64,
         /// Its role.
         role: Role,
         /// The highest generation it knows.
         generation: u64,
+        /// What its disk replica holds.
+        standing: Standing,
     },
     /// A message from the peer (the replication stream's control part; bulk payloads
     /// stay with the driver, which asks with [`Session::check_copy`] and
@@ -107,11 +118,14 @@ pub enum Input {
         /// Its index.
         index: u64,
     },
-    /// A full copy was applied and is durable.
-    FullApplied {
-        /// Its epoch.
+    /// A checkpoint accepted by [`Session::check_checkpoint`] is applied (and durable
+    /// where the guest flushed, or where it completes a copy): it may be acknowledged.
+    CheckpointApplied {
+        /// Its position.
         epoch: u64,
-        /// The copy.
+        /// Whether it completed copy `copy`.
+        full: bool,
+        /// The copy it completed (full only).
         copy: u64,
     },
     /// The guest that ran here has stopped (fenced or failed).
@@ -128,19 +142,21 @@ pub enum Action {
     /// Claim the arbiter for the generation after [`Session::generation`]; answer with
     /// [`Input::Claimed`].
     Claim,
-    /// Persist and advertise a higher generation.
+    /// Persist a higher generation.
     Generation(u64),
-    /// Advertise this role in hellos and heartbeats.
-    Advertise(Role),
+    /// Record durably what this host's disk replica holds, before anything that
+    /// follows (a `Whole` record: after making the disk durable).
+    Record(Standing),
     /// Boot the guest fresh here (the first primary).
     BootGuest,
     /// Start the guest here from the standby replica (takeover).
     TakeOver,
     /// Stop the guest, drop held output for good, close the tap.
     Fence,
-    /// Create the replica (standby VM, disk, incomplete marker) for a new copy.
+    /// Create the replica (standby VM, disk) for a new copy (recorded incomplete
+    /// before).
     NewReplica,
-    /// The replica starts over: marked incomplete, its outputs and frames forgotten.
+    /// The replica starts over: its outputs and frames forgotten.
     ResetReplica,
     /// Forget the replica (it was not complete).
     DropReplica,
@@ -168,8 +184,12 @@ struct Secondary {
 pub struct PeerView {
     /// Its name.
     pub name: Option<String>,
+    /// Its process's session.
+    pub session: Option<u64>,
     /// Its role.
     pub role: Option<Role>,
+    /// What its disk replica holds.
+    pub standing: Option<Standing>,
     /// Heard within the peer timeout.
     pub alive: bool,
 }
@@ -180,23 +200,26 @@ pub struct Session {
     state: State,
     generation: u64,
     peer: PeerView,
-    /// The replica on this host may be half copied (the marker is set).
-    incomplete: bool,
+    /// What this host's disk replica holds, as last recorded.
+    standing: Standing,
+    /// Why this node does not boot the guest, while it waits.
+    waiting: Option<String>,
     last_tick: Option<Instant>,
     exit: Option<i32>,
     last_alert: Option<String>,
 }
 
 impl Session {
-    /// A starting session that knows `generation`; `incomplete`: this host's replica
-    /// is marked half copied.
-    pub fn new(cfg: SessionConfig, generation: u64, incomplete: bool, now: Instant) -> Self {
+    /// A starting session that knows `generation`, on a host whose replica record
+    /// says `standing`.
+    pub fn new(cfg: SessionConfig, generation: u64, standing: Standing, now: Instant) -> Self {
         Self {
             cfg,
             state: State::Starting { since: now },
             generation,
             peer: PeerView::default(),
-            incomplete,
+            standing,
+            waiting: None,
             last_tick: None,
             exit: None,
             last_alert: None,
@@ -239,6 +262,79 @@ impl Session {
         &self.peer
     }
 
+    /// What this host's replica holds, as recorded.
+    pub fn standing(&self) -> Standing {
+        self.standing
+    }
+
+    /// Why a starting node does not boot the guest, while it waits.
+    pub fn waiting(&self) -> Option<&str> {
+        match self.state {
+            State::Starting { .. } => self.waiting.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// What this node advertises of its replica: a primary's disk is live, a ready
+    /// secondary's replica is whole at its last checkpoint, otherwise the record.
+    pub fn advertised(&self) -> Standing {
+        let data = self.data_id();
+        match &self.state {
+            State::Primary(_) => Standing::Live {
+                data,
+                generation: self.generation,
+            },
+            State::Secondary(s) => match s.progress.ready_epoch() {
+                Some(epoch) => Standing::Whole {
+                    data,
+                    generation: self.generation,
+                    epoch,
+                },
+                None => self.standing,
+            },
+            _ => self.standing,
+        }
+    }
+
+    /// The identity of the pair's data this node works with: its replica's, or (before
+    /// a copy) its primary's.
+    fn data_id(&self) -> u64 {
+        self.standing
+            .data()
+            .or(self.peer.standing.and_then(|s| s.data()))
+            .unwrap_or(0)
+    }
+
+    fn record(&mut self, out: &mut Vec<Action>, standing: Standing) {
+        if standing != self.standing {
+            self.standing = standing;
+            out.push(Action::Record(standing));
+        }
+    }
+
+    fn record_incomplete(&mut self, out: &mut Vec<Action>, reason: Incomplete) {
+        let data = self.data_id();
+        self.record(out, Standing::Incomplete { data, reason });
+    }
+
+    /// The pair ended cleanly at `epoch`: this replica holds the whole data there.
+    fn record_whole(&mut self, out: &mut Vec<Action>, epoch: u64) {
+        let (data, generation) = (self.data_id(), self.generation);
+        self.record(
+            out,
+            Standing::Whole {
+                data,
+                generation,
+                epoch,
+            },
+        );
+    }
+
+    fn record_live(&mut self, out: &mut Vec<Action>, generation: u64) {
+        let data = self.data_id();
+        self.record(out, Standing::Live { data, generation });
+    }
+
     /// The exit code, once the pair has ended.
     pub fn exit_code(&self) -> Option<i32> {
         self.exit
@@ -276,14 +372,24 @@ impl Session {
             Input::Tick { now, peer_alive } => self.tick(&mut out, now, peer_alive),
             Input::PeerSays {
                 node,
+                session,
                 role,
                 generation,
+                standing,
             } => {
                 if node.is_some() {
                     self.peer.name = node;
                 }
+                let restarted = self.peer.session.is_some_and(|s| s != session);
+                let was = self.peer.role;
+                self.peer.session = Some(session);
                 self.peer.role = Some(role);
+                self.peer.standing = Some(standing);
+                if restarted {
+                    self.peer_restarted(&mut out, was);
+                }
                 self.learn_generation(&mut out, generation);
+                self.two_primaries(&mut out, role, generation);
             }
             Input::Message { now, msg } => self.message(&mut out, now, msg),
             Input::Claimed(result) => self.claimed(&mut out, result),
@@ -296,12 +402,8 @@ impl Session {
                     }));
                 }
             }
-            Input::FullApplied { epoch, copy } => {
-                if let State::Secondary(s) = &mut self.state {
-                    if s.progress.full_applied(epoch, copy) {
-                        self.incomplete = false;
-                    }
-                }
+            Input::CheckpointApplied { epoch, full, copy } => {
+                self.checkpoint_applied(&mut out, epoch, full, copy)
             }
             Input::GuestEnded(result) => self.guest_ended(&mut out, result),
         }
@@ -363,9 +465,7 @@ impl Session {
                     return;
                 }
                 if !s.progress.is_ready() {
-                    self.alert(out, "primary lost before the copy completed; this host's replica stays marked incomplete; waiting for a primary".into());
-                    out.push(Action::DropReplica);
-                    self.set_state(out, State::Starting { since: now });
+                    self.primary_gone_before_ready(out, now);
                     return;
                 }
                 out.push(Action::Claim);
@@ -387,15 +487,15 @@ impl Session {
             self.join(out, now);
             return;
         }
-        if now.saturating_duration_since(since) < self.cfg.start_wait {
+        if let Some(why) = self.boot_blocker(alive) {
+            if self.waiting.as_deref() != Some(why.as_str()) {
+                self.alert(out, format!("waiting, the guest is not booted here: {why}"));
+                self.waiting = Some(why);
+            }
             return;
         }
-        if self.incomplete {
-            // A half-copied disk is never booted: only a primary can make it whole.
-            self.alert_once(
-                out,
-                "this host holds an incomplete copy of the guest; waiting for a primary to copy from".into(),
-            );
+        self.waiting = None;
+        if now.saturating_duration_since(since) < self.cfg.start_wait {
             return;
         }
         match self.cfg.arbiter {
@@ -404,6 +504,7 @@ impl Session {
                     out,
                     "starting the guest (arbiter none names this node)".into(),
                 );
+                self.record_live(out, self.generation);
                 self.become_primary(out, 0, Action::BootGuest);
             }
             ArbiterKind::None { starts: false } => {}
@@ -411,27 +512,23 @@ impl Session {
         }
     }
 
-    fn set_state(&mut self, out: &mut Vec<Action>, state: State) {
+    fn set_state(&mut self, state: State) {
         self.state = state;
-        out.push(Action::Advertise(self.role()));
     }
 
     fn become_primary(&mut self, out: &mut Vec<Action>, epoch: u64, start: Action) {
         out.push(start);
-        self.set_state(out, State::Primary(Primary::new(epoch)));
+        self.set_state(State::Primary(Primary::new(epoch)));
     }
 
     /// Becomes a secondary of the primary heard.
     fn join(&mut self, out: &mut Vec<Action>, now: Instant) {
+        self.record_incomplete(out, Incomplete::Copying);
         out.push(Action::NewReplica);
-        self.incomplete = true;
-        self.set_state(
-            out,
-            State::Secondary(Secondary {
-                progress: ReplicaProgress::default(),
-                join_sent: Some(now),
-            }),
-        );
+        self.set_state(State::Secondary(Secondary {
+            progress: ReplicaProgress::default(),
+            join_sent: Some(now),
+        }));
         out.push(Action::Send(Message::Join));
     }
 
@@ -458,7 +555,7 @@ impl Session {
             State::Secondary(s) => {
                 s.progress = ReplicaProgress::default();
                 s.join_sent = self.last_tick;
-                self.incomplete = true;
+                self.record_incomplete(out, Incomplete::Copying);
                 out.push(Action::ResetReplica);
                 self.alert(out, format!("the primary won the arbiter (generation {g}) while this node was not heard: asking for a new copy"));
                 out.push(Action::Send(Message::Join));
@@ -470,13 +567,14 @@ impl Session {
     fn fence(&mut self, out: &mut Vec<Action>, why: String) {
         let guest_stopped = !matches!(self.state, State::Primary(_));
         out.push(Action::Fence);
-        self.set_state(out, State::Fenced { guest_stopped });
+        self.set_state(State::Fenced { guest_stopped });
         self.alert(out, why);
     }
 
     fn claimed(&mut self, out: &mut Vec<Action>, result: Result<Claim, String>) {
         match (&self.state, result) {
             (State::Starting { .. }, Ok(Claim::Won { generation })) => {
+                self.record_live(out, generation);
                 self.raise_generation(out, generation);
                 self.alert(out, format!("no primary heard: won the arbiter (generation {generation}); starting the guest"));
                 self.become_primary(out, 0, Action::BootGuest);
@@ -499,6 +597,7 @@ impl Session {
                 }
                 match claim {
                     Ok(Claim::Won { generation }) => {
+                        self.record_live(out, generation);
                         self.raise_generation(out, generation);
                         self.degrade(out, format!("secondary lost; won the arbiter (generation {generation}); running degraded"));
                     }
@@ -521,8 +620,10 @@ impl Session {
                 };
                 match claim {
                     Ok(Claim::Won { generation }) => {
-                        // The guest first: the claim itself is durable in the arbiter,
-                        // so persisting the generation here can follow the takeover.
+                        // The record first (the guest is about to run on this disk),
+                        // then the guest; the claim itself is durable in the arbiter,
+                        // so persisting the generation can follow the takeover.
+                        self.record_live(out, generation);
                         self.become_primary(out, epoch, Action::TakeOver);
                         self.raise_generation(out, generation);
                         self.alert(out, format!("primary lost; won the arbiter (generation {generation}); taking over from checkpoint {epoch}"));
@@ -556,8 +657,8 @@ impl Session {
             if !released.is_empty() {
                 out.push(Action::Release(released));
             }
-            out.extend(p.take_finish());
         }
+        self.finish(out);
         self.alert(out, why);
     }
 
@@ -594,14 +695,13 @@ impl Session {
                         out.push(Action::Release(released));
                     }
                     out.push(Action::Send(Message::Released { position: epoch }));
-                    let finish = p.take_finish();
                     if protected {
                         self.alert(
                             out,
                             "secondary holds a full copy: the pair is protected".into(),
                         );
                     }
-                    out.extend(finish);
+                    self.finish(out);
                 }
                 AckOutcome::Rejected => {
                     tracing::warn!(
@@ -614,10 +714,15 @@ impl Session {
             (State::Secondary(s), Message::CopyStart { copy }) => {
                 s.join_sent = None;
                 s.progress.start_copy(copy);
-                self.incomplete = true;
+                self.record_incomplete(out, Incomplete::Copying);
                 out.push(Action::ResetReplica);
             }
-            (State::Secondary(_), Message::Stopped { exit_code }) => {
+            (State::Secondary(s), Message::Stopped { exit_code }) => {
+                // The primary stops only once every checkpoint is acknowledged, that
+                // is applied here: a ready replica ends whole.
+                if let Some(epoch) = s.progress.ready_epoch() {
+                    self.record_whole(out, epoch);
+                }
                 out.push(Action::Exit(exit_code as i32));
             }
             (_, other) => {
@@ -638,39 +743,54 @@ impl Session {
         s.progress.copy_part(copy, index)
     }
 
-    /// Whether a checkpoint can be applied next: then it is acknowledged (the returned
-    /// actions carry the Ack) and the driver applies it.
+    /// Whether a checkpoint can be applied next. The driver applies it and reports
+    /// [`Input::CheckpointApplied`], which acknowledges it: nothing is acknowledged that
+    /// is not applied (and durable where the guest flushed).
     pub fn check_checkpoint(
         &mut self,
         epoch: u64,
         full: bool,
         copy: u64,
         copy_messages: u64,
-    ) -> (CopyCheck, Vec<Action>) {
+    ) -> CopyCheck {
         let State::Secondary(s) = &mut self.state else {
-            return (CopyCheck::Ignore, Vec::new());
+            return CopyCheck::Ignore;
         };
-        let check = s.progress.checkpoint(epoch, full, copy, copy_messages);
-        let mut out = Vec::new();
-        if check == CopyCheck::Apply {
-            let copy = if full { copy } else { s.progress.copy_id() };
+        s.progress.checkpoint(epoch, full, copy, copy_messages)
+    }
+
+    fn checkpoint_applied(&mut self, out: &mut Vec<Action>, epoch: u64, full: bool, copy: u64) {
+        let State::Secondary(s) = &mut self.state else {
+            return;
+        };
+        if full {
+            if !s.progress.full_applied(epoch, copy) {
+                return;
+            }
+            // Whole in memory and on disk now; after a crash of this host its disk is
+            // some checkpoint behind the primary's and is copied again.
+            self.record_incomplete(out, Incomplete::Applying);
             out.push(Action::Send(Message::Ack {
                 position: epoch,
                 copy,
             }));
+        } else if s.progress.last_epoch() == Some(epoch) {
+            out.push(Action::Send(Message::Ack {
+                position: epoch,
+                copy: s.progress.copy_id(),
+            }));
         }
-        (check, out)
     }
 
     fn apply_failed(&mut self, out: &mut Vec<Action>, why: String) {
         if let State::Secondary(s) = &mut self.state {
             s.progress = ReplicaProgress::default();
             s.join_sent = self.last_tick;
-            self.incomplete = true;
+            self.record_incomplete(out, Incomplete::Copying);
             out.push(Action::ResetReplica);
             self.alert(
                 out,
-                format!("replica cannot follow ({why}); asking for a new copy"),
+                format!("replica cannot follow ({why}); not ready; asking for a new copy"),
             );
             out.push(Action::Send(Message::Resync { reason: why }));
         }
@@ -712,9 +832,25 @@ impl Session {
             return Vec::new();
         };
         p.powered_off(epoch, code);
-        let out = p.take_finish();
+        let mut out = Vec::new();
+        self.finish(&mut out);
         self.note_exit(&out);
         out
+    }
+
+    /// The primary's pair end, once nothing of the powered-off guest waits: its disk
+    /// ends whole at the last epoch, then the peer is told and the node exits.
+    fn finish(&mut self, out: &mut Vec<Action>) {
+        let State::Primary(p) = &mut self.state else {
+            return;
+        };
+        let epoch = p.powered_off_at().unwrap_or_else(|| p.epoch());
+        let finish = p.take_finish();
+        if finish.is_empty() {
+            return;
+        }
+        self.record_whole(out, epoch);
+        out.extend(finish);
     }
 
     /// Remembers the pair's end when `actions` carry it: the one place the exit code is

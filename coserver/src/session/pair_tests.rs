@@ -4,7 +4,10 @@
 //! - an output leaves only at or below an acknowledged epoch, or while its primary is
 //!   degraded;
 //! - at most one node acts as primary in any arbiter generation;
-//! - nothing is released, booted or taken over by a fenced node.
+//! - nothing is released, booted or taken over by a fenced node;
+//! - a guest is booted fresh only from a replica recorded whole or live, and never
+//!   while the other host, running and heard, runs the guest or holds a ready replica
+//!   (a restart of either CoServer never reboots the guest).
 //!
 //! The run is reproducible: [`SEED`] and [`CASES`] sequences, each up to 80 steps of a
 //! healthy pair followed by up to [`STEPS`] steps with faults.
@@ -84,7 +87,7 @@ struct Host {
     session: Session,
     /// Persisted across restarts.
     generation: u64,
-    incomplete: bool,
+    standing: Standing,
     guest_running: bool,
     replica: bool,
     /// The copy the epoch loop is sending: (copy, parts sent).
@@ -112,10 +115,13 @@ struct World {
     acted: BTreeMap<u64, usize>,
     /// Some step left a primary protected.
     was_protected: bool,
+    /// A primary's CoServer was restarted while its secondary was ready.
+    restarted_protected: bool,
 }
 
-fn cfg() -> SessionConfig {
+fn cfg(n: usize) -> SessionConfig {
     SessionConfig {
+        node: ["a", "b"][n].into(),
         arbiter: ArbiterKind::Claims,
         peer_timeout: Duration::from_millis(TIMEOUT_MS),
         ack_timeout: Duration::from_millis(TIMEOUT_MS),
@@ -127,10 +133,19 @@ fn cfg() -> SessionConfig {
 impl World {
     fn new() -> Self {
         let start = Instant::now();
+        // A first deployment: the operator designated node 0's disk.
+        let standing = |n| match n {
+            0 => Standing::Whole {
+                data: 7,
+                generation: 0,
+                epoch: 0,
+            },
+            _ => Standing::Blank,
+        };
         let host = |n| Host {
-            session: Session::new(cfg(), 0, false, start),
+            session: Session::new(cfg(n), 0, standing(n), start),
             generation: 0,
-            incomplete: false,
+            standing: standing(n),
             guest_running: false,
             replica: false,
             copy: None,
@@ -150,6 +165,7 @@ impl World {
             arbiter: BTreeMap::new(),
             acted: BTreeMap::new(),
             was_protected: false,
+            restarted_protected: false,
         }
     }
 
@@ -179,6 +195,7 @@ impl World {
     /// Carries out node n's actions, checking the invariants on the way.
     fn execute(&mut self, n: usize, actions: Vec<Action>) -> Result<(), TestCaseError> {
         let mut fenced_here = false;
+        let standing_before = self.hosts[n].standing;
         for a in actions {
             match a {
                 Action::Send(m) => self.send(n, m),
@@ -192,7 +209,8 @@ impl World {
                     self.execute(n, more)?;
                 }
                 Action::Generation(g) => self.hosts[n].generation = g,
-                Action::Advertise(_) | Action::Alert(_) | Action::Exit(_) => {}
+                Action::Record(st) => self.hosts[n].standing = st,
+                Action::Alert(_) | Action::Exit(_) => {}
                 Action::BootGuest | Action::TakeOver => {
                     prop_assert!(!fenced_here, "node {n} started a guest after fencing");
                     let g = self.hosts[n].session.generation();
@@ -209,8 +227,27 @@ impl World {
                     }
                     if a == Action::TakeOver {
                         prop_assert!(self.hosts[n].replica, "takeover without a replica");
-                        prop_assert!(!self.hosts[n].incomplete, "takeover from a half copy");
+                        prop_assert!(
+                            self.hosts[n].session.replica().is_none(),
+                            "took over but still secondary"
+                        );
                         self.hosts[n].replica = false;
+                    } else {
+                        prop_assert!(
+                            standing_before.position().is_some(),
+                            "node {n} booted the guest from a replica recorded {standing_before:?}"
+                        );
+                        let m = 1 - n;
+                        let other = &self.hosts[m];
+                        let heard = self.hosts[n]
+                            .last_heard
+                            .is_some_and(|t| self.now_ms - t < TIMEOUT_MS);
+                        let ready = other.session.replica().is_some_and(|r| r.is_ready());
+                        prop_assert!(
+                            !(self.running(m) && heard && (other.guest_running || ready)),
+                            "node {n} booted the guest afresh while node {m} runs it ({}) or holds a ready replica ({ready})",
+                            other.guest_running
+                        );
                     }
                     self.hosts[n].guest_running = true;
                     self.hosts[n].copy = None;
@@ -222,7 +259,11 @@ impl World {
                 }
                 Action::NewReplica | Action::ResetReplica => {
                     self.hosts[n].replica = true;
-                    self.hosts[n].incomplete = true;
+                    prop_assert!(
+                        matches!(self.hosts[n].standing, Standing::Incomplete { .. }),
+                        "node {n} copies into a replica recorded {:?}",
+                        self.hosts[n].standing
+                    );
                 }
                 Action::DropReplica => self.hosts[n].replica = false,
             }
@@ -294,12 +335,11 @@ impl World {
                 segment: Segment::Checkpoint(cp),
             } => {
                 let (full, copy) = (cp.full, cp.copy);
-                let (check, actions) =
+                let check =
                     self.hosts[n]
                         .session
                         .check_checkpoint(epoch, full, copy, cp.copy_messages);
-                self.execute(n, actions)?;
-                self.applied(n, check, full.then_some((epoch, copy)))
+                self.applied(n, check, Some((epoch, full, copy)))
                     .map(|_| ())
             }
             msg => {
@@ -314,7 +354,7 @@ impl World {
         &mut self,
         n: usize,
         check: CopyCheck,
-        full: Option<(u64, u64)>,
+        checkpoint: Option<(u64, bool, u64)>,
     ) -> Result<bool, TestCaseError> {
         let failure = match check {
             CopyCheck::Ignore => return Ok(false),
@@ -324,15 +364,12 @@ impl World {
             }
             CopyCheck::Apply => None,
         };
-        let input = match (failure, full) {
+        let input = match (failure, checkpoint) {
             (Some(why), _) => Input::ApplyFailed(why),
-            (None, Some((epoch, copy))) => {
-                self.hosts[n].incomplete = false;
-                Input::FullApplied { epoch, copy }
-            }
+            (None, Some((epoch, full, copy))) => Input::CheckpointApplied { epoch, full, copy },
             (None, None) => return Ok(true),
         };
-        let applied = matches!(input, Input::FullApplied { .. });
+        let applied = matches!(input, Input::CheckpointApplied { .. });
         let a = self.hosts[n].session.on(input);
         self.execute(n, a)?;
         Ok(applied)
@@ -362,7 +399,7 @@ impl World {
                                 state: vec![],
                                 pages: Default::default(),
                                 disk_writes: vec![],
-                                flush: false,
+                                flushes: vec![],
                                 copy,
                                 copy_messages: sent,
                                 outputs: vec![],
@@ -413,7 +450,7 @@ impl World {
                         state: vec![],
                         pages: Default::default(),
                         disk_writes: vec![],
-                        flush: false,
+                        flushes: vec![],
                         copy: 0,
                         copy_messages: 0,
                         outputs,
@@ -446,14 +483,16 @@ impl World {
                 peer_alive: alive,
             });
             self.execute(n, a)?;
-            let peer = self.hosts[1 - n].session.role();
+            let other = &self.hosts[1 - n];
             if alive && self.running(1 - n) {
-                let g = self.hosts[1 - n].session.generation();
-                let a = self.hosts[n].session.on(Input::PeerSays {
-                    node: None,
-                    role: peer,
-                    generation: g,
-                });
+                let says = Input::PeerSays {
+                    node: Some(["a", "b"][1 - n].into()),
+                    session: other.incarnation,
+                    role: other.session.role(),
+                    generation: other.session.generation(),
+                    standing: other.session.advertised(),
+                };
+                let a = self.hosts[n].session.on(says);
                 self.execute(n, a)?;
             }
             if self.hosts[n].session.role() == Role::Fenced && !self.hosts[n].guest_running {
@@ -465,12 +504,17 @@ impl World {
     }
 
     fn restart(&mut self, n: usize) {
+        let ready_peer = self.hosts[1 - n]
+            .session
+            .replica()
+            .is_some_and(|r| r.is_ready());
+        self.restarted_protected |= self.hosts[n].guest_running && ready_peer;
         let h = &mut self.hosts[n];
         h.incarnation += 2;
         h.session = Session::new(
-            cfg(),
+            cfg(n),
             h.generation,
-            h.incomplete,
+            h.standing,
             self.start + Duration::from_millis(self.now_ms),
         );
         h.guest_running = false;
@@ -550,6 +594,7 @@ fn random_faults_never_release_unacknowledged_output_or_make_two_primaries() {
     );
     let protected_runs = std::cell::Cell::new(0u32);
     let takeovers = std::cell::Cell::new(0u32);
+    let restarts = std::cell::Cell::new(0u32);
     let sequence = (
         proptest::collection::vec(healthy_step(), 0..80),
         proptest::collection::vec(step(), 20..STEPS),
@@ -565,11 +610,15 @@ fn random_faults_never_release_unacknowledged_output_or_make_two_primaries() {
         if w.acted.len() > 1 {
             takeovers.set(takeovers.get() + 1);
         }
+        if w.restarted_protected {
+            restarts.set(restarts.get() + 1);
+        }
         Ok(())
     });
-    let (protected_runs, takeovers) = (protected_runs.get(), takeovers.get());
+    let (protected_runs, takeovers, restarts) =
+        (protected_runs.get(), takeovers.get(), restarts.get());
     println!(
-        "{CASES} sequences (seed {:?}): {protected_runs} were protected at some step, {takeovers} saw more than one generation act",
+        "{CASES} sequences (seed {:?}): {protected_runs} were protected at some step, {takeovers} saw more than one generation act, {restarts} restarted a primary whose secondary was ready",
         std::str::from_utf8(&SEED).unwrap_or("?")
     );
     if let Err(e) = result {
@@ -583,24 +632,28 @@ fn random_faults_never_release_unacknowledged_output_or_make_two_primaries() {
         takeovers > 0,
         "no sequence saw a takeover: the test explores too little"
     );
+    assert!(
+        restarts > 0,
+        "no sequence restarted a protected primary: the test explores too little"
+    );
 }
 
-#[test]
-fn the_simulated_pair_becomes_protected_and_survives_a_primary_restart() {
+/// Runs `steps`, failing at the first broken invariant.
+fn run(w: &mut World, steps: &[Step]) {
+    for s in steps {
+        w.run(s).unwrap_or_else(|e| panic!("{s:?}: {e}"));
+    }
+}
+
+/// A simulated pair brought to protection, with a few checkpoints applied.
+fn protected_world() -> World {
     let mut w = World::new();
-    let run = |w: &mut World, steps: &[Step]| {
-        for s in steps {
-            w.run(s).unwrap_or_else(|e| panic!("{s:?}: {e}"));
-        }
-    };
     let boot: Vec<Step> = (0..6).map(|_| Step::Advance(50)).collect();
     run(&mut w, &boot);
-    assert_eq!(w.hosts[0].session.role(), Role::Primary);
     run(
         &mut w,
         &[Step::Advance(10), Step::Advance(10), Step::Settle],
     );
-    assert_eq!(w.hosts[1].session.role(), Role::Secondary);
     run(
         &mut w,
         &[
@@ -609,15 +662,33 @@ fn the_simulated_pair_becomes_protected_and_survives_a_primary_restart() {
             Step::FullCut(0),
             Step::Settle,
             Step::Settle,
+            Step::Cut(0),
+            Step::Settle,
         ],
     );
-    let mode = w.hosts[0].session.primary().map(|p| p.mode());
-    assert!(matches!(mode, Some(Mode::Protected { .. })), "{mode:?}");
-    run(
-        &mut w,
-        &[Step::Cut(0), Step::Settle, Step::Cut(0), Step::Settle],
-    );
     assert!(w.hosts[1].session.replica().is_some_and(|r| r.is_ready()));
+    w
+}
+
+#[test]
+fn a_primary_coserver_restarted_within_the_timeout_is_taken_over_not_rebooted() {
+    let mut w = protected_world();
+    // Killed and started again at once: its new process says hello before the peer
+    // timeout could expire.
+    w.run(&Step::Restart(0)).unwrap();
+    for _ in 0..6 {
+        w.run(&Step::Advance(20)).unwrap_or_else(|e| panic!("{e}"));
+        w.run(&Step::Settle).unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_eq!(w.hosts[1].session.role(), Role::Primary, "B took over");
+    assert_eq!(w.acted.get(&2), Some(&1), "in generation 2");
+    assert_eq!(w.hosts[0].session.role(), Role::Secondary, "A joined B");
+    assert_eq!(w.acted.len(), 2, "nobody booted the guest afresh");
+}
+
+#[test]
+fn the_simulated_pair_becomes_protected_and_survives_a_primary_restart() {
+    let mut w = protected_world();
     // The primary's host stops: the secondary takes over; the primary's CoServer is
     // started again later and joins the new primary.
     run(&mut w, &[Step::Pause(0, 100_000)]);

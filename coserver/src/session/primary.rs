@@ -326,6 +326,11 @@ impl Primary {
         }
     }
 
+    /// The epoch at whose end the guest powered off, until the pair ends.
+    pub(super) fn powered_off_at(&self) -> Option<u64> {
+        self.powered_off.map(|(e, _)| e)
+    }
+
     pub(super) fn powered_off(&mut self, epoch: u64, code: u32) {
         self.powered_off = Some((epoch, code));
     }

@@ -7,6 +7,7 @@ const TIMEOUT: Duration = Duration::from_millis(100);
 
 fn cfg(arbiter: ArbiterKind) -> SessionConfig {
     SessionConfig {
+        node: "a".into(),
         arbiter,
         peer_timeout: TIMEOUT,
         ack_timeout: TIMEOUT,
@@ -27,11 +28,52 @@ fn tick(s: &mut Session, now: Instant, peer_alive: bool) -> Vec<Action> {
     s.on(Input::Tick { now, peer_alive })
 }
 
+/// The pair's data in these tests.
+const DATA: u64 = 7;
+
+/// A replica recorded whole at generation `g`.
+fn whole(g: u64) -> Standing {
+    Standing::Whole {
+        data: DATA,
+        generation: g,
+        epoch: 0,
+    }
+}
+
+/// A replica recorded half copied.
+fn half_copied() -> Standing {
+    Standing::Incomplete {
+        data: DATA,
+        reason: Incomplete::Copying,
+    }
+}
+
+/// Peer "b" (process session 1) says it is `role` in `generation`; a primary's disk is
+/// live, any other's blank.
 fn says(s: &mut Session, role: Role, generation: u64) -> Vec<Action> {
+    let standing = match role {
+        Role::Primary => Standing::Live {
+            data: DATA,
+            generation,
+        },
+        _ => Standing::Blank,
+    };
+    says_fully(s, 1, role, generation, standing)
+}
+
+fn says_fully(
+    s: &mut Session,
+    session: u64,
+    role: Role,
+    generation: u64,
+    standing: Standing,
+) -> Vec<Action> {
     s.on(Input::PeerSays {
         node: Some("b".into()),
+        session,
         role,
         generation,
+        standing,
     })
 }
 
@@ -71,7 +113,7 @@ fn released(actions: &[Action]) -> Vec<Output> {
 
 /// A degraded primary of generation 1, booted at `c.at(400)`.
 fn primary(c: &Clock) -> Session {
-    let mut s = Session::new(cfg(ArbiterKind::Claims), 0, false, c.0);
+    let mut s = Session::new(cfg(ArbiterKind::Claims), 0, whole(0), c.0);
     tick(&mut s, c.at(0), false);
     assert!(has(&tick(&mut s, c.at(350), false), &Action::Claim));
     let a = s.on(won(1));
@@ -121,7 +163,7 @@ fn protected(c: &Clock) -> Session {
 #[test]
 fn a_starting_node_joins_a_primary_it_hears() {
     let c = Clock(Instant::now());
-    let mut s = Session::new(cfg(ArbiterKind::Claims), 0, false, c.0);
+    let mut s = Session::new(cfg(ArbiterKind::Claims), 0, whole(0), c.0);
     says(&mut s, Role::Primary, 0);
     let a = tick(&mut s, c.at(10), true);
     assert!(has(&a, &Action::NewReplica) && has(&a, &Action::Send(Message::Join)));
@@ -131,7 +173,7 @@ fn a_starting_node_joins_a_primary_it_hears() {
 #[test]
 fn a_starting_node_claims_only_after_the_wait_and_boots_only_when_it_wins() {
     let c = Clock(Instant::now());
-    let mut s = Session::new(cfg(ArbiterKind::Claims), 3, false, c.0);
+    let mut s = Session::new(cfg(ArbiterKind::Claims), 3, whole(3), c.0);
     assert!(tick(&mut s, c.at(100), false).is_empty(), "still listening");
     assert!(has(&tick(&mut s, c.at(301), false), &Action::Claim));
     s.on(lost(4));
@@ -158,13 +200,13 @@ fn a_starting_node_claims_only_after_the_wait_and_boots_only_when_it_wins() {
 #[test]
 fn a_half_copied_host_never_boots_and_arbiter_none_boots_only_the_named_primary() {
     let c = Clock(Instant::now());
-    let mut s = Session::new(cfg(ArbiterKind::Claims), 0, true, c.0);
+    let mut s = Session::new(cfg(ArbiterKind::Claims), 0, half_copied(), c.0);
     let a = tick(&mut s, c.at(1000), false);
     assert!(matches!(&a[..], [Action::Alert(t)] if t.contains("incomplete")));
     assert!(tick(&mut s, c.at(2000), false).is_empty(), "alerted once");
-    let mut named = Session::new(cfg(ArbiterKind::None { starts: true }), 0, false, c.0);
+    let mut named = Session::new(cfg(ArbiterKind::None { starts: true }), 0, whole(0), c.0);
     assert!(has(&tick(&mut named, c.at(400), false), &Action::BootGuest));
-    let mut other = Session::new(cfg(ArbiterKind::None { starts: false }), 0, false, c.0);
+    let mut other = Session::new(cfg(ArbiterKind::None { starts: false }), 0, whole(0), c.0);
     assert!(tick(&mut other, c.at(400), false).is_empty());
     assert_eq!(other.role(), Role::Starting);
 }
@@ -315,7 +357,7 @@ fn a_primary_hearing_a_higher_generation_fences() {
 
 /// A secondary that has applied copy 7 completed at epoch 10.
 fn ready(c: &Clock) -> Session {
-    let mut s = Session::new(cfg(ArbiterKind::Claims), 1, false, c.0);
+    let mut s = Session::new(cfg(ArbiterKind::Claims), 1, Standing::Blank, c.0);
     says(&mut s, Role::Primary, 1);
     tick(&mut s, c.at(10), true);
     assert_eq!(s.check_copy(7, 0), CopyCheck::Ignore, "no copy started yet");
@@ -325,17 +367,27 @@ fn ready(c: &Clock) -> Session {
     ));
     assert_eq!(s.check_copy(7, 0), CopyCheck::Apply);
     assert_eq!(s.check_copy(7, 1), CopyCheck::Apply);
-    let (check, a) = s.check_checkpoint(10, true, 7, 2);
-    assert_eq!(check, CopyCheck::Apply);
+    assert_eq!(s.check_checkpoint(10, true, 7, 2), CopyCheck::Apply);
+    assert!(!s.replica().unwrap().is_ready(), "ready only once applied");
+    let a = s.on(Input::CheckpointApplied {
+        epoch: 10,
+        full: true,
+        copy: 7,
+    });
     assert_eq!(
         a,
-        vec![Action::Send(Message::Ack {
-            position: 10,
-            copy: 7
-        })]
+        vec![
+            Action::Record(Standing::Incomplete {
+                data: DATA,
+                reason: Incomplete::Applying
+            }),
+            Action::Send(Message::Ack {
+                position: 10,
+                copy: 7
+            })
+        ],
+        "acknowledged once applied; after a crash the replica is copied again"
     );
-    assert!(!s.replica().unwrap().is_ready(), "ready only once applied");
-    s.on(Input::FullApplied { epoch: 10, copy: 7 });
     assert!(s.replica().unwrap().is_ready());
     s
 }
@@ -343,7 +395,7 @@ fn ready(c: &Clock) -> Session {
 #[test]
 fn a_secondary_takes_copies_in_order_and_checkpoints_that_follow() {
     let c = Clock(Instant::now());
-    let mut s = Session::new(cfg(ArbiterKind::Claims), 1, false, c.0);
+    let mut s = Session::new(cfg(ArbiterKind::Claims), 1, Standing::Blank, c.0);
     says(&mut s, Role::Primary, 1);
     tick(&mut s, c.at(10), true);
     msg(&mut s, c.at(11), Message::CopyStart { copy: 5 });
@@ -367,23 +419,27 @@ fn a_secondary_takes_copies_in_order_and_checkpoints_that_follow() {
     ));
     assert_eq!(s.check_copy(9, 0), CopyCheck::Apply);
     assert!(
-        matches!(s.check_checkpoint(20, true, 9, 3).0, CopyCheck::Resync(_)),
+        matches!(s.check_checkpoint(20, true, 9, 3), CopyCheck::Resync(_)),
         "announced 3, took 1"
     );
     assert_eq!(
-        s.check_checkpoint(20, true, 5, 1).0,
+        s.check_checkpoint(20, true, 5, 1),
         CopyCheck::Ignore,
         "copy 5 cannot complete copy 9"
     );
 
     let mut r = ready(&c);
     assert_eq!(
-        r.check_checkpoint(10, false, 0, 0).0,
+        r.check_checkpoint(10, false, 0, 0),
         CopyCheck::Ignore,
         "already applied"
     );
-    let (check, a) = r.check_checkpoint(11, false, 0, 0);
-    assert_eq!(check, CopyCheck::Apply);
+    assert_eq!(r.check_checkpoint(11, false, 0, 0), CopyCheck::Apply);
+    let a = r.on(Input::CheckpointApplied {
+        epoch: 11,
+        full: false,
+        copy: 0,
+    });
     assert_eq!(
         a,
         vec![Action::Send(Message::Ack {
@@ -392,7 +448,7 @@ fn a_secondary_takes_copies_in_order_and_checkpoints_that_follow() {
         })]
     );
     assert!(matches!(
-        r.check_checkpoint(13, false, 0, 0).0,
+        r.check_checkpoint(13, false, 0, 0),
         CopyCheck::Resync(ResyncReason::Gap { got: 13, have: 11 })
     ));
     let a = r.on(Input::ApplyFailed("disk full".into()));
@@ -428,7 +484,7 @@ fn a_ready_secondary_takes_over_only_by_winning_and_a_half_copy_gives_up() {
     assert!(matches!(&a[..], [Action::Alert(t)] if t.contains("not taking over")));
     assert_eq!(n.role(), Role::Secondary);
 
-    let mut half = Session::new(cfg(ArbiterKind::Claims), 1, false, c.0);
+    let mut half = Session::new(cfg(ArbiterKind::Claims), 1, Standing::Blank, c.0);
     says(&mut half, Role::Primary, 1);
     tick(&mut half, c.at(10), true);
     let a = tick(&mut half, c.at(200), false);
@@ -445,7 +501,7 @@ fn a_secondary_hearing_a_higher_generation_starts_over_and_an_unanswered_join_is
     let a = says(&mut s, Role::Primary, 3);
     assert!(has(&a, &Action::ResetReplica) && has(&a, &Action::Send(Message::Join)));
     assert!(!s.replica().unwrap().is_ready());
-    let mut j = Session::new(cfg(ArbiterKind::Claims), 1, false, c.0);
+    let mut j = Session::new(cfg(ArbiterKind::Claims), 1, Standing::Blank, c.0);
     says(&mut j, Role::Primary, 1);
     tick(&mut j, c.at(10), true);
     assert!(!has(
@@ -471,7 +527,7 @@ fn a_fenced_node_rejoins_once_its_guest_has_stopped_and_a_primary_is_heard() {
     assert_eq!(s.role(), Role::Fenced);
     assert!(tick(&mut s, c.at(500), true)
         .iter()
-        .all(|a| matches!(a, Action::Alert(_)) || a == &Action::Advertise(Role::Fenced)));
+        .all(|a| matches!(a, Action::Alert(_))));
     assert_eq!(s.role(), Role::Fenced, "its guest still runs");
     s.on(Input::GuestEnded(Ok(0)));
     let a = tick(&mut s, c.at(510), true);
@@ -505,6 +561,11 @@ fn a_powered_off_guest_ends_the_pair_once_its_last_outputs_are_acknowledged() {
     assert_eq!(
         a,
         vec![
+            Action::Record(Standing::Whole {
+                data: DATA,
+                generation: 1,
+                epoch: 5
+            }),
             Action::Send(Message::Stopped { exit_code: 0 }),
             Action::Exit(0)
         ]
@@ -570,7 +631,7 @@ fn a_copy_is_paced_by_what_the_secondary_has_applied() {
         "not the copy in progress"
     );
 
-    let mut r = Session::new(cfg(ArbiterKind::Claims), 1, false, c.0);
+    let mut r = Session::new(cfg(ArbiterKind::Claims), 1, Standing::Blank, c.0);
     says(&mut r, Role::Primary, 1);
     tick(&mut r, c.at(10), true);
     msg(&mut r, c.at(11), Message::CopyStart { copy: 1 });
@@ -583,4 +644,126 @@ fn a_copy_is_paced_by_what_the_secondary_has_applied() {
             applied: 1
         })]
     );
+}
+
+#[test]
+fn only_the_newest_whole_replica_boots_and_differing_data_boots_nowhere() {
+    let c = Clock(Instant::now());
+    let waits = |s: &mut Session, at: u64, alive: bool, why: &str| {
+        let a = tick(s, c.at(at), alive);
+        assert!(!has(&a, &Action::Claim), "{a:?}");
+        assert_eq!(s.role(), Role::Starting);
+        let w = s.waiting().unwrap_or_default().to_string();
+        assert!(w.contains(why), "waiting: {w:?}, expected {why:?}");
+    };
+    // Never designated: waits however long, and says how to designate.
+    let mut blank = Session::new(cfg(ArbiterKind::Claims), 0, Standing::Blank, c.0);
+    waits(&mut blank, 5000, false, "--initial-primary");
+    // Designated, the peer blank: claims after the wait.
+    let mut a = Session::new(cfg(ArbiterKind::Claims), 0, whole(0), c.0);
+    says_fully(&mut a, 1, Role::Starting, 0, Standing::Blank);
+    assert!(has(&tick(&mut a, c.at(400), true), &Action::Claim));
+    let boot = a.on(won(1));
+    assert_eq!(
+        boot[..2],
+        [
+            Action::Record(Standing::Live {
+                data: DATA,
+                generation: 1
+            }),
+            Action::Generation(1)
+        ],
+        "the disk is recorded live before the guest boots on it"
+    );
+    assert!(has(&boot, &Action::BootGuest));
+    // The peer's replica of the same data is newer: wait for it.
+    let mut old = Session::new(cfg(ArbiterKind::Claims), 1, whole(1), c.0);
+    let newer = Standing::Live {
+        data: DATA,
+        generation: 2,
+    };
+    says_fully(&mut old, 1, Role::Starting, 1, newer);
+    waits(&mut old, 400, true, "newer");
+    // Other data on the peer: neither boots, and the status names the choice.
+    let mut x = Session::new(cfg(ArbiterKind::Claims), 0, whole(0), c.0);
+    let other = Standing::Whole {
+        data: 99,
+        generation: 0,
+        epoch: 0,
+    };
+    says_fully(&mut x, 1, Role::Starting, 0, other);
+    waits(&mut x, 400, true, "--discard-replica");
+    // A replica older than a generation this node learnt: the guest ran on elsewhere.
+    let mut stale = Session::new(cfg(ArbiterKind::Claims), 3, whole(2), c.0);
+    waits(&mut stale, 400, false, "older than generation 3");
+}
+
+#[test]
+fn a_restarted_primary_process_is_taken_over_and_never_boots_beside_a_ready_replica() {
+    let c = Clock(Instant::now());
+    // Shared-storage arbiter: the ready secondary claims when the peer's new process
+    // says hello, long before the peer timeout.
+    let mut s = ready(&c);
+    let a = says_fully(&mut s, 2, Role::Starting, 1, whole(0));
+    assert!(has(&a, &Action::Claim), "{a:?}");
+    let a = s.on(won(2));
+    assert!(has(&a, &Action::TakeOver));
+    assert_eq!(s.role(), Role::Primary);
+    // Arbiter none: the new process itself says the old guest is gone.
+    let mut n = Session::new(
+        cfg(ArbiterKind::None { starts: false }),
+        0,
+        Standing::Blank,
+        c.0,
+    );
+    says(&mut n, Role::Primary, 0);
+    tick(&mut n, c.at(10), true);
+    msg(&mut n, c.at(11), Message::CopyStart { copy: 1 });
+    assert_eq!(n.check_checkpoint(5, true, 1, 0), CopyCheck::Apply);
+    n.on(Input::CheckpointApplied {
+        epoch: 5,
+        full: true,
+        copy: 1,
+    });
+    let a = says_fully(&mut n, 2, Role::Starting, 0, whole(0));
+    assert!(has(&a, &Action::TakeOver), "{a:?}");
+    // The restarted node itself, hearing the ready replica, never boots.
+    let mut r = Session::new(cfg(ArbiterKind::None { starts: true }), 0, whole(0), c.0);
+    let ready_replica = Standing::Whole {
+        data: DATA,
+        generation: 0,
+        epoch: 5,
+    };
+    says_fully(&mut r, 1, Role::Secondary, 0, ready_replica);
+    let a = tick(&mut r, c.at(1000), true);
+    assert!(!has(&a, &Action::BootGuest), "{a:?}");
+    says_fully(&mut r, 1, Role::Primary, 0, ready_replica);
+    assert!(has(&tick(&mut r, c.at(1010), true), &Action::NewReplica));
+    assert_eq!(r.role(), Role::Secondary);
+}
+
+#[test]
+fn two_primaries_of_one_generation_leave_the_one_whose_name_sorts_first() {
+    let c = Clock(Instant::now());
+    // This node is "a": it keeps the guest.
+    let mut s = primary(&c);
+    let a = says(&mut s, Role::Primary, 1);
+    assert!(!has(&a, &Action::Fence));
+    assert_eq!(s.role(), Role::Primary);
+    // A node named "c" hearing "b" fences.
+    let mut other = Session::new(
+        SessionConfig {
+            node: "c".into(),
+            ..cfg(ArbiterKind::Claims)
+        },
+        0,
+        whole(0),
+        c.0,
+    );
+    tick(&mut other, c.at(0), false);
+    tick(&mut other, c.at(350), false);
+    other.on(won(1));
+    let a = says(&mut other, Role::Primary, 1);
+    assert!(has(&a, &Action::Fence), "{a:?}");
+    assert_eq!(other.role(), Role::Fenced);
 }

@@ -3,7 +3,9 @@
 //!
 //! - `SET <key> <value>` → `OK` once the value is written to the disk and flushed;
 //! - `GET <key>` → `VALUE <value>` or `NOTFOUND`, read from the disk;
-//! - `SHUTDOWN` → `BYE` (the caller then powers off).
+//! - `SHUTDOWN` → `BYE` (the caller then powers off);
+//! - `UPTIME` → `UPTIME <ns>`, the guest's time since it booted (a client tells a
+//!   rebooted guest by its uptime going back).
 //!
 //! Keys are 1 to 64 bytes, values 1 to 256, printable ASCII without spaces. Lines end in
 //! `\n` (a preceding `\r` is ignored); replies end in `\n`. Anything else is answered
@@ -106,6 +108,9 @@ impl Conn {
             (Some(b"SHUTDOWN"), None, ..) => {
                 reply.push(b"BYE\n");
                 return true;
+            }
+            (Some(b"UPTIME"), None, ..) => {
+                let _ = writeln!(reply, "UPTIME {}", crate::io::time_ns());
             }
             (Some(b"GET"), Some(key), None, _) => get(kv, key, reply),
             (Some(b"SET"), Some(key), Some(value), false) => set(kv, key, value, reply),
