@@ -408,10 +408,16 @@ async fn control_message(
                     "peer {node} speaks protocol version {version}; this ftvm speaks version {PROTOCOL_VERSION}"
                 ))
             } else {
-                lock(&inner.local)
-                    .guest
-                    .mismatch(&guest)
-                    .map(|m| format!("peer {node} refused: {m}"))
+                let l = lock(&inner.local);
+                if node == l.node {
+                    Some(format!(
+                        "peer {node} has this node's name: the two nodes of a pair need names of their own"
+                    ))
+                } else {
+                    l.guest
+                        .mismatch(&guest)
+                        .map(|m| format!("peer {node} refused: {m}"))
+                }
             };
             if let Some(reason) = mismatch {
                 tracing::error!(link = index, "{reason}");

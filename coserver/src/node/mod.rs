@@ -125,8 +125,9 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
         tracing::warn!(standing = %record.standing().describe(), "this host's replica is designated as the pair's data");
     }
     if cfg.host.disk.is_none() && record.standing() == Standing::Blank {
-        // A guest without a disk has no data to lose: any node may boot it fresh.
-        record.designate()?;
+        // A guest without a disk has no data to lose: any node may boot it fresh, and
+        // both nodes hold the same (empty) data.
+        record.designate_diskless()?;
     }
     let arbiter = match &cfg.arbiter {
         ArbiterConfig::SharedStorage { path } => Arbiter::SharedStorage { dir: path.clone() },
@@ -308,6 +309,12 @@ impl Node {
                 .as_ref()
                 .is_none_or(|r| r.stats.lock().map(|s| s.finished.is_some()).unwrap_or(true));
             if let (Some(code), true) = (exit, loop_done) {
+                // The epoch loop ends a powered-off guest's pair: what the session
+                // recorded then (the disk whole) is made durable here.
+                let standing = self.session.lock().standing();
+                if standing != self.record.standing() {
+                    self.record(standing)?;
+                }
                 // Let the last messages (the pair's end) leave, then close the links.
                 self.out.flush(self.cfg.heartbeat.timeout());
                 self.links.drain(self.cfg.heartbeat.timeout());

@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::protocol::{Incomplete, Standing};
 
+/// The data identity of every guest without a disk.
+pub const DISKLESS: u64 = 1;
+
 /// The record's file name in the state directory.
 pub const FILE: &str = "replica";
 /// The marker earlier versions wrote while a copy was under way; still honoured.
@@ -150,6 +153,16 @@ impl ReplicaRecord {
             Standing::Whole { .. } | Standing::Live { .. } => Ok(false),
             s @ Standing::Incomplete { .. } => Err(RecordError::NotDesignable(s.describe())),
         }
+    }
+
+    /// A guest without a disk: its (empty) data is the same on every host, so any
+    /// host may boot it.
+    pub fn designate_diskless(&mut self) -> Result<(), RecordError> {
+        self.set(Standing::Whole {
+            data: DISKLESS,
+            generation: 0,
+            epoch: 0,
+        })
     }
 
     /// The operator discards what this replica holds: it joins a primary and is

@@ -177,6 +177,9 @@ struct Secondary {
     progress: ReplicaProgress,
     /// When a Join (or Resync) was sent that no CopyStart has answered yet.
     join_sent: Option<Instant>,
+    /// The primary's process is gone (its CoServer restarted) although the peer is
+    /// heard: take over as if it were lost.
+    primary_gone: bool,
 }
 
 /// The peer as last heard.
@@ -312,8 +315,14 @@ impl Session {
         }
     }
 
+    /// Records the replica incomplete; it is (or becomes) a copy of the primary's
+    /// data, so it takes the primary's identity.
     fn record_incomplete(&mut self, out: &mut Vec<Action>, reason: Incomplete) {
-        let data = self.data_id();
+        let data = self
+            .peer
+            .standing
+            .and_then(|s| s.data())
+            .unwrap_or_else(|| self.data_id());
         self.record(out, Standing::Incomplete { data, reason });
     }
 
@@ -386,7 +395,7 @@ impl Session {
                 self.peer.role = Some(role);
                 self.peer.standing = Some(standing);
                 if restarted {
-                    self.peer_restarted(&mut out, was);
+                    self.peer_restarted(&mut out, was, role);
                 }
                 self.learn_generation(&mut out, generation);
                 self.two_primaries(&mut out, role, generation);
@@ -457,7 +466,7 @@ impl Session {
                 }
             }
             State::Secondary(s) => {
-                if alive {
+                if alive && !s.primary_gone {
                     if s.join_sent.is_some_and(|t| now - t > self.cfg.ack_timeout) {
                         s.join_sent = Some(now);
                         out.push(Action::Send(Message::Join));
@@ -528,6 +537,7 @@ impl Session {
         self.set_state(State::Secondary(Secondary {
             progress: ReplicaProgress::default(),
             join_sent: Some(now),
+            primary_gone: false,
         }));
         out.push(Action::Send(Message::Join));
     }
@@ -551,6 +561,7 @@ impl Session {
             State::Primary(_) => self.fence(
                 out,
                 format!("the peer won the arbiter (generation {g}) while this node was not heard: fencing"),
+                true,
             ),
             State::Secondary(s) => {
                 s.progress = ReplicaProgress::default();
@@ -564,7 +575,20 @@ impl Session {
         }
     }
 
-    fn fence(&mut self, out: &mut Vec<Action>, why: String) {
+    /// Stops the guest here. `superseded`: another node runs the guest now, so this
+    /// disk is no longer the pair's data (an arbiter that could not be asked says
+    /// nothing of the sort).
+    fn fence(&mut self, out: &mut Vec<Action>, why: String, superseded: bool) {
+        if superseded && self.standing.position().is_some() {
+            let data = self.data_id();
+            self.record(
+                out,
+                Standing::Incomplete {
+                    data,
+                    reason: Incomplete::Superseded,
+                },
+            );
+        }
         let guest_stopped = !matches!(self.state, State::Primary(_));
         out.push(Action::Fence);
         self.set_state(State::Fenced { guest_stopped });
@@ -579,11 +603,19 @@ impl Session {
                 self.alert(out, format!("no primary heard: won the arbiter (generation {generation}); starting the guest"));
                 self.become_primary(out, 0, Action::BootGuest);
             }
-            (State::Starting { .. }, Ok(Claim::Lost { .. } | Claim::Refused)) => {
+            (State::Starting { .. }, Ok(Claim::Lost { generation, holder })) => {
                 // Not learned from the arbiter itself: only a peer that is heard can
                 // vouch for a generation, or a stale node could win the next one.
+                let why = format!(
+                    "{holder} holds generation {generation} of the arbiter: the guest ran there after this host's replica; waiting for it (start it, or follow the arbiter steps in docs/operations.md)"
+                );
+                if self.waiting.as_deref() != Some(why.as_str()) {
+                    self.alert(out, format!("waiting, the guest is not booted here: {why}"));
+                    self.waiting = Some(why);
+                }
                 self.restart_wait();
             }
+            (State::Starting { .. }, Ok(Claim::Refused)) => self.restart_wait(),
             (State::Starting { .. }, Err(e)) => {
                 self.alert_once(
                     out,
@@ -607,10 +639,12 @@ impl Session {
                     Ok(Claim::Lost { generation, holder }) => self.fence(
                         out,
                         format!("secondary lost and {holder} won the arbiter (generation {generation}): fencing"),
+                        true,
                     ),
                     Err(e) => self.fence(
                         out,
                         format!("secondary lost and the arbiter cannot be used ({e}): fencing"),
+                        false,
                     ),
                 }
             }
@@ -631,6 +665,7 @@ impl Session {
                     Ok(Claim::Lost { generation, holder }) => self.fence(
                         out,
                         format!("primary lost and {holder} holds the arbiter (generation {generation}): fencing"),
+                        true,
                     ),
                     Ok(Claim::Refused) => {
                         self.alert_once(out, "primary lost; not taking over (arbiter none)".into())

@@ -18,7 +18,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
 use super::*;
-use crate::protocol::{CheckpointSegment, Segment};
+use crate::protocol::{CheckpointSegment, Incomplete, Segment};
 
 /// The seed of the random sequences.
 const SEED: [u8; 32] = *b"ftvm replication session pair 01";
@@ -228,8 +228,14 @@ impl World {
                     if a == Action::TakeOver {
                         prop_assert!(self.hosts[n].replica, "takeover without a replica");
                         prop_assert!(
-                            self.hosts[n].session.replica().is_none(),
-                            "took over but still secondary"
+                            matches!(
+                                standing_before,
+                                Standing::Incomplete {
+                                    reason: Incomplete::Applying,
+                                    ..
+                                }
+                            ),
+                            "node {n} took over from a replica recorded {standing_before:?}, not one whose full copy was applied"
                         );
                         self.hosts[n].replica = false;
                     } else {

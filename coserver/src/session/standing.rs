@@ -12,8 +12,8 @@
 
 use std::time::Instant;
 
-use super::{Action, ArbiterKind, Mode, Session, State};
-use crate::protocol::{Role, Standing};
+use super::{Action, ArbiterKind, Mode, ReplicaProgress, Session, State};
+use crate::protocol::{Incomplete, Message, Role, Standing};
 
 impl Session {
     /// Why this node may not boot the guest from its own disk now (`alive`: the peer
@@ -73,9 +73,19 @@ impl Session {
     }
 
     /// The peer's process changed (it restarted); `was` is the role its old process
-    /// had.
-    pub(super) fn peer_restarted(&mut self, out: &mut Vec<Action>, was: Option<Role>) {
+    /// had, `now` the role its new one says.
+    pub(super) fn peer_restarted(&mut self, out: &mut Vec<Action>, was: Option<Role>, now: Role) {
         match (&mut self.state, was) {
+            (State::Secondary(s), Some(Role::Primary)) if now == Role::Primary => {
+                // The new process already runs a guest of its own (it did not hear this
+                // node in time): this replica is of the old guest. Copy the new one.
+                s.progress = ReplicaProgress::default();
+                s.join_sent = self.last_tick;
+                self.record_incomplete(out, Incomplete::Copying);
+                out.push(Action::ResetReplica);
+                self.alert(out, "the primary's CoServer restarted and runs a guest of its own: asking for a new copy".into());
+                out.push(Action::Send(Message::Join));
+            }
             (State::Secondary(s), Some(Role::Primary)) => {
                 let Some(epoch) = s.progress.ready_epoch() else {
                     let now = self.last_tick.unwrap_or_else(Instant::now);
@@ -84,6 +94,9 @@ impl Session {
                 };
                 match self.cfg.arbiter {
                     ArbiterKind::Claims => {
+                        // Claimed at once, and again at every tick until answered (an
+                        // arbiter that cannot be used now may be later).
+                        s.primary_gone = true;
                         self.alert(out, "the primary's CoServer restarted (a new process): its guest is gone; asking the arbiter to take over".into());
                         out.push(Action::Claim);
                     }
@@ -138,6 +151,7 @@ impl Session {
                 format!(
                     "two primaries in generation {generation}: {peer} also runs the guest (do both nodes use the same arbiter directory?); {peer}, whose name sorts first, keeps it: fencing"
                 ),
+                true,
             );
         } else {
             self.alert_once(

@@ -698,6 +698,36 @@ fn only_the_newest_whole_replica_boots_and_differing_data_boots_nowhere() {
     waits(&mut stale, 400, false, "older than generation 3");
 }
 
+/// A ready secondary of a primary named by arbiter `none` (this node not named), of
+/// copy 1 completed at epoch 5; its record is checked on the way.
+fn ready_under_arbiter_none(c: &Clock) -> Session {
+    let mut n = Session::new(
+        cfg(ArbiterKind::None { starts: false }),
+        0,
+        Standing::Blank,
+        c.0,
+    );
+    says(&mut n, Role::Primary, 0);
+    tick(&mut n, c.at(10), true);
+    msg(&mut n, c.at(11), Message::CopyStart { copy: 1 });
+    assert_eq!(
+        n.standing(),
+        Standing::Incomplete {
+            data: DATA,
+            reason: Incomplete::Copying
+        },
+        "a joining replica takes its primary's data identity"
+    );
+    assert_eq!(n.check_checkpoint(5, true, 1, 0), CopyCheck::Apply);
+    n.on(Input::CheckpointApplied {
+        epoch: 5,
+        full: true,
+        copy: 1,
+    });
+    assert!(n.replica().is_some_and(|r| r.is_ready()));
+    n
+}
+
 #[test]
 fn a_restarted_primary_process_is_taken_over_and_never_boots_beside_a_ready_replica() {
     let c = Clock(Instant::now());
@@ -710,21 +740,7 @@ fn a_restarted_primary_process_is_taken_over_and_never_boots_beside_a_ready_repl
     assert!(has(&a, &Action::TakeOver));
     assert_eq!(s.role(), Role::Primary);
     // Arbiter none: the new process itself says the old guest is gone.
-    let mut n = Session::new(
-        cfg(ArbiterKind::None { starts: false }),
-        0,
-        Standing::Blank,
-        c.0,
-    );
-    says(&mut n, Role::Primary, 0);
-    tick(&mut n, c.at(10), true);
-    msg(&mut n, c.at(11), Message::CopyStart { copy: 1 });
-    assert_eq!(n.check_checkpoint(5, true, 1, 0), CopyCheck::Apply);
-    n.on(Input::CheckpointApplied {
-        epoch: 5,
-        full: true,
-        copy: 1,
-    });
+    let mut n = ready_under_arbiter_none(&c);
     let a = says_fully(&mut n, 2, Role::Starting, 0, whole(0));
     assert!(has(&a, &Action::TakeOver), "{a:?}");
     // The restarted node itself, hearing the ready replica, never boots.
@@ -766,4 +782,52 @@ fn two_primaries_of_one_generation_leave_the_one_whose_name_sorts_first() {
     let a = says(&mut other, Role::Primary, 1);
     assert!(has(&a, &Action::Fence), "{a:?}");
     assert_eq!(other.role(), Role::Fenced);
+}
+
+#[test]
+fn after_a_primary_restart_an_unanswered_claim_is_retried_and_a_new_guest_is_copied_not_taken_over()
+{
+    let c = Clock(Instant::now());
+    // The arbiter cannot be used at first: the claim is repeated at each tick although
+    // the restarted peer is heard.
+    let mut s = ready(&c);
+    assert!(has(
+        &says_fully(&mut s, 2, Role::Starting, 1, whole(0)),
+        &Action::Claim
+    ));
+    s.on(Input::Claimed(Err("share missing".into())));
+    assert!(has(&tick(&mut s, c.at(30), true), &Action::Claim));
+    assert!(has(&s.on(won(2)), &Action::TakeOver));
+    // Arbiter none, the new process already runs a guest of its own: this replica is
+    // of the old guest, so it is copied again, never taken over from.
+    let mut n = ready_under_arbiter_none(&c);
+    let live = Standing::Live {
+        data: DATA,
+        generation: 0,
+    };
+    let a = says_fully(&mut n, 2, Role::Primary, 0, live);
+    assert!(!has(&a, &Action::TakeOver), "{a:?}");
+    assert!(has(&a, &Action::ResetReplica) && has(&a, &Action::Send(Message::Join)));
+}
+
+#[test]
+fn a_starting_node_that_loses_its_claim_says_who_holds_the_guest_and_a_loser_is_superseded() {
+    let c = Clock(Instant::now());
+    let mut s = Session::new(cfg(ArbiterKind::Claims), 1, whole(1), c.0);
+    assert!(has(&tick(&mut s, c.at(301), false), &Action::Claim));
+    s.on(lost(2));
+    let w = s.waiting().unwrap_or_default();
+    assert!(w.contains("b holds generation 2"), "{w}");
+    // A primary that loses the arbiter to its peer no longer holds the pair's data.
+    let mut p = protected(&c);
+    tick(&mut p, c.at(700), false);
+    p.on(lost(2));
+    assert_eq!(p.role(), Role::Fenced);
+    assert!(matches!(
+        p.standing(),
+        Standing::Incomplete {
+            reason: Incomplete::Superseded,
+            ..
+        }
+    ));
 }
