@@ -207,6 +207,9 @@ pub struct Session {
     standing: Standing,
     /// Why this node does not boot the guest, while it waits.
     waiting: Option<String>,
+    /// A starting node lost its claim to this holder of a later generation: it waits
+    /// for the peer to be heard rather than claim again.
+    claim_lost: Option<String>,
     last_tick: Option<Instant>,
     exit: Option<i32>,
     last_alert: Option<String>,
@@ -223,6 +226,7 @@ impl Session {
             peer: PeerView::default(),
             standing,
             waiting: None,
+            claim_lost: None,
             last_tick: None,
             exit: None,
             last_alert: None,
@@ -566,6 +570,7 @@ impl Session {
             State::Secondary(s) => {
                 s.progress = ReplicaProgress::default();
                 s.join_sent = self.last_tick;
+                s.primary_gone = false;
                 self.record_incomplete(out, Incomplete::Copying);
                 out.push(Action::ResetReplica);
                 self.alert(out, format!("the primary won the arbiter (generation {g}) while this node was not heard: asking for a new copy"));
@@ -605,14 +610,14 @@ impl Session {
             }
             (State::Starting { .. }, Ok(Claim::Lost { generation, holder })) => {
                 // Not learned from the arbiter itself: only a peer that is heard can
-                // vouch for a generation, or a stale node could win the next one.
+                // vouch for a generation, or a stale node could win the next one. No
+                // new claim until the peer is heard: it ran the guest after this host.
                 let why = format!(
-                    "{holder} holds generation {generation} of the arbiter: the guest ran there after this host's replica; waiting for it (start it, or follow the arbiter steps in docs/operations.md)"
+                    "{holder} holds generation {generation} of the arbiter: the guest ran there after this host's replica; waiting to hear it (start it; if that host is gone for good, see \"Choosing an arbiter\" in docs/operations.md, then restart this CoServer)"
                 );
-                if self.waiting.as_deref() != Some(why.as_str()) {
-                    self.alert(out, format!("waiting, the guest is not booted here: {why}"));
-                    self.waiting = Some(why);
-                }
+                self.claim_lost = Some(why.clone());
+                self.alert(out, format!("waiting, the guest is not booted here: {why}"));
+                self.waiting = Some(why);
                 self.restart_wait();
             }
             (State::Starting { .. }, Ok(Claim::Refused)) => self.restart_wait(),
@@ -821,6 +826,7 @@ impl Session {
         if let State::Secondary(s) = &mut self.state {
             s.progress = ReplicaProgress::default();
             s.join_sent = self.last_tick;
+            s.primary_gone = false;
             self.record_incomplete(out, Incomplete::Copying);
             out.push(Action::ResetReplica);
             self.alert(

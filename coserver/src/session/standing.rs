@@ -18,7 +18,12 @@ use crate::protocol::{Incomplete, Message, Role, Standing};
 impl Session {
     /// Why this node may not boot the guest from its own disk now (`alive`: the peer
     /// is heard), or `None` when it may.
-    pub(super) fn boot_blocker(&self, alive: bool) -> Option<String> {
+    pub(super) fn boot_blocker(&mut self, alive: bool) -> Option<String> {
+        if alive {
+            self.claim_lost = None;
+        } else if let Some(why) = &self.claim_lost {
+            return Some(why.clone());
+        }
         let own = match self.standing {
             Standing::Blank => {
                 return Some(
@@ -81,6 +86,7 @@ impl Session {
                 // node in time): this replica is of the old guest. Copy the new one.
                 s.progress = ReplicaProgress::default();
                 s.join_sent = self.last_tick;
+                s.primary_gone = false;
                 self.record_incomplete(out, Incomplete::Copying);
                 out.push(Action::ResetReplica);
                 self.alert(out, "the primary's CoServer restarted and runs a guest of its own: asking for a new copy".into());
