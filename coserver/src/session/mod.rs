@@ -25,6 +25,8 @@
 //! fenced --(its guest has stopped; a primary heard)--> secondary (Join)
 //! ```
 
+mod arbitration;
+mod follow;
 mod primary;
 mod replica;
 mod shared;
@@ -32,6 +34,8 @@ mod standing;
 
 #[cfg(test)]
 mod pair_tests;
+#[cfg(test)]
+mod standing_tests;
 #[cfg(test)]
 mod tests;
 
@@ -580,128 +584,6 @@ impl Session {
         }
     }
 
-    /// Stops the guest here. `superseded`: another node runs the guest now, so this
-    /// disk is no longer the pair's data (an arbiter that could not be asked says
-    /// nothing of the sort).
-    fn fence(&mut self, out: &mut Vec<Action>, why: String, superseded: bool) {
-        if superseded && self.standing.position().is_some() {
-            let data = self.data_id();
-            self.record(
-                out,
-                Standing::Incomplete {
-                    data,
-                    reason: Incomplete::Superseded,
-                },
-            );
-        }
-        let guest_stopped = !matches!(self.state, State::Primary(_));
-        out.push(Action::Fence);
-        self.set_state(State::Fenced { guest_stopped });
-        self.alert(out, why);
-    }
-
-    fn claimed(&mut self, out: &mut Vec<Action>, result: Result<Claim, String>) {
-        match (&self.state, result) {
-            (State::Starting { .. }, Ok(Claim::Won { generation })) => {
-                self.record_live(out, generation);
-                self.raise_generation(out, generation);
-                self.alert(out, format!("no primary heard: won the arbiter (generation {generation}); starting the guest"));
-                self.become_primary(out, 0, Action::BootGuest);
-            }
-            (State::Starting { .. }, Ok(Claim::Lost { generation, holder })) => {
-                // Not learned from the arbiter itself: only a peer that is heard can
-                // vouch for a generation, or a stale node could win the next one. No
-                // new claim until the peer is heard: it ran the guest after this host.
-                let why = format!(
-                    "{holder} holds generation {generation} of the arbiter: the guest ran there after this host's replica; waiting to hear it (start it; if that host is gone for good, see \"Choosing an arbiter\" in docs/operations.md, then restart this CoServer)"
-                );
-                self.claim_lost = Some(why.clone());
-                self.alert(out, format!("waiting, the guest is not booted here: {why}"));
-                self.waiting = Some(why);
-                self.restart_wait();
-            }
-            (State::Starting { .. }, Ok(Claim::Refused)) => self.restart_wait(),
-            (State::Starting { .. }, Err(e)) => {
-                self.alert_once(
-                    out,
-                    format!("no primary heard, and the arbiter cannot be used: {e}"),
-                );
-                self.restart_wait();
-            }
-            (State::Primary(p), claim) => {
-                if p.mode() == Mode::Degraded {
-                    return;
-                }
-                match claim {
-                    Ok(Claim::Won { generation }) => {
-                        self.record_live(out, generation);
-                        self.raise_generation(out, generation);
-                        self.degrade(out, format!("secondary lost; won the arbiter (generation {generation}); running degraded"));
-                    }
-                    Ok(Claim::Refused) => {
-                        self.degrade(out, "secondary lost; running degraded (arbiter none)".into())
-                    }
-                    Ok(Claim::Lost { generation, holder }) => self.fence(
-                        out,
-                        format!("secondary lost and {holder} won the arbiter (generation {generation}): fencing"),
-                        true,
-                    ),
-                    Err(e) => self.fence(
-                        out,
-                        format!("secondary lost and the arbiter cannot be used ({e}): fencing"),
-                        false,
-                    ),
-                }
-            }
-            (State::Secondary(s), claim) => {
-                let Some(epoch) = s.progress.ready_epoch() else {
-                    return;
-                };
-                match claim {
-                    Ok(Claim::Won { generation }) => {
-                        // The record first (the guest is about to run on this disk),
-                        // then the guest; the claim itself is durable in the arbiter,
-                        // so persisting the generation can follow the takeover.
-                        self.record_live(out, generation);
-                        self.become_primary(out, epoch, Action::TakeOver);
-                        self.raise_generation(out, generation);
-                        self.alert(out, format!("primary lost; won the arbiter (generation {generation}); taking over from checkpoint {epoch}"));
-                    }
-                    Ok(Claim::Lost { generation, holder }) => self.fence(
-                        out,
-                        format!("primary lost and {holder} holds the arbiter (generation {generation}): fencing"),
-                        true,
-                    ),
-                    Ok(Claim::Refused) => {
-                        self.alert_once(out, "primary lost; not taking over (arbiter none)".into())
-                    }
-                    // Nothing runs here: try again at the next tick.
-                    Err(e) => {
-                        self.alert_once(out, format!("primary lost; the arbiter cannot be used: {e}"))
-                    }
-                }
-            }
-            (State::Fenced { .. }, _) => {}
-        }
-    }
-
-    fn restart_wait(&mut self) {
-        if let (State::Starting { since }, Some(now)) = (&mut self.state, self.last_tick) {
-            *since = now;
-        }
-    }
-
-    fn degrade(&mut self, out: &mut Vec<Action>, why: String) {
-        if let State::Primary(p) = &mut self.state {
-            let released = p.degrade();
-            if !released.is_empty() {
-                out.push(Action::Release(released));
-            }
-        }
-        self.finish(out);
-        self.alert(out, why);
-    }
-
     fn message(&mut self, out: &mut Vec<Action>, now: Instant, msg: Message) {
         match (&mut self.state, msg) {
             (State::Primary(p), Message::Join) => {
@@ -772,68 +654,6 @@ impl Session {
                     "message ignored"
                 )
             }
-        }
-    }
-
-    /// Whether a copy message (`index` of copy `copy`) is the next the replica takes.
-    pub fn check_copy(&mut self, copy: u64, index: u64) -> CopyCheck {
-        let State::Secondary(s) = &mut self.state else {
-            return CopyCheck::Ignore;
-        };
-        s.progress.copy_part(copy, index)
-    }
-
-    /// Whether a checkpoint can be applied next. The driver applies it and reports
-    /// [`Input::CheckpointApplied`], which acknowledges it: nothing is acknowledged that
-    /// is not applied (and durable where the guest flushed).
-    pub fn check_checkpoint(
-        &mut self,
-        epoch: u64,
-        full: bool,
-        copy: u64,
-        copy_messages: u64,
-    ) -> CopyCheck {
-        let State::Secondary(s) = &mut self.state else {
-            return CopyCheck::Ignore;
-        };
-        s.progress.checkpoint(epoch, full, copy, copy_messages)
-    }
-
-    fn checkpoint_applied(&mut self, out: &mut Vec<Action>, epoch: u64, full: bool, copy: u64) {
-        let State::Secondary(s) = &mut self.state else {
-            return;
-        };
-        if full {
-            if !s.progress.full_applied(epoch, copy) {
-                return;
-            }
-            // Whole in memory and on disk now; after a crash of this host its disk is
-            // some checkpoint behind the primary's and is copied again.
-            self.record_incomplete(out, Incomplete::Applying);
-            out.push(Action::Send(Message::Ack {
-                position: epoch,
-                copy,
-            }));
-        } else if s.progress.last_epoch() == Some(epoch) {
-            out.push(Action::Send(Message::Ack {
-                position: epoch,
-                copy: s.progress.copy_id(),
-            }));
-        }
-    }
-
-    fn apply_failed(&mut self, out: &mut Vec<Action>, why: String) {
-        if let State::Secondary(s) = &mut self.state {
-            s.progress = ReplicaProgress::default();
-            s.join_sent = self.last_tick;
-            s.primary_gone = false;
-            self.record_incomplete(out, Incomplete::Copying);
-            out.push(Action::ResetReplica);
-            self.alert(
-                out,
-                format!("replica cannot follow ({why}); not ready; asking for a new copy"),
-            );
-            out.push(Action::Send(Message::Resync { reason: why }));
         }
     }
 

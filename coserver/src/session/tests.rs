@@ -3,9 +3,9 @@
 
 use super::*;
 
-const TIMEOUT: Duration = Duration::from_millis(100);
+pub(super) const TIMEOUT: Duration = Duration::from_millis(100);
 
-fn cfg(arbiter: ArbiterKind) -> SessionConfig {
+pub(super) fn cfg(arbiter: ArbiterKind) -> SessionConfig {
     SessionConfig {
         node: "a".into(),
         arbiter,
@@ -16,23 +16,23 @@ fn cfg(arbiter: ArbiterKind) -> SessionConfig {
     }
 }
 
-struct Clock(Instant);
+pub(super) struct Clock(pub(super) Instant);
 
 impl Clock {
-    fn at(&self, ms: u64) -> Instant {
+    pub(super) fn at(&self, ms: u64) -> Instant {
         self.0 + Duration::from_millis(ms)
     }
 }
 
-fn tick(s: &mut Session, now: Instant, peer_alive: bool) -> Vec<Action> {
+pub(super) fn tick(s: &mut Session, now: Instant, peer_alive: bool) -> Vec<Action> {
     s.on(Input::Tick { now, peer_alive })
 }
 
 /// The pair's data in these tests.
-const DATA: u64 = 7;
+pub(super) const DATA: u64 = 7;
 
 /// A replica recorded whole at generation `g`.
-fn whole(g: u64) -> Standing {
+pub(super) fn whole(g: u64) -> Standing {
     Standing::Whole {
         data: DATA,
         generation: g,
@@ -41,7 +41,7 @@ fn whole(g: u64) -> Standing {
 }
 
 /// A replica recorded half copied.
-fn half_copied() -> Standing {
+pub(super) fn half_copied() -> Standing {
     Standing::Incomplete {
         data: DATA,
         reason: Incomplete::Copying,
@@ -50,7 +50,7 @@ fn half_copied() -> Standing {
 
 /// Peer "b" (process session 1) says it is `role` in `generation`; a primary's disk is
 /// live, any other's blank.
-fn says(s: &mut Session, role: Role, generation: u64) -> Vec<Action> {
+pub(super) fn says(s: &mut Session, role: Role, generation: u64) -> Vec<Action> {
     let standing = match role {
         Role::Primary => Standing::Live {
             data: DATA,
@@ -61,7 +61,7 @@ fn says(s: &mut Session, role: Role, generation: u64) -> Vec<Action> {
     says_fully(s, 1, role, generation, standing)
 }
 
-fn says_fully(
+pub(super) fn says_fully(
     s: &mut Session,
     session: u64,
     role: Role,
@@ -77,30 +77,30 @@ fn says_fully(
     })
 }
 
-fn msg(s: &mut Session, now: Instant, msg: Message) -> Vec<Action> {
+pub(super) fn msg(s: &mut Session, now: Instant, msg: Message) -> Vec<Action> {
     s.on(Input::Message { now, msg })
 }
 
-fn won(g: u64) -> Input {
+pub(super) fn won(g: u64) -> Input {
     Input::Claimed(Ok(Claim::Won { generation: g }))
 }
 
-fn lost(g: u64) -> Input {
+pub(super) fn lost(g: u64) -> Input {
     Input::Claimed(Ok(Claim::Lost {
         generation: g,
         holder: "b".into(),
     }))
 }
 
-fn line(s: &str) -> Output {
+pub(super) fn line(s: &str) -> Output {
     Output::Console(s.as_bytes().to_vec())
 }
 
-fn has(actions: &[Action], want: &Action) -> bool {
+pub(super) fn has(actions: &[Action], want: &Action) -> bool {
     actions.contains(want)
 }
 
-fn released(actions: &[Action]) -> Vec<Output> {
+pub(super) fn released(actions: &[Action]) -> Vec<Output> {
     actions
         .iter()
         .filter_map(|a| match a {
@@ -112,7 +112,7 @@ fn released(actions: &[Action]) -> Vec<Output> {
 }
 
 /// A degraded primary of generation 1, booted at `c.at(400)`.
-fn primary(c: &Clock) -> Session {
+pub(super) fn primary(c: &Clock) -> Session {
     let mut s = Session::new(cfg(ArbiterKind::Claims), 0, whole(0), c.0);
     tick(&mut s, c.at(0), false);
     assert!(has(&tick(&mut s, c.at(350), false), &Action::Claim));
@@ -123,7 +123,7 @@ fn primary(c: &Clock) -> Session {
 }
 
 /// A protected primary: copy 1 (begun at epoch 1), completed at epoch 2 and acked.
-fn protected(c: &Clock) -> Session {
+pub(super) fn protected(c: &Clock) -> Session {
     let mut s = primary(c);
     tick(&mut s, c.at(400), true);
     msg(&mut s, c.at(400), Message::Join);
@@ -344,7 +344,7 @@ fn a_primary_hearing_a_higher_generation_fences() {
 }
 
 /// A secondary that has applied copy 7 completed at epoch 10.
-fn ready(c: &Clock) -> Session {
+pub(super) fn ready(c: &Clock) -> Session {
     let mut s = Session::new(cfg(ArbiterKind::Claims), 1, Standing::Blank, c.0);
     says(&mut s, Role::Primary, 1);
     tick(&mut s, c.at(10), true);
@@ -632,203 +632,4 @@ fn a_copy_is_paced_by_what_the_secondary_has_applied() {
             applied: 1
         })]
     );
-}
-
-#[test]
-fn only_the_newest_whole_replica_boots_and_differing_data_boots_nowhere() {
-    let c = Clock(Instant::now());
-    let waits = |s: &mut Session, at: u64, alive: bool, why: &str| {
-        let a = tick(s, c.at(at), alive);
-        assert!(!has(&a, &Action::Claim), "{a:?}");
-        assert_eq!(s.role(), Role::Starting);
-        let w = s.waiting().unwrap_or_default().to_string();
-        assert!(w.contains(why), "waiting: {w:?}, expected {why:?}");
-    };
-    // Never designated: waits however long, and says how to designate.
-    let mut blank = Session::new(cfg(ArbiterKind::Claims), 0, Standing::Blank, c.0);
-    waits(&mut blank, 5000, false, "--initial-primary");
-    // Designated, the peer blank: claims after the wait.
-    let mut a = Session::new(cfg(ArbiterKind::Claims), 0, whole(0), c.0);
-    says_fully(&mut a, 1, Role::Starting, 0, Standing::Blank);
-    assert!(has(&tick(&mut a, c.at(400), true), &Action::Claim));
-    let boot = a.on(won(1));
-    assert_eq!(
-        boot[..2],
-        [
-            Action::Record(Standing::Live {
-                data: DATA,
-                generation: 1
-            }),
-            Action::Generation(1)
-        ],
-        "the disk is recorded live before the guest boots on it"
-    );
-    assert!(has(&boot, &Action::BootGuest));
-    // The peer's replica of the same data is newer: wait for it.
-    let mut old = Session::new(cfg(ArbiterKind::Claims), 1, whole(1), c.0);
-    let newer = Standing::Live {
-        data: DATA,
-        generation: 2,
-    };
-    says_fully(&mut old, 1, Role::Starting, 1, newer);
-    waits(&mut old, 400, true, "newer");
-    // Other data on the peer: neither boots, and the status names the choice.
-    let mut x = Session::new(cfg(ArbiterKind::Claims), 0, whole(0), c.0);
-    let other = Standing::Whole {
-        data: 99,
-        generation: 0,
-        epoch: 0,
-    };
-    says_fully(&mut x, 1, Role::Starting, 0, other);
-    waits(&mut x, 400, true, "--discard-replica");
-    // A replica older than a generation this node learnt: the guest ran on elsewhere.
-    let mut stale = Session::new(cfg(ArbiterKind::Claims), 3, whole(2), c.0);
-    waits(&mut stale, 400, false, "older than generation 3");
-}
-
-/// A ready secondary of a primary named by arbiter `none` (this node not named), of
-/// copy 1 completed at epoch 5; its record is checked on the way.
-fn ready_under_arbiter_none(c: &Clock) -> Session {
-    let mut n = Session::new(
-        cfg(ArbiterKind::None { starts: false }),
-        0,
-        Standing::Blank,
-        c.0,
-    );
-    says(&mut n, Role::Primary, 0);
-    tick(&mut n, c.at(10), true);
-    msg(&mut n, c.at(11), Message::CopyStart { copy: 1 });
-    assert_eq!(
-        n.standing(),
-        Standing::Incomplete {
-            data: DATA,
-            reason: Incomplete::Copying
-        },
-        "a joining replica takes its primary's data identity"
-    );
-    assert_eq!(n.check_checkpoint(5, true, 1, 0), CopyCheck::Apply);
-    n.on(Input::CheckpointApplied {
-        epoch: 5,
-        full: true,
-        copy: 1,
-    });
-    assert!(n.replica().is_some_and(|r| r.is_ready()));
-    n
-}
-
-#[test]
-fn a_restarted_primary_process_is_taken_over_and_never_boots_beside_a_ready_replica() {
-    let c = Clock(Instant::now());
-    // Shared-storage arbiter: the ready secondary claims when the peer's new process
-    // says hello, long before the peer timeout.
-    let mut s = ready(&c);
-    let a = says_fully(&mut s, 2, Role::Starting, 1, whole(0));
-    assert!(has(&a, &Action::Claim), "{a:?}");
-    let a = s.on(won(2));
-    assert!(has(&a, &Action::TakeOver));
-    assert_eq!(s.role(), Role::Primary);
-    // Arbiter none: the new process itself says the old guest is gone.
-    let mut n = ready_under_arbiter_none(&c);
-    let a = says_fully(&mut n, 2, Role::Starting, 0, whole(0));
-    assert!(has(&a, &Action::TakeOver), "{a:?}");
-    // The restarted node itself, hearing the ready replica, never boots.
-    let mut r = Session::new(cfg(ArbiterKind::None { starts: true }), 0, whole(0), c.0);
-    let ready_replica = Standing::Whole {
-        data: DATA,
-        generation: 0,
-        epoch: 5,
-    };
-    says_fully(&mut r, 1, Role::Secondary, 0, ready_replica);
-    let a = tick(&mut r, c.at(1000), true);
-    assert!(!has(&a, &Action::BootGuest), "{a:?}");
-    says_fully(&mut r, 1, Role::Primary, 0, ready_replica);
-    assert!(has(&tick(&mut r, c.at(1010), true), &Action::NewReplica));
-    assert_eq!(r.role(), Role::Secondary);
-}
-
-#[test]
-fn two_primaries_of_one_generation_leave_the_one_whose_name_sorts_first() {
-    let c = Clock(Instant::now());
-    // This node is "a": it keeps the guest.
-    let mut s = primary(&c);
-    let a = says(&mut s, Role::Primary, 1);
-    assert!(!has(&a, &Action::Fence));
-    assert_eq!(s.role(), Role::Primary);
-    // A node named "c" hearing "b" fences.
-    let mut other = Session::new(
-        SessionConfig {
-            node: "c".into(),
-            ..cfg(ArbiterKind::Claims)
-        },
-        0,
-        whole(0),
-        c.0,
-    );
-    tick(&mut other, c.at(0), false);
-    tick(&mut other, c.at(350), false);
-    other.on(won(1));
-    let a = says(&mut other, Role::Primary, 1);
-    assert!(has(&a, &Action::Fence), "{a:?}");
-    assert_eq!(other.role(), Role::Fenced);
-}
-
-#[test]
-fn after_a_primary_restart_an_unanswered_claim_is_retried_and_a_new_guest_is_copied_not_taken_over()
-{
-    let c = Clock(Instant::now());
-    // The arbiter cannot be used at first: the claim is repeated at each tick although
-    // the restarted peer is heard.
-    let mut s = ready(&c);
-    assert!(has(
-        &says_fully(&mut s, 2, Role::Starting, 1, whole(0)),
-        &Action::Claim
-    ));
-    s.on(Input::Claimed(Err("share missing".into())));
-    assert!(has(&tick(&mut s, c.at(30), true), &Action::Claim));
-    assert!(has(&s.on(won(2)), &Action::TakeOver));
-    // Arbiter none, the new process already runs a guest of its own: this replica is
-    // of the old guest, so it is copied again, never taken over from.
-    let mut n = ready_under_arbiter_none(&c);
-    let live = Standing::Live {
-        data: DATA,
-        generation: 0,
-    };
-    let a = says_fully(&mut n, 2, Role::Primary, 0, live);
-    assert!(!has(&a, &Action::TakeOver), "{a:?}");
-    assert!(has(&a, &Action::ResetReplica) && has(&a, &Action::Send(Message::Join)));
-}
-
-#[test]
-fn a_starting_node_that_loses_its_claim_says_who_holds_the_guest_and_a_loser_is_superseded() {
-    let c = Clock(Instant::now());
-    let mut s = Session::new(cfg(ArbiterKind::Claims), 1, whole(1), c.0);
-    assert!(has(&tick(&mut s, c.at(301), false), &Action::Claim));
-    s.on(lost(2));
-    assert_eq!(s.role(), Role::Starting, "lost: waits for the primary");
-    assert_eq!(
-        s.generation(),
-        1,
-        "a generation is never learnt from the arbiter"
-    );
-    for at in [400, 1000, 5000] {
-        let a = tick(&mut s, c.at(at), false);
-        assert!(
-            !has(&a, &Action::Claim),
-            "no new claim before the peer is heard"
-        );
-        let w = s.waiting().unwrap_or_default();
-        assert!(w.contains("b holds generation 2"), "{w}");
-    }
-    // A primary that loses the arbiter to its peer no longer holds the pair's data.
-    let mut p = protected(&c);
-    tick(&mut p, c.at(700), false);
-    p.on(lost(2));
-    assert_eq!(p.role(), Role::Fenced);
-    assert!(matches!(
-        p.standing(),
-        Standing::Incomplete {
-            reason: Incomplete::Superseded,
-            ..
-        }
-    ));
 }
