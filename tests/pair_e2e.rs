@@ -579,3 +579,57 @@ fn a_coserver_refuses_an_arbiter_directory_of_another_identity_and_a_half_copy_a
     assert_eq!(o.status.code(), Some(125), "{err}");
     assert!(err.contains("cannot be designated"), "{err}");
 }
+
+/// Runs `ftvm coserver` on `cfg` for at most `limit`: its exit code (None if it was
+/// still running and was killed) and its stderr.
+fn coserver_for(cfg: &Path, limit: Duration) -> (Option<i32>, String) {
+    let mut child = ftvm()
+        .args(["coserver", "--config", s(cfg)])
+        .env("FTVM_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn coserver");
+    let start = Instant::now();
+    let code = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break st.code();
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    (code, err)
+}
+
+#[test]
+fn a_claim_that_reached_the_arbiter_before_its_holder_crashed_is_still_its_own() {
+    // Node a's claim of generation 1 reached the shared directory, then a died before
+    // it recorded anything (an error after the link, an NFS reply lost, a crash): its
+    // next process, knowing generation 0, claims generation 1 again and finds it is its
+    // own. A claim named for the other node is lost, and the node says who holds it.
+    for (holder, boots) in [("a", true), ("b", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let arbiter = dir.path().join("arbiter");
+        std::fs::create_dir(&arbiter).unwrap();
+        std::fs::write(arbiter.join("gen-1"), holder).unwrap();
+        let guest = "cmdline = \"workload=counter steps=3 tick_ms=1\"";
+        let cfg = lone_config(dir.path(), guest, "", &arbiter, 47141);
+        let (code, err) = coserver_for(&cfg, Duration::from_secs(if boots { 60 } else { 3 }));
+        if boots {
+            assert_eq!(code, Some(0), "{err}");
+            assert!(err.contains("won the arbiter (generation 1)"), "{err}");
+        } else {
+            assert_eq!(code, None, "it must wait, not boot or fail:\n{err}");
+            assert!(err.contains("b holds generation 1"), "{err}");
+            assert!(!err.contains("won the arbiter"), "{err}");
+        }
+    }
+}
