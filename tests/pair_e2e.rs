@@ -11,11 +11,14 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use std::net::SocketAddr;
+
 use common::*;
+
 use ftvm_coserver::protocol::{Incomplete, Standing};
 use pair::{
-    field, kv, protected_pair, setup, spec, wait_until, write_config, CoServer, COUNTER, GUEST_IP,
-    LIMIT,
+    field, kv, protected_pair, setup, spec, test_config, wait_until, write_config, ArbiterConfig,
+    CoServer, Config, LinkConfig, COUNTER, GUEST_IP, LIMIT,
 };
 
 /// A disk guest long enough to pause a node, fail over and copy again while it runs
@@ -465,41 +468,25 @@ fn a_node_whose_copy_was_cut_short_never_boots_the_guest_even_after_a_restart() 
     }
 }
 
-/// The configuration of a CoServer that never finds a peer: `guest` and `host` lines
-/// added to those sections, links on loopback ports from `port`.
-fn lone_config(dir: &Path, guest: &str, host: &str, arbiter: &Path, port: u16) -> PathBuf {
+/// The configuration of a CoServer that never finds a peer (links on loopback ports
+/// from `port`, arbiter directory `arbiter`, control on the default address), as `edit`
+/// changes it.
+fn lone_config(dir: &Path, arbiter: &Path, port: u16, edit: impl FnOnce(&mut Config)) -> PathBuf {
+    let link = |n: u16| LinkConfig {
+        local: SocketAddr::from(([127, 0, 0, 1], port + 2 * n)),
+        peer: SocketAddr::from(([127, 0, 0, 1], port + 2 * n + 1)),
+    };
+    let mut config = test_config(
+        "a",
+        dir.join("state"),
+        vec![link(0), link(1)],
+        ArbiterConfig::SharedStorage {
+            path: arbiter.to_path_buf(),
+        },
+    );
+    edit(&mut config);
     let cfg = dir.join("a.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"node = "a"
-[guest]
-mem_mib = 64
-{guest}
-[host]
-state_dir = "{state}"
-{host}
-[[link]]
-local = "127.0.0.1:{p1}"
-peer = "127.0.0.1:{p2}"
-[[link]]
-local = "127.0.0.1:{p3}"
-peer = "127.0.0.1:{p4}"
-[arbiter]
-kind = "shared-storage"
-path = "{arb}"
-[security]
-psk = "pair-test-key-0123456789"
-"#,
-            state = dir.join("state").display(),
-            arb = arbiter.display(),
-            p1 = port,
-            p2 = port + 1,
-            p3 = port + 2,
-            p4 = port + 3,
-        ),
-    )
-    .unwrap();
+    std::fs::write(&cfg, config.to_toml().unwrap()).unwrap();
     cfg
 }
 
@@ -507,7 +494,7 @@ psk = "pair-test-key-0123456789"
 fn a_coserver_refuses_to_start_without_its_arbiter_directory() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("not-mounted/ftvm-arbiter");
-    let cfg = lone_config(dir.path(), "", "", &missing, 47101);
+    let cfg = lone_config(dir.path(), &missing, 47101, |_| {});
     let o = run_ftvm(&["coserver", "--config", s(&cfg)]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(125), "{err}");
@@ -528,8 +515,10 @@ fn a_coserver_refuses_to_start_without_its_tap() {
     let dir = tempfile::tempdir().unwrap();
     let arbiter = dir.path().join("arbiter");
     std::fs::create_dir(&arbiter).unwrap();
-    let guest = "mac = \"52:54:00:f7:00:01\"\nip = \"10.0.99.2\"";
-    let cfg = lone_config(dir.path(), guest, "tap = \"ftvmnotap9\"", &arbiter, 47111);
+    let cfg = lone_config(dir.path(), &arbiter, 47111, |c| {
+        c.guest.ip = "10.0.99.2".parse().ok();
+        c.host.tap = Some("ftvmnotap9".into());
+    });
     let o = run_ftvm(&["coserver", "--config", s(&cfg)]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(125), "{err}");
@@ -560,7 +549,7 @@ fn a_coserver_refuses_an_arbiter_directory_of_another_identity_and_a_half_copy_a
     std::fs::create_dir_all(&state).unwrap();
     let used_id = std::fs::read_to_string(used.join("arbiter-id")).unwrap();
     std::fs::write(state.join("arbiter-id"), &used_id).unwrap();
-    let cfg = lone_config(dir.path(), "", "", &other, 47121);
+    let cfg = lone_config(dir.path(), &other, 47121, |_| {});
     let o = run_ftvm(&["coserver", "--config", s(&cfg)]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(125), "{err}");
@@ -572,7 +561,7 @@ fn a_coserver_refuses_an_arbiter_directory_of_another_identity_and_a_half_copy_a
     // designated as the pair's data.
     let second = dir.path().join("second");
     std::fs::create_dir_all(second.join("state")).unwrap();
-    let cfg = lone_config(&second, "", "", &used, 47131);
+    let cfg = lone_config(&second, &used, 47131, |_| {});
     std::fs::write(second.join("state/replica-incomplete"), "x").unwrap();
     let o = run_ftvm(&["coserver", "--config", s(&cfg), "--initial-primary"]);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -620,8 +609,9 @@ fn a_claim_that_reached_the_arbiter_before_its_holder_crashed_is_still_its_own()
         let arbiter = dir.path().join("arbiter");
         std::fs::create_dir(&arbiter).unwrap();
         std::fs::write(arbiter.join("gen-1"), holder).unwrap();
-        let guest = "cmdline = \"workload=counter steps=3 tick_ms=1\"";
-        let cfg = lone_config(dir.path(), guest, "", &arbiter, 47141);
+        let cfg = lone_config(dir.path(), &arbiter, 47141, |c| {
+            c.guest.cmdline = "workload=counter steps=3 tick_ms=1".into();
+        });
         let (code, err) = coserver_for(&cfg, Duration::from_secs(if boots { 60 } else { 3 }));
         if boots {
             assert_eq!(code, Some(0), "{err}");

@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Errors of loading a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +39,7 @@ pub enum ConfigError {
 }
 
 /// One CoServer's configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// This node's name (unique in the pair).
@@ -67,7 +67,7 @@ pub struct Config {
 }
 
 /// The guest both CoServers run.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GuestConfig {
     /// Kernel image; default the built-in test guest.
@@ -86,7 +86,7 @@ pub struct GuestConfig {
 }
 
 /// This host's replica of the guest's devices.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostConfig {
     /// This host's replica of the guest's disk (raw image; same size on both hosts).
@@ -99,7 +99,7 @@ pub struct HostConfig {
 }
 
 /// One link: this end's address and the peer's.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinkConfig {
     /// Address this node listens on.
@@ -109,7 +109,7 @@ pub struct LinkConfig {
 }
 
 /// Heartbeat timing.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatConfig {
     /// Interval in milliseconds (10 to 1000).
@@ -142,7 +142,7 @@ impl HeartbeatConfig {
 }
 
 /// Checkpoint replication.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicationConfig {
     /// How the pair replicates: "checkpoint".
@@ -168,6 +168,12 @@ impl Default for ReplicationConfig {
 }
 
 impl Config {
+    /// The configuration as TOML, as [`Config::load`] reads it (tools and tests write
+    /// configurations from this struct rather than by hand).
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
+    }
+
     /// How long a primary waits for an acknowledgement before it treats the secondary
     /// as lost.
     pub fn ack_timeout(&self) -> Duration {
@@ -178,7 +184,7 @@ impl Config {
 }
 
 /// The arbiter consulted before taking over.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum ArbiterConfig {
     /// A lock on storage both hosts see (a directory).
@@ -195,7 +201,7 @@ pub enum ArbiterConfig {
 }
 
 /// The control API.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlConfig {
     /// Listen address (localhost by default).
@@ -212,7 +218,7 @@ impl Default for ControlConfig {
 }
 
 /// Link authentication.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecurityConfig {
     /// The pre-shared key, inline (at least 16 characters).

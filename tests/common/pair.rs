@@ -9,6 +9,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::net::SocketAddr;
+
+pub use ftvm_coserver::config::{
+    ArbiterConfig, Config, ControlConfig, GuestConfig, HeartbeatConfig, HostConfig, LinkConfig,
+    ReplicationConfig, SecurityConfig,
+};
 use ftvm_coserver::netns::ip;
 
 use crate::common::{kvm_available, root_available};
@@ -228,6 +234,47 @@ pub enum TestArbiter {
     NoneNamingA,
 }
 
+/// A CoServer configuration for tests: node `name` with `links` and `arbiter`, a 64 MiB
+/// built-in guest without devices, control on 127.0.0.1:7200, the tests' key, defaults
+/// elsewhere; tests change what they need and write it with [`Config::to_toml`].
+pub fn test_config(
+    name: &str,
+    state_dir: PathBuf,
+    links: Vec<LinkConfig>,
+    arbiter: ArbiterConfig,
+) -> Config {
+    Config {
+        node: name.into(),
+        guest: GuestConfig {
+            kernel: None,
+            cmdline: String::new(),
+            mem_mib: 64,
+            mac: "52:54:00:f7:00:01".into(),
+            ip: None,
+        },
+        host: HostConfig {
+            disk: None,
+            tap: None,
+            state_dir,
+        },
+        links,
+        heartbeat: HeartbeatConfig {
+            interval_ms: 50,
+            misses: 3,
+        },
+        replication: ReplicationConfig::default(),
+        arbiter,
+        control: ControlConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7200)),
+        },
+        security: SecurityConfig {
+            psk: Some("pair-test-key-0123456789".into()),
+            psk_file: None,
+            encrypt: true,
+        },
+    }
+}
+
 /// Writes the configuration of node `name` (index 0 = A, 1 = B) into `dir`.
 pub fn write_config(dir: &Path, index: usize, guest: &GuestSpec) -> PathBuf {
     let name = ["a", "b"][index];
@@ -235,66 +282,44 @@ pub fn write_config(dir: &Path, index: usize, guest: &GuestSpec) -> PathBuf {
         TestArbiter::OwnDirectories => dir.join(format!("arbiter-{name}")),
         TestArbiter::Shared | TestArbiter::NoneNamingA => dir.join("arbiter"),
     };
-    let (me, peer) = if index == 0 { (1, 2) } else { (2, 1) };
+    let (me, peer): (u8, u8) = if index == 0 { (1, 2) } else { (2, 1) };
     let disk = match (&guest.b_disk_dir, index) {
         (Some(d), 1) => d.join(format!("disk-{name}.img")),
         _ => dir.join(format!("disk-{name}.img")),
     };
-    let mut host = format!(
-        "state_dir = \"{}\"\n",
-        dir.join(format!("state-{name}")).display()
-    );
     if guest.disk_mib > 0 {
         let f = std::fs::File::create(&disk).expect("disk image");
         f.set_len(guest.disk_mib << 20).expect("disk size");
-        host += &format!("disk = \"{}\"\n", disk.display());
     }
-    if guest.network {
-        host += "tap = \"tap0\"\n";
-    }
-    let text = format!(
-        r#"node = "{name}"
-[guest]
-cmdline = "{cmdline}"
-mem_mib = 64
-ip = "{GUEST_IP}"
-[host]
-{host}
-[[link]]
-local = "10.1.1.{me}:7100"
-peer = "10.1.1.{peer}:7100"
-[[link]]
-local = "10.1.2.{me}:7100"
-peer = "10.1.2.{peer}:7100"
-[heartbeat]
-interval_ms = {interval}
-misses = {misses}
-[replication]
-epoch_ms = {epoch}
-[arbiter]
-{arbiter}
-[control]
-listen = "127.0.0.1:7200"
-[security]
-psk = "pair-test-key-0123456789"
-"#,
-        cmdline = guest.cmdline,
-        interval = guest.heartbeat.0,
-        misses = guest.heartbeat.1,
-        epoch = guest.epoch_ms,
-        arbiter = match guest.arbiter {
-            TestArbiter::NoneNamingA => "kind = \"none\"\nprimary = \"a\"".to_string(),
-            TestArbiter::Shared | TestArbiter::OwnDirectories => {
-                format!(
-                    "kind = \"shared-storage\"\npath = \"{}\"",
-                    arbiter.display()
-                )
-            }
+    let link = |subnet: u8| LinkConfig {
+        local: SocketAddr::from(([10, 1, subnet, me], 7100)),
+        peer: SocketAddr::from(([10, 1, subnet, peer], 7100)),
+    };
+    let mut config = test_config(
+        name,
+        dir.join(format!("state-{name}")),
+        vec![link(1), link(2)],
+        match guest.arbiter {
+            TestArbiter::NoneNamingA => ArbiterConfig::None {
+                primary: "a".into(),
+            },
+            TestArbiter::Shared | TestArbiter::OwnDirectories => ArbiterConfig::SharedStorage {
+                path: arbiter.clone(),
+            },
         },
     );
+    config.guest.cmdline = guest.cmdline.clone();
+    config.guest.ip = GUEST_IP.parse().ok();
+    config.host.disk = (guest.disk_mib > 0).then_some(disk);
+    config.host.tap = guest.network.then(|| "tap0".to_string());
+    config.heartbeat = HeartbeatConfig {
+        interval_ms: guest.heartbeat.0,
+        misses: guest.heartbeat.1,
+    };
+    config.replication.epoch_ms = guest.epoch_ms;
     std::fs::create_dir_all(&arbiter).expect("arbiter directory");
     let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).expect("write config");
+    std::fs::write(&path, config.to_toml().expect("config as TOML")).expect("write config");
     path
 }
 

@@ -11,11 +11,16 @@
 mod network;
 
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
 
+use crate::config::{
+    ArbiterConfig, Config, ControlConfig, GuestConfig, HeartbeatConfig, HostConfig, LinkConfig,
+    ReplicationConfig, SecurityConfig,
+};
 use crate::control;
 
 /// Errors of the demo.
@@ -55,43 +60,57 @@ fn free_port() -> Result<u16, DemoError> {
     Ok(l.local_addr().map_err(setup)?.port())
 }
 
+/// The configuration of demo member `name`: links on loopback ports (`(local, peer)`
+/// pairs), the control API on `control`, the guest's command line and tap.
 fn config(
     dir: &Path,
     name: &str,
     links: &[(u16, u16)],
     control: u16,
-    (guest, host): (&str, &str),
-) -> String {
-    let mut text = format!(
-        r#"node = "{name}"
-[guest]
-{guest}
-mem_mib = 64
-[host]
-{host}
-disk = "{disk}"
-state_dir = "{state}"
-[heartbeat]
-interval_ms = 20
-misses = 5
-[replication]
-epoch_ms = 10
-[arbiter]
-kind = "shared-storage"
-path = "{arb}"
-[control]
-listen = "127.0.0.1:{control}"
-[security]
-psk = "ftvm-demo-pre-shared-key"
-"#,
-        disk = dir.join(format!("disk-{name}.img")).display(),
-        state = dir.join(format!("state-{name}")).display(),
-        arb = dir.join("arbiter").display(),
-    );
-    for (local, peer) in links {
-        text += &format!("[[link]]\nlocal = \"127.0.0.1:{local}\"\npeer = \"127.0.0.1:{peer}\"\n");
+    (cmdline, tap): (String, Option<String>),
+) -> Config {
+    let lo = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    Config {
+        node: name.into(),
+        guest: GuestConfig {
+            kernel: None,
+            cmdline,
+            mem_mib: 64,
+            mac: "52:54:00:f7:00:01".into(),
+            ip: tap.as_ref().and_then(|_| network::GUEST_IP.parse().ok()),
+        },
+        host: HostConfig {
+            disk: Some(dir.join(format!("disk-{name}.img"))),
+            tap,
+            state_dir: dir.join(format!("state-{name}")),
+        },
+        links: links
+            .iter()
+            .map(|&(local, peer)| LinkConfig {
+                local: lo(local),
+                peer: lo(peer),
+            })
+            .collect(),
+        heartbeat: HeartbeatConfig {
+            interval_ms: 20,
+            misses: 5,
+        },
+        replication: ReplicationConfig {
+            epoch_ms: 10,
+            ..ReplicationConfig::default()
+        },
+        arbiter: ArbiterConfig::SharedStorage {
+            path: dir.join("arbiter"),
+        },
+        control: ControlConfig {
+            listen: lo(control),
+        },
+        security: SecurityConfig {
+            psk: Some("ftvm-demo-pre-shared-key".into()),
+            psk_file: None,
+            encrypt: true,
+        },
     }
-    text
 }
 
 /// Console lines of both members, tagged, with arrival times.
@@ -181,18 +200,15 @@ pub fn run(opts: &DemoOptions) -> Result<i32, DemoError> {
     let disk_mib = (opts.blocks * 4096).div_ceil(1 << 20) + 1;
     let guest = |name: &str| match net {
         Some(_) => (
-            format!(
-                "cmdline = \"workload=net ip={ip}/24\"\nip = \"{ip}\"",
-                ip = network::GUEST_IP
-            ),
-            format!("tap = \"tap{name}\""),
+            format!("workload=net ip={}/24", network::GUEST_IP),
+            Some(format!("tap{name}")),
         ),
         None => (
             format!(
-                "cmdline = \"workload=disk blocks={} batch=1 pace_us=1000 progress=256\"",
+                "workload=disk blocks={} batch=1 pace_us=1000 progress=256",
                 opts.blocks
             ),
-            String::new(),
+            None,
         ),
     };
     let ports: Vec<u16> = (0..6).map(|_| free_port()).collect::<Result<_, _>>()?;
@@ -208,8 +224,10 @@ pub fn run(opts: &DemoOptions) -> Result<i32, DemoError> {
             .and_then(|f| f.set_len(disk_mib << 20))
             .map_err(setup)?;
         let cfg = dir.join(format!("{name}.toml"));
-        let (g, h) = guest(name);
-        std::fs::write(&cfg, config(&dir, name, &links, control, (&g, &h))).map_err(setup)?;
+        let text = config(&dir, name, &links, control, guest(name))
+            .to_toml()
+            .map_err(setup)?;
+        std::fs::write(&cfg, text).map_err(setup)?;
         println!("== starting CoServer {name} ({})", cfg.display());
         members.push(spawn(
             name,
