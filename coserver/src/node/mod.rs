@@ -124,6 +124,13 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
     if opts.initial_primary && record.designate()? {
         tracing::warn!(standing = %record.standing().describe(), "this host's replica is designated as the pair's data");
     }
+    if cfg.host.disk.is_some()
+        && record.standing().data() == Some(crate::replication::record::DISKLESS)
+    {
+        // Recorded while the guest had no disk: says nothing of the disk it has now.
+        tracing::warn!("this host's replica was recorded without a disk; it now has one and holds no recorded pair data");
+        record.discard()?;
+    }
     if cfg.host.disk.is_none() && record.standing() == Standing::Blank {
         // A guest without a disk has no data to lose: any node may boot it fresh, and
         // both nodes hold the same (empty) data.
