@@ -468,9 +468,8 @@ fn a_node_whose_copy_was_cut_short_never_boots_the_guest_even_after_a_restart() 
     }
 }
 
-/// The configuration of a CoServer that never finds a peer (links on loopback ports
-/// from `port`, arbiter directory `arbiter`, control on the default address), as `edit`
-/// changes it.
+/// The configuration of a CoServer that never finds a peer (links and control on
+/// loopback ports from `port`, arbiter directory `arbiter`), as `edit` changes it.
 fn lone_config(dir: &Path, arbiter: &Path, port: u16, edit: impl FnOnce(&mut Config)) -> PathBuf {
     let link = |n: u16| LinkConfig {
         local: SocketAddr::from(([127, 0, 0, 1], port + 2 * n)),
@@ -484,6 +483,8 @@ fn lone_config(dir: &Path, arbiter: &Path, port: u16, edit: impl FnOnce(&mut Con
             path: arbiter.to_path_buf(),
         },
     );
+    // Its own control port: lone CoServers run in this machine's namespace.
+    config.control.listen = SocketAddr::from(([127, 0, 0, 1], port + 4));
     edit(&mut config);
     let cfg = dir.join("a.toml");
     std::fs::write(&cfg, config.to_toml().unwrap()).unwrap();
