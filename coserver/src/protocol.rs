@@ -110,9 +110,11 @@ impl Incomplete {
     /// In words, for status and alerts.
     pub fn describe(self) -> &'static str {
         match self {
-            Incomplete::Copying => "a copy was under way",
-            Incomplete::Applying => "it was following the primary's stream",
-            Incomplete::Superseded => "the guest ran on elsewhere after it",
+            Incomplete::Copying => "copying: a copy was under way",
+            Incomplete::Applying => {
+                "applying: it follows (or followed) the primary's stream; after a crash of this host it is copied again"
+            }
+            Incomplete::Superseded => "superseded: the guest ran on elsewhere after it",
         }
     }
 }

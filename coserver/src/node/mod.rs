@@ -121,7 +121,7 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
         tracing::warn!(was = %record.standing().describe(), "discarding this host's replica: it will be copied over");
         record.discard()?;
     }
-    if opts.initial_primary && record.designate()? {
+    if opts.initial_primary && record.designate(known.get())? {
         tracing::warn!(standing = %record.standing().describe(), "this host's replica is designated as the pair's data");
     }
     if cfg.host.disk.is_some()

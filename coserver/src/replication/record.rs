@@ -135,17 +135,19 @@ impl ReplicaRecord {
         Ok(())
     }
 
-    /// The operator designates this host's replica as the pair's data (first
-    /// deployment): a blank record becomes whole data of a new identity; a whole or
-    /// live one is left as it is; an incomplete one is refused.
-    pub fn designate(&mut self) -> Result<bool, RecordError> {
+    /// The operator designates this host's replica as the pair's data (a first
+    /// deployment, or a replica moved away to start over from this disk): a blank
+    /// record becomes whole data of a new identity at `generation` (the highest this
+    /// node knows, so no generation it knows of is newer); a whole or live one is left
+    /// as it is; an incomplete one is refused.
+    pub fn designate(&mut self, generation: u64) -> Result<bool, RecordError> {
         match self.standing {
             Standing::Blank => {
                 let mut id = [0u8; 8];
                 crate::link::handshake::fill_random(&mut id);
                 self.set(Standing::Whole {
                     data: u64::from_le_bytes(id),
-                    generation: 0,
+                    generation,
                     epoch: 0,
                 })?;
                 Ok(true)
@@ -186,11 +188,19 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut r = ReplicaRecord::load(d.path()).unwrap();
         assert_eq!(r.standing(), Standing::Blank);
-        assert!(r.designate().unwrap(), "a blank replica is designated");
-        let Standing::Whole { data, .. } = r.standing() else {
+        assert!(r.designate(3).unwrap(), "a blank replica is designated");
+        let Standing::Whole {
+            data,
+            generation: 3,
+            ..
+        } = r.standing()
+        else {
             panic!("{:?}", r.standing());
         };
-        assert!(!r.designate().unwrap(), "designating twice changes nothing");
+        assert!(
+            !r.designate(3).unwrap(),
+            "designating twice changes nothing"
+        );
         assert_eq!(
             ReplicaRecord::load(d.path()).unwrap().standing(),
             r.standing()
@@ -203,7 +213,7 @@ mod tests {
         let again = ReplicaRecord::load(d.path()).unwrap();
         assert_eq!(again.standing(), r.standing());
         assert!(
-            matches!(r.designate(), Err(RecordError::NotDesignable(_))),
+            matches!(r.designate(3), Err(RecordError::NotDesignable(_))),
             "an incomplete replica is never designated"
         );
         std::fs::write(d.path().join(FILE), "{ not json").unwrap();

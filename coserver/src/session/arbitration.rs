@@ -38,8 +38,9 @@ impl Session {
                 // vouch for a generation, or a stale node could win the next one. No
                 // new claim until the peer is heard: it ran the guest after this host.
                 let why = format!(
-                    "{holder} holds generation {generation} of the arbiter: the guest ran there after this host's replica; waiting to hear it (start it; if that host is gone for good, see \"Choosing an arbiter\" in docs/operations.md, then restart this CoServer)"
+                    "{holder} holds generation {generation} of the arbiter (it started the guest meanwhile, or ran it after this host's replica); waiting to hear it (start it; if that host is gone for good, see \"Choosing an arbiter\" in docs/operations.md, then restart this CoServer)"
                 );
+                self.arbiter_error = None;
                 self.claim_lost = Some(why.clone());
                 self.alert(out, format!("waiting, the guest is not booted here: {why}"));
                 self.waiting = Some(why);
@@ -47,10 +48,10 @@ impl Session {
             }
             (State::Starting { .. }, Ok(Claim::Refused)) => self.restart_wait(),
             (State::Starting { .. }, Err(e)) => {
-                self.alert_once(
-                    out,
-                    format!("no primary heard, and the arbiter cannot be used: {e}"),
-                );
+                let why = format!("no primary heard, and the arbiter cannot be used: {e}");
+                self.alert_once(out, why.clone());
+                self.arbiter_error = Some(why.clone());
+                self.waiting = Some(why);
                 self.restart_wait();
             }
             (State::Primary(p), claim) => {

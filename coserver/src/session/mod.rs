@@ -214,6 +214,8 @@ pub struct Session {
     /// A starting node lost its claim to this holder of a later generation: it waits
     /// for the peer to be heard rather than claim again.
     claim_lost: Option<String>,
+    /// A starting node's last claim found the arbiter unusable (it claims again).
+    arbiter_error: Option<String>,
     last_tick: Option<Instant>,
     exit: Option<i32>,
     last_alert: Option<String>,
@@ -231,6 +233,7 @@ impl Session {
             standing,
             waiting: None,
             claim_lost: None,
+            arbiter_error: None,
             last_tick: None,
             exit: None,
             last_alert: None,
@@ -511,7 +514,13 @@ impl Session {
             }
             return;
         }
-        self.waiting = None;
+        self.waiting = self.arbiter_error.clone();
+        if let ArbiterKind::None { starts: false } = self.cfg.arbiter {
+            self.waiting = Some(
+                "arbiter none names the other node as the one that starts the guest; waiting for it"
+                    .into(),
+            );
+        }
         if now.saturating_duration_since(since) < self.cfg.start_wait {
             return;
         }

@@ -203,3 +203,24 @@ fn a_starting_node_that_loses_its_claim_says_who_holds_the_guest_and_a_loser_is_
         }
     ));
 }
+
+#[test]
+fn a_waiting_node_says_why_while_the_arbiter_cannot_be_used_or_names_another_primary() {
+    let c = Clock(Instant::now());
+    let mut s = Session::new(cfg(ArbiterKind::Claims), 0, whole(0), c.0);
+    assert!(has(&tick(&mut s, c.at(301), false), &Action::Claim));
+    s.on(Input::Claimed(Err("share missing".into())));
+    for at in [310, 500] {
+        tick(&mut s, c.at(at), false);
+        let w = s.waiting().unwrap_or_default();
+        assert!(w.contains("share missing"), "{w}");
+    }
+    assert!(
+        has(&tick(&mut s, c.at(700), false), &Action::Claim),
+        "an unusable arbiter is asked again"
+    );
+    let mut other = Session::new(cfg(ArbiterKind::None { starts: false }), 0, whole(0), c.0);
+    tick(&mut other, c.at(1000), false);
+    let w = other.waiting().unwrap_or_default();
+    assert!(w.contains("arbiter none names the other node"), "{w}");
+}
