@@ -10,7 +10,7 @@ mod soak;
 
 /// The short run's seed (`FTVM_SOAK_SEED`, hexadecimal, to try another).
 const SEED: u64 = 0x5eed_0011;
-/// The short run's faults.
+/// The short run's faults: one of each kind.
 const FAULTS: usize = 8;
 
 #[test]
@@ -33,6 +33,10 @@ fn a_short_fault_soak_loses_no_acknowledged_write_and_never_runs_two_primaries()
         r.longest_outage.as_secs_f64() * 1000.0
     ));
     assert!(r.clean(), "{table}");
-    assert_eq!(r.faults.len(), 7, "every kind of fault ran once:\n{table}");
+    assert_eq!(
+        r.faults.len(),
+        FAULTS,
+        "every kind of fault ran once:\n{table}"
+    );
     assert!(r.sets > 0 && r.samples > 0, "{table}");
 }

@@ -172,6 +172,19 @@ impl PairNet {
         .expect("set link");
     }
 
+    /// Cuts (or restores) both links in one direction only: what host `from` (0: A,
+    /// 1: B) sends to the other is dropped (a blackhole route to the peer's link
+    /// addresses), what it receives still arrives.
+    pub fn cut_one_way(&self, from: usize, cut: bool) {
+        let peer = if from == 0 { 2 } else { 1 };
+        for subnet in ["10.1.1", "10.1.2"] {
+            let dest = format!("{subnet}.{peer}/32");
+            let verb = if cut { "add" } else { "del" };
+            ip(&["-n", &self.ns[from], "route", verb, "blackhole", &dest])
+                .expect("blackhole route");
+        }
+    }
+
     /// Runs `f` on a thread inside the client LAN namespace.
     pub fn in_lan<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         self.in_ns(2, f)

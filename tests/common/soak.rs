@@ -2,8 +2,8 @@
 //! the benchmark `soak` 40): the guest serves its TCP key-value store (on its disk) to
 //! a client that SETs keys over one connection, while faults drawn from a stated seed
 //! hit the pair — SIGKILL and restart of either CoServer (within 1 s or after 2 s),
-//! SIGSTOP beyond the failure timeout, one link down, all links down, a partition
-//! during a copy, both CoServers killed and restarted. After each fault, once the pair
+//! SIGSTOP beyond the failure timeout, one link down, all links down, all links cut in
+//! one direction, a partition during a copy, both CoServers killed and restarted. After each fault, once the pair
 //! is protected again, it checks that one CoServer runs the guest, that every SET the
 //! client saw acknowledged reads back (each GET reads the guest's disk), and that the
 //! guest's uptime never went back (it was not rebooted) unless both CoServers were down.
@@ -36,18 +36,22 @@ pub enum Fault {
     OneLinkDown,
     /// Every link down for a second (the arbiter decides).
     AllLinksDown,
+    /// Every link cut in one direction for a second: one host hears the other but is
+    /// not heard.
+    OneWayCut,
     /// The secondary restarted, and every link cut while it is being copied.
     PartitionDuringCopy,
     /// Both CoServers killed and started again: the guest reboots from its disk.
     RestartBoth,
 }
 
-const KINDS: [Fault; 7] = [
+const KINDS: [Fault; 8] = [
     Fault::KillRestartFast,
     Fault::KillRestartSlow,
     Fault::Stop,
     Fault::OneLinkDown,
     Fault::AllLinksDown,
+    Fault::OneWayCut,
     Fault::PartitionDuringCopy,
     Fault::RestartBoth,
 ];
@@ -61,6 +65,7 @@ impl Fault {
             Fault::Stop => "SIGSTOP past the timeout",
             Fault::OneLinkDown => "one link down",
             Fault::AllLinksDown => "all links down",
+            Fault::OneWayCut => "all links cut one way",
             Fault::PartitionDuringCopy => "partition during a copy",
             Fault::RestartBoth => "both CoServers restarted",
         }
@@ -511,6 +516,12 @@ pub fn run(net: &PairNet, dir: &std::path::Path, seed: u64, count: usize) -> Soa
                 std::thread::sleep(Duration::from_secs(1));
                 net.link(1, true);
                 net.link(2, true);
+            }
+            Fault::OneWayCut => {
+                // What the chosen node sends is lost; it still hears the other.
+                net.cut_one_way(target, true);
+                std::thread::sleep(Duration::from_secs(1));
+                net.cut_one_way(target, false);
             }
             Fault::PartitionDuringCopy => {
                 let config = nodes.kill(s);
