@@ -184,6 +184,10 @@ struct Secondary {
     /// The primary's process is gone (its CoServer restarted) although the peer is
     /// heard: take over as if it were lost.
     primary_gone: bool,
+    /// Applies that failed since the last full copy was applied.
+    failures: u32,
+    /// A new copy to ask for once the back-off after repeated failures has passed.
+    resync_at: Option<(Instant, String)>,
 }
 
 /// The peer as last heard.
@@ -477,6 +481,13 @@ impl Session {
                 }
             }
             State::Secondary(s) => {
+                if let Some((at, _)) = &s.resync_at {
+                    if now >= *at {
+                        let reason = s.resync_at.take().map(|(_, r)| r).unwrap_or_default();
+                        s.join_sent = Some(now);
+                        out.push(Action::Send(Message::Resync { reason }));
+                    }
+                }
                 if alive && !s.primary_gone {
                     if s.join_sent.is_some_and(|t| now - t > self.cfg.ack_timeout) {
                         s.join_sent = Some(now);
@@ -555,6 +566,8 @@ impl Session {
             progress: ReplicaProgress::default(),
             join_sent: Some(now),
             primary_gone: false,
+            failures: 0,
+            resync_at: None,
         }));
         out.push(Action::Send(Message::Join));
     }

@@ -440,11 +440,18 @@ fn a_secondary_takes_copies_in_order_and_checkpoints_that_follow() {
         CopyCheck::Resync(ResyncReason::Gap { got: 13, have: 11 })
     ));
     let a = r.on(Input::ApplyFailed("disk full".into()));
-    assert!(has(&a, &Action::ResetReplica));
-    assert!(
-        matches!(a.last(), Some(Action::Send(Message::Resync { reason })) if reason == "disk full")
-    );
+    let resync = Action::Send(Message::Resync {
+        reason: "disk full".into(),
+    });
+    assert!(has(&a, &Action::ResetReplica) && has(&a, &resync), "{a:?}");
     assert!(!r.replica().unwrap().is_ready());
+    // The next copy fails too: the new one is asked for after a back-off (twice the
+    // acknowledgement timeout), not at once.
+    tick(&mut r, c.at(20), true);
+    let a = r.on(Input::ApplyFailed("disk full".into()));
+    assert!(!has(&a, &resync), "{a:?}");
+    assert!(!has(&tick(&mut r, c.at(200), true), &resync));
+    assert!(has(&tick(&mut r, c.at(221), true), &resync));
 }
 
 #[test]
