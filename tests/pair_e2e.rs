@@ -6,8 +6,6 @@ mod common;
 #[path = "common/pair.rs"]
 mod pair;
 
-use std::io::BufReader;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -17,8 +15,9 @@ use common::*;
 
 use ftvm_coserver::protocol::{Incomplete, Standing};
 use pair::{
-    field, kv, protected_pair, setup, spec, test_config, wait_until, write_config, ArbiterConfig,
-    CoServer, Config, LinkConfig, COUNTER, GUEST_IP, LIMIT,
+    field, get_keys, kv, kv_connect, protected_pair, set_keys, setup, spec, test_config,
+    wait_until, write_config, ArbiterConfig, CoServer, Config, LinkConfig, COUNTER, GUEST_IP,
+    LIMIT,
 };
 
 /// A disk guest long enough to pause a node, fail over and copy again while it runs
@@ -94,31 +93,11 @@ fn a_tcp_client_keeps_its_connection_and_every_acknowledged_set_across_failover(
             a
         });
         let client = net.in_lan(move || {
-            let addr = format!("{GUEST_IP}:7000").parse().unwrap();
-            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
-            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-            let mut c = BufReader::new(s);
-            let mut acked = Vec::new();
-            let mut worst = Duration::ZERO;
-            for i in 0..300u32 {
-                if i == 100 {
-                    tx.send(()).unwrap();
-                }
-                let t = Instant::now();
-                let reply =
-                    kv(&mut c, &format!("SET k{i} v{i}")).expect("SET over the same connection");
-                assert_eq!(reply, "OK", "SET k{i}");
-                acked.push(i);
-                worst = worst.max(t.elapsed());
-            }
-            for &i in &acked {
-                assert_eq!(
-                    kv(&mut c, &format!("GET k{i}")).unwrap(),
-                    format!("VALUE v{i}")
-                );
-            }
+            let mut c = kv_connect();
+            let worst = set_keys(&mut c, 300, 100, &tx);
+            get_keys(&mut c, 300);
             assert_eq!(kv(&mut c, "SHUTDOWN").unwrap(), "BYE");
-            (acked.len(), worst)
+            (300, worst)
         });
         let a = killer.join().unwrap();
         (client, a)

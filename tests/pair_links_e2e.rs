@@ -17,7 +17,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pair::{
-    field, protected_pair, setup, spec, wait_until, write_config, CoServer, GuestSpec, LIMIT,
+    field, paced_disk_with_b_on, protected_pair, setup, spec, wait_until, write_config, CoServer,
+    LIMIT,
 };
 
 /// A counter guest that runs for about a minute.
@@ -196,14 +197,7 @@ fn a_secondary_whose_apply_stalls_is_dropped_within_the_ack_timeout_and_the_gues
     let Some(fs) = LoopFs::for_test("pair_stall", dir.path(), 96) else {
         return;
     };
-    let guest = GuestSpec {
-        b_disk_dir: Some(fs.mount.clone()),
-        ..spec(
-            "workload=disk blocks=3072 batch=1 pace_us=3000 progress=128",
-            16,
-            false,
-        )
-    };
+    let guest = paced_disk_with_b_on(fs.mount.clone());
     let (mut a, b) = protected_pair(&net, dir.path(), &guest);
     fs.freeze(true);
     let frozen_at = Instant::now();

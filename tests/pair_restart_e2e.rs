@@ -10,16 +10,14 @@ mod loopfs;
 #[path = "common/pair.rs"]
 mod pair;
 
-use std::io::BufReader;
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
 use ftvm_coserver::protocol::Standing;
 use pair::{
-    kv, protected_pair, setup, spec, wait_until, write_config, CoServer, GuestSpec, TestArbiter,
-    COUNTER, GUEST_IP, LIMIT,
+    get_keys, kv, kv_connect, protected_pair, set_keys, setup, spec, wait_until, write_config,
+    CoServer, GuestSpec, TestArbiter, COUNTER, GUEST_IP, LIMIT,
 };
 
 /// Writes `blocks` blocks of generation `gen` onto the disk image `img` with a lone
@@ -129,28 +127,9 @@ fn primary_restarted_at_once(test: &str, tag: &str, arbiter: TestArbiter) {
     let lan = net.ns[2].clone();
     let client = std::thread::spawn(move || {
         ftvm_coserver::netns::run_in(&lan, move || {
-            let addr = format!("{GUEST_IP}:7000").parse().unwrap();
-            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
-            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-            let mut c = BufReader::new(s);
-            let mut worst = Duration::ZERO;
-            for i in 0..300u32 {
-                if i == 100 {
-                    tx.send(()).unwrap();
-                }
-                let t = Instant::now();
-                let reply =
-                    kv(&mut c, &format!("SET k{i} v{i}")).expect("SET on the same connection");
-                assert_eq!(reply, "OK", "SET k{i}");
-                worst = worst.max(t.elapsed());
-            }
-            for i in 0..300u32 {
-                assert_eq!(
-                    kv(&mut c, &format!("GET k{i}")).expect("GET on the same connection"),
-                    format!("VALUE v{i}"),
-                    "acknowledged SET k{i} lost"
-                );
-            }
+            let mut c = kv_connect();
+            let worst = set_keys(&mut c, 300, 100, &tx);
+            get_keys(&mut c, 300);
             // The test checks the pair first, then the guest is shut down.
             let _ = done_rx.recv();
             assert_eq!(kv(&mut c, "SHUTDOWN").unwrap(), "BYE");
@@ -266,14 +245,7 @@ fn a_secondary_whose_replica_file_system_fills_up_turns_unready_and_never_takes_
     let Some(fs) = loopfs::LoopFs::for_test("pair_full_fs", dir.path(), 40) else {
         return;
     };
-    let guest = GuestSpec {
-        b_disk_dir: Some(fs.mount.clone()),
-        ..spec(
-            "workload=disk blocks=3072 batch=1 pace_us=3000 progress=128",
-            16,
-            false,
-        )
-    };
+    let guest = pair::paced_disk_with_b_on(fs.mount.clone());
     let (mut a, b) = protected_pair(&net, dir.path(), &guest);
     let filled = fs.fill();
     assert!(

@@ -27,9 +27,9 @@
 //!
 //! The `none` arbiter never grants an automatic takeover.
 
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use crate::durable;
 
 /// Errors of the arbiter.
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +141,7 @@ impl Arbiter {
         let next = highest + 1;
         let path = dir.join(format!("gen-{next}"));
         let tmp = dir.join(format!(".claim-{next}-{:016x}", random_id()));
-        let written = write_synced(&tmp, node.as_bytes());
+        let written = durable::create_new(&tmp, node.as_bytes());
         let linked = written.and_then(|()| std::fs::hard_link(&tmp, &path));
         let _ = std::fs::remove_file(&tmp);
         match linked {
@@ -241,14 +241,8 @@ fn random_id() -> u64 {
     u64::from_le_bytes(b)
 }
 
-fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
-    f.write_all(data)?;
-    f.sync_all()
-}
-
 fn sync_dir(dir: &Path) -> Result<(), ArbiterError> {
-    crate::replication::record::sync_dir(dir).map_err(io(dir))
+    durable::sync_dir(dir).map_err(io(dir))
 }
 
 fn read_id(dir: &Path) -> Result<Option<u64>, ArbiterError> {
@@ -270,7 +264,7 @@ fn init_id(dir: &Path) -> Result<u64, ArbiterError> {
     let id = random_id();
     let path = dir.join(ID_FILE);
     let tmp = dir.join(format!(".{ID_FILE}-{id:016x}"));
-    let linked = write_synced(&tmp, format!("{id:016x}\n").as_bytes())
+    let linked = durable::create_new(&tmp, format!("{id:016x}\n").as_bytes())
         .and_then(|()| std::fs::hard_link(&tmp, &path));
     let _ = std::fs::remove_file(&tmp);
     match linked {
@@ -347,16 +341,39 @@ impl KnownGeneration {
         if g <= self.value {
             return Ok(());
         }
-        let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, format!("{g}\n")).map_err(io(&tmp))?;
-        if let Ok(f) = std::fs::File::open(&tmp) {
-            let _ = f.sync_all();
-        }
-        std::fs::rename(&tmp, &self.path).map_err(io(&self.path))?;
-        if let Some(dir) = self.path.parent() {
-            sync_dir(dir)?;
-        }
+        durable::replace(&self.path, format!("{g}\n").as_bytes()).map_err(io(&self.path))?;
         self.value = g;
+        Ok(())
+    }
+}
+
+/// The identity of the arbiter directory this node has used, kept in its state
+/// directory (`arbiter-id`, the same form as the directory's own file).
+#[derive(Debug, Clone)]
+pub struct UsedIdentity {
+    state_dir: PathBuf,
+    value: Option<u64>,
+}
+
+impl UsedIdentity {
+    /// Loads it from `state_dir` (none if never stored; a damaged file is an error).
+    pub fn load(state_dir: &Path) -> Result<Self, ArbiterError> {
+        Ok(Self {
+            state_dir: state_dir.to_path_buf(),
+            value: read_id(state_dir)?,
+        })
+    }
+
+    /// The identity, if this node has used a directory.
+    pub fn get(&self) -> Option<u64> {
+        self.value
+    }
+
+    /// Keeps `id`, durably.
+    pub fn set(&mut self, id: u64) -> Result<(), ArbiterError> {
+        let path = self.state_dir.join(ID_FILE);
+        durable::replace(&path, format!("{id:016x}\n").as_bytes()).map_err(io(&path))?;
+        self.value = Some(id);
         Ok(())
     }
 }
@@ -365,12 +382,16 @@ impl KnownGeneration {
 mod tests {
     use super::*;
 
+    fn shared(dir: impl AsRef<Path>) -> Arbiter {
+        Arbiter::SharedStorage {
+            dir: dir.as_ref().to_path_buf(),
+        }
+    }
+
     #[test]
     fn exactly_one_of_two_racing_nodes_wins_and_a_stale_one_never_does() {
         let d = tempfile::tempdir().unwrap();
-        let arb = Arbiter::SharedStorage {
-            dir: d.path().to_path_buf(),
-        };
+        let arb = shared(d.path());
         assert_eq!(
             arb.claim("a", 0, &[]).unwrap(),
             Claim::Won { generation: 1 }
@@ -409,18 +430,14 @@ mod tests {
     #[test]
     fn a_missing_directory_or_one_behind_the_known_generation_is_refused() {
         let d = tempfile::tempdir().unwrap();
-        let missing = Arbiter::SharedStorage {
-            dir: d.path().join("not-mounted"),
-        };
+        let missing = shared(d.path().join("not-mounted"));
         let e = missing.claim("a", 0, &[]).unwrap_err();
         assert!(matches!(e, ArbiterError::Missing(_)), "{e}");
         assert!(e.to_string().contains("not-mounted"), "{e}");
         assert!(missing.check().is_err());
         assert!(!d.path().join("not-mounted").exists(), "never created");
         // An empty directory where generation 3 was known: not the pair's directory.
-        let empty = Arbiter::SharedStorage {
-            dir: d.path().to_path_buf(),
-        };
+        let empty = shared(d.path());
         let e = empty.claim("a", 3, &[]).unwrap_err();
         assert!(
             matches!(
@@ -443,9 +460,7 @@ mod tests {
     #[test]
     fn a_claim_whose_answer_was_lost_is_won_by_its_holder_on_retry_and_by_no_one_else() {
         let d = tempfile::tempdir().unwrap();
-        let arb = Arbiter::SharedStorage {
-            dir: d.path().to_path_buf(),
-        };
+        let arb = shared(d.path());
         // Node a's claim of generation 1 reached the directory, but a never saw the
         // answer (an NFS reply lost, an error after the link): it still knows 0.
         assert_eq!(
@@ -476,8 +491,8 @@ mod tests {
         let (one, two) = (d.path().join("one"), d.path().join("two"));
         std::fs::create_dir(&one).unwrap();
         std::fs::create_dir(&two).unwrap();
-        let a1 = Arbiter::SharedStorage { dir: one.clone() };
-        let a2 = Arbiter::SharedStorage { dir: two.clone() };
+        let a1 = shared(&one);
+        let a2 = shared(&two);
         let id1 = a1.identify(&[]).unwrap().unwrap();
         assert_eq!(Arbiter::init(&one).unwrap(), id1, "written once");
         let id2 = Arbiter::init(&two).unwrap();
@@ -489,7 +504,7 @@ mod tests {
         // A directory without an identity where the pair used one: not the pair's.
         let three = d.path().join("three");
         std::fs::create_dir(&three).unwrap();
-        let a3 = Arbiter::SharedStorage { dir: three.clone() };
+        let a3 = shared(&three);
         assert!(matches!(
             a3.claim("a", 0, &[id1]),
             Err(ArbiterError::Foreign { .. })

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod durable;
 pub mod link;
 pub mod netns;
 pub mod node;

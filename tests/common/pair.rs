@@ -64,6 +64,19 @@ pub fn spec(cmdline: &str, disk_mib: u64, network: bool) -> GuestSpec {
     }
 }
 
+/// A disk guest writing for about ten seconds at a paced rate, its 16 MiB replica on
+/// node B kept in `b_disk_dir` (a file system the test freezes or fills).
+pub fn paced_disk_with_b_on(b_disk_dir: PathBuf) -> GuestSpec {
+    GuestSpec {
+        b_disk_dir: Some(b_disk_dir),
+        ..spec(
+            "workload=disk blocks=3072 batch=1 pace_us=3000 progress=128",
+            16,
+            false,
+        )
+    }
+}
+
 /// A counter guest that runs for about ten seconds.
 pub const COUNTER: &str = "workload=counter pages=800 steps=400 tick_ms=25";
 
@@ -531,6 +544,48 @@ pub fn kv(
         return Err(std::io::Error::other("connection closed"));
     }
     Ok(reply.trim_end().to_string())
+}
+
+/// A key-value client's connection to the guest (run in the LAN namespace): connected
+/// within 10 s, each reply within 20 s.
+pub fn kv_connect() -> std::io::BufReader<std::net::TcpStream> {
+    let addr = format!("{GUEST_IP}:7000").parse().expect("guest address");
+    let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    std::io::BufReader::new(s)
+}
+
+/// SETs `k0` to `k{count - 1}` one at a time over `c`, each answered `OK`, telling
+/// `signal` just before SET number `at`; returns the longest SET.
+pub fn set_keys(
+    c: &mut std::io::BufReader<std::net::TcpStream>,
+    count: u32,
+    at: u32,
+    signal: &std::sync::mpsc::Sender<()>,
+) -> Duration {
+    let mut worst = Duration::ZERO;
+    for i in 0..count {
+        if i == at {
+            signal.send(()).expect("signal");
+        }
+        let t = Instant::now();
+        let reply = kv(c, &format!("SET k{i} v{i}")).expect("SET over the same connection");
+        assert_eq!(reply, "OK", "SET k{i}");
+        worst = worst.max(t.elapsed());
+    }
+    worst
+}
+
+/// GETs `k0` to `k{count - 1}` over `c`: every acknowledged SET reads back.
+pub fn get_keys(c: &mut std::io::BufReader<std::net::TcpStream>, count: u32) {
+    for i in 0..count {
+        assert_eq!(
+            kv(c, &format!("GET k{i}")).expect("GET over the same connection"),
+            format!("VALUE v{i}"),
+            "acknowledged SET k{i} lost"
+        );
+    }
 }
 
 /// Polls `cond` every 20 ms until it holds or `limit` passes.

@@ -14,7 +14,7 @@ use ftvm_devices::backend::tap::Tap;
 mod guest_start;
 mod status;
 
-use crate::arbiter::{Arbiter, KnownGeneration};
+use crate::arbiter::{Arbiter, KnownGeneration, UsedIdentity};
 use crate::config::{ArbiterConfig, Config};
 use crate::control::{self, Status};
 use crate::link::{Event, Events, LinkOptions, Links, LocalInfo, Outbox, PeerInfo, RecvError};
@@ -51,14 +51,6 @@ pub enum NodeError {
     /// The replica's record.
     #[error(transparent)]
     Record(#[from] crate::replication::record::RecordError),
-    /// The arbiter identity this node used cannot be kept.
-    #[error("arbiter identity {path}: {source}")]
-    ArbiterId {
-        /// The file.
-        path: std::path::PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
 }
 
 /// What the operator asks of a starting CoServer.
@@ -85,7 +77,7 @@ struct Node {
     known: KnownGeneration,
     record: ReplicaRecord,
     /// The arbiter directory's identity this node used, and the peer's.
-    arbiter_id: Option<u64>,
+    arbiter_id: UsedIdentity,
     peer_arbiter_id: Option<u64>,
     session: Arc<SharedSession>,
     /// The guest this node stopped when it fenced, until its vCPU thread is done.
@@ -141,8 +133,8 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
         ArbiterConfig::None { .. } => Arbiter::None,
     };
     arbiter.check()?;
-    let arbiter_id = load_arbiter_id(&cfg.host.state_dir)?;
-    if let Some(id) = arbiter_id {
+    let arbiter_id = UsedIdentity::load(&cfg.host.state_dir)?;
+    if let Some(id) = arbiter_id.get() {
         // The directory this node used before must still be the one it sees.
         arbiter.identify(&[id])?;
     }
@@ -169,7 +161,7 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
             role: Role::Starting,
             generation: known.get(),
             standing: record.standing(),
-            arbiter: arbiter_id,
+            arbiter: arbiter_id.get(),
             guest: GuestShape {
                 mem_mib: cfg.guest.mem_mib,
                 disk_bytes,
@@ -223,26 +215,6 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
         bytes_sample: (Instant::now(), 0, 0),
     };
     node.event_loop()
-}
-
-/// Where this node keeps the arbiter directory's identity it used.
-fn arbiter_id_path(state_dir: &Path) -> std::path::PathBuf {
-    state_dir.join("arbiter-id")
-}
-
-fn load_arbiter_id(state_dir: &Path) -> Result<Option<u64>, NodeError> {
-    let path = arbiter_id_path(state_dir);
-    let err = |source| NodeError::ArbiterId {
-        path: path.clone(),
-        source,
-    };
-    match std::fs::read_to_string(&path) {
-        Ok(t) => u64::from_str_radix(t.trim(), 16)
-            .map(Some)
-            .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidData, e))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(err(e)),
-    }
 }
 
 impl Node {
@@ -372,19 +344,13 @@ impl Node {
         let generation = self.session.lock().generation();
         let ids: Vec<u64> = self
             .arbiter_id
+            .get()
             .into_iter()
             .chain(self.peer_arbiter_id)
             .collect();
         let id = self.arbiter.identify(&ids).map_err(|e| e.to_string())?;
-        if let (None, Some(id)) = (self.arbiter_id, id) {
-            let path = arbiter_id_path(&self.cfg.host.state_dir);
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, format!("{id:016x}\n"))
-                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-                .and_then(|()| std::fs::rename(&tmp, &path))
-                .and_then(|()| crate::replication::record::sync_dir(&self.cfg.host.state_dir))
-                .map_err(|e| format!("arbiter identity {}: {e}", path.display()))?;
-            self.arbiter_id = Some(id);
+        if let (None, Some(id)) = (self.arbiter_id.get(), id) {
+            self.arbiter_id.set(id).map_err(|e| e.to_string())?;
             self.links.set_arbiter(Some(id));
         }
         self.arbiter
@@ -460,7 +426,7 @@ impl Node {
                 arbiter,
                 peer,
             } => {
-                if let (Some(mine), Some(theirs)) = (self.arbiter_id, arbiter) {
+                if let (Some(mine), Some(theirs)) = (self.arbiter_id.get(), arbiter) {
                     if mine != theirs {
                         self.alert_once(format!(
                             "the peer {node} used arbiter directory {theirs:016x}, this node {mine:016x}: they are not one directory (check arbiter.path and the shared mount on both hosts); neither node claims until this is fixed"

@@ -8,12 +8,11 @@
 //! the old one, and the directory fsynced, so a crash leaves the old record or the new
 //! one, never a torn one.
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::durable;
 use crate::protocol::{Incomplete, Standing};
 
 /// The data identity of every guest without a disk.
@@ -108,7 +107,6 @@ impl ReplicaRecord {
             return Ok(());
         }
         let path = self.path();
-        let tmp = self.dir.join(format!("{FILE}.tmp"));
         let io = |p: &Path| {
             let p = p.to_path_buf();
             move |source| RecordError::Io { path: p, source }
@@ -121,15 +119,11 @@ impl ReplicaRecord {
             path: path.clone(),
             source,
         })?;
-        let mut f = File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(&text).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        sync_dir(&self.dir).map_err(io(&self.dir))?;
+        durable::replace(&path, &text).map_err(io(&path))?;
         let legacy = self.dir.join(LEGACY_MARKER);
         if legacy.exists() {
             std::fs::remove_file(&legacy).map_err(io(&legacy))?;
-            sync_dir(&self.dir).map_err(io(&self.dir))?;
+            durable::sync_dir(&self.dir).map_err(io(&self.dir))?;
         }
         self.standing = standing;
         Ok(())
@@ -172,11 +166,6 @@ impl ReplicaRecord {
     pub fn discard(&mut self) -> Result<(), RecordError> {
         self.set(Standing::Blank)
     }
-}
-
-/// Fsyncs a directory, making the names in it durable.
-pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
