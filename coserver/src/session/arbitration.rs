@@ -21,7 +21,7 @@ impl Session {
         }
         let guest_stopped = !matches!(self.state, State::Primary(_));
         out.push(Action::Fence);
-        self.set_state(State::Fenced { guest_stopped });
+        self.state = State::Fenced { guest_stopped };
         self.alert(out, why);
     }
 

@@ -549,26 +549,22 @@ impl Session {
         }
     }
 
-    fn set_state(&mut self, state: State) {
-        self.state = state;
-    }
-
     fn become_primary(&mut self, out: &mut Vec<Action>, epoch: u64, start: Action) {
         out.push(start);
-        self.set_state(State::Primary(Primary::new(epoch)));
+        self.state = State::Primary(Primary::new(epoch));
     }
 
     /// Becomes a secondary of the primary heard.
     fn join(&mut self, out: &mut Vec<Action>, now: Instant) {
         self.record_incomplete(out, Incomplete::Copying);
         out.push(Action::NewReplica);
-        self.set_state(State::Secondary(Secondary {
+        self.state = State::Secondary(Secondary {
             progress: ReplicaProgress::default(),
             join_sent: Some(now),
             primary_gone: false,
             failures: 0,
             resync_at: None,
-        }));
+        });
         out.push(Action::Send(Message::Join));
     }
 
@@ -593,17 +589,28 @@ impl Session {
                 format!("the peer won the arbiter (generation {g}) while this node was not heard: fencing"),
                 true,
             ),
-            State::Secondary(s) => {
-                s.progress = ReplicaProgress::default();
-                s.join_sent = self.last_tick;
-                s.primary_gone = false;
-                self.record_incomplete(out, Incomplete::Copying);
-                out.push(Action::ResetReplica);
-                self.alert(out, format!("the primary won the arbiter (generation {g}) while this node was not heard: asking for a new copy"));
-                out.push(Action::Send(Message::Join));
-            }
+            State::Secondary(_) => self.copy_again(
+                out,
+                format!("the primary won the arbiter (generation {g}) while this node was not heard: asking for a new copy"),
+            ),
             State::Starting { .. } | State::Fenced { .. } => {}
         }
+    }
+
+    /// The secondary's replica is of a guest the primary no longer runs: it starts
+    /// over (recorded incomplete, its outputs and frames forgotten) and asks for a new
+    /// copy.
+    fn copy_again(&mut self, out: &mut Vec<Action>, why: String) {
+        let State::Secondary(s) = &mut self.state else {
+            return;
+        };
+        s.progress = ReplicaProgress::default();
+        s.join_sent = self.last_tick;
+        s.primary_gone = false;
+        self.record_incomplete(out, Incomplete::Copying);
+        out.push(Action::ResetReplica);
+        self.alert(out, why);
+        out.push(Action::Send(Message::Join));
     }
 
     fn message(&mut self, out: &mut Vec<Action>, now: Instant, msg: Message) {

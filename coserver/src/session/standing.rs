@@ -12,8 +12,8 @@
 
 use std::time::Instant;
 
-use super::{Action, ArbiterKind, Mode, ReplicaProgress, Session, State};
-use crate::protocol::{Incomplete, Message, Role, Standing};
+use super::{Action, ArbiterKind, Mode, Session, State};
+use crate::protocol::{Role, Standing};
 
 impl Session {
     /// Why this node may not boot the guest from its own disk now (`alive`: the peer
@@ -81,16 +81,10 @@ impl Session {
     /// had, `now` the role its new one says.
     pub(super) fn peer_restarted(&mut self, out: &mut Vec<Action>, was: Option<Role>, now: Role) {
         match (&mut self.state, was) {
-            (State::Secondary(s), Some(Role::Primary)) if now == Role::Primary => {
+            (State::Secondary(_), Some(Role::Primary)) if now == Role::Primary => {
                 // The new process already runs a guest of its own (it did not hear this
                 // node in time): this replica is of the old guest. Copy the new one.
-                s.progress = ReplicaProgress::default();
-                s.join_sent = self.last_tick;
-                s.primary_gone = false;
-                self.record_incomplete(out, Incomplete::Copying);
-                out.push(Action::ResetReplica);
-                self.alert(out, "the primary's CoServer restarted and runs a guest of its own: asking for a new copy".into());
-                out.push(Action::Send(Message::Join));
+                self.copy_again(out, "the primary's CoServer restarted and runs a guest of its own: asking for a new copy".into());
             }
             (State::Secondary(s), Some(Role::Primary)) => {
                 let Some(epoch) = s.progress.ready_epoch() else {
@@ -135,7 +129,7 @@ impl Session {
     pub(super) fn primary_gone_before_ready(&mut self, out: &mut Vec<Action>, now: Instant) {
         self.alert(out, "primary lost before the copy completed; this host's replica stays recorded incomplete; waiting for a primary".into());
         out.push(Action::DropReplica);
-        self.set_state(State::Starting { since: now });
+        self.state = State::Starting { since: now };
     }
 
     /// The peer says it is primary in `generation`: two primaries of one generation
