@@ -15,34 +15,14 @@ use common::*;
 
 use ftvm_coserver::protocol::{Incomplete, Standing};
 use pair::{
-    field, get_keys, kv, kv_connect, protected_pair, set_keys, setup, spec, test_config,
-    wait_until, write_config, ArbiterConfig, CoServer, Config, LinkConfig, COUNTER, GUEST_IP,
-    LIMIT,
+    field, get_keys, kv, kv_connect, protected_pair, set_keys, setup, solo_console, spec,
+    test_config, wait_until, write_config, ArbiterConfig, CoServer, Config, LinkConfig, COUNTER,
+    GUEST_IP, LIMIT,
 };
 
 /// A disk guest long enough to pause a node, fail over and copy again while it runs
 /// (about twelve seconds, pacing its requests).
 const LONG_DISK: &str = "workload=disk blocks=3072 batch=1 pace_us=2000 progress=256";
-
-/// The console of `cmdline` run alone on a fresh disk of `disk_mib` MiB.
-fn solo_console(dir: &std::path::Path, cmdline: &str, disk_mib: u64) -> String {
-    let img = dir.join("solo.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(disk_mib << 20)
-        .unwrap();
-    let solo = ftvm_outcome(&[
-        "run",
-        "--mem",
-        "64",
-        "--disk",
-        s(&img),
-        "--cmdline",
-        cmdline,
-    ]);
-    assert_eq!(solo.code, 0, "{}", solo.stderr);
-    solo.console
-}
 
 #[test]
 fn killing_the_primary_mid_disk_workload_loses_and_repeats_no_output() {

@@ -73,6 +73,7 @@ fn spec(cmdline: &str, disk_mib: u64, network: bool, epoch_ms: u64) -> GuestSpec
         epoch_ms,
         b_disk_dir: None,
         arbiter: pair::TestArbiter::Shared,
+        mode: pair::ReplicationMode::Checkpoint,
     }
 }
 

@@ -54,7 +54,7 @@ pub struct Config {
     /// Heartbeats.
     #[serde(default)]
     pub heartbeat: HeartbeatConfig,
-    /// Checkpoint replication.
+    /// Replication (checkpoint or lockstep).
     #[serde(default)]
     pub replication: ReplicationConfig,
     /// The split-brain arbiter.
@@ -141,11 +141,11 @@ impl HeartbeatConfig {
     }
 }
 
-/// Checkpoint replication.
+/// Replication.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicationConfig {
-    /// How the pair replicates: "checkpoint".
+    /// How the pair replicates: "checkpoint" or "lockstep".
     #[serde(default)]
     pub mode: crate::protocol::ReplicationMode,
     /// Longest epoch in milliseconds (an epoch also ends early when the guest idles with
@@ -155,6 +155,23 @@ pub struct ReplicationConfig {
     /// How long a primary waits for an acknowledgement before it treats the secondary
     /// as lost (default: the heartbeat timeout).
     pub ack_timeout_ms: Option<u64>,
+    /// Lockstep: the primary ends a slice of its log at least every this many exits,
+    /// and the secondary compares its exit count, exit trace and output digest with the
+    /// primary's at every slice's end.
+    #[serde(default = "default_verify_exits")]
+    pub verify_exits: u64,
+    /// Lockstep: how many exits the secondary's guest may be behind the primary's
+    /// before the primary's guest waits for it.
+    #[serde(default = "default_max_lag_exits")]
+    pub max_lag_exits: u64,
+}
+
+fn default_verify_exits() -> u64 {
+    20_000
+}
+
+fn default_max_lag_exits() -> u64 {
+    200_000
 }
 
 impl Default for ReplicationConfig {
@@ -163,6 +180,8 @@ impl Default for ReplicationConfig {
             mode: Default::default(),
             epoch_ms: default_epoch(),
             ack_timeout_ms: None,
+            verify_exits: default_verify_exits(),
+            max_lag_exits: default_max_lag_exits(),
         }
     }
 }
@@ -317,6 +336,22 @@ impl Config {
             return Err(bad(
                 "replication.epoch_ms",
                 format!("{} is outside 1 to 1000", self.replication.epoch_ms),
+            ));
+        }
+        let r = &self.replication;
+        if !(100..=10_000_000).contains(&r.verify_exits) {
+            return Err(bad(
+                "replication.verify_exits",
+                format!("{} is outside 100 to 10000000", r.verify_exits),
+            ));
+        }
+        if r.max_lag_exits < r.verify_exits {
+            return Err(bad(
+                "replication.max_lag_exits",
+                format!(
+                    "{} is less than replication.verify_exits ({}): the secondary could never be a slice behind",
+                    r.max_lag_exits, r.verify_exits
+                ),
             ));
         }
         if let Some(t) = self.replication.ack_timeout_ms {

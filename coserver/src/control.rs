@@ -117,6 +117,21 @@ pub struct Status {
     /// Why a starting node does not start the guest, while it waits.
     #[serde(default)]
     pub waiting: Option<String>,
+    /// The replication mode: checkpoint or lockstep.
+    #[serde(default)]
+    pub replication: String,
+    /// Lockstep: how many exits the secondary's guest is behind the primary's (primary,
+    /// while protected).
+    #[serde(default)]
+    pub lag_exits: Option<u64>,
+    /// Lockstep: the last position the replica's guest executed and its exit there
+    /// (secondary).
+    #[serde(default)]
+    pub executed: Option<(u64, u64)>,
+    /// New copies asked for since this process started: by a secondary whose lockstep
+    /// replica diverged, or of a primary by its secondary.
+    #[serde(default)]
+    pub resyncs: u64,
     /// Alerts, oldest first.
     pub alerts: Vec<String>,
 }
@@ -247,6 +262,16 @@ pub fn render(s: &Status) -> String {
         opt(s.output_commit_delay_us.p99, "µs"),
         s.replication_bytes_per_s
     );
+    if !s.replication.is_empty() {
+        out += &format!("replication mode: {}", s.replication);
+        if let Some(lag) = s.lag_exits {
+            out += &format!(", secondary {lag} exits behind");
+        }
+        if let Some((position, exit)) = s.executed {
+            out += &format!(", executed position {position} (exit {exit})");
+        }
+        out += &format!(", resyncs {}\n", s.resyncs);
+    }
     if let Some((pages, bytes)) = s.copy_left {
         out += &format!("copy to secondary: {pages} pages and {bytes} disk bytes left\n");
     }

@@ -18,6 +18,8 @@ pub enum ReplicationMode {
     /// Epochs of execution, each ended by a checkpoint the secondary acknowledges.
     #[default]
     Checkpoint,
+    /// Both CoServers execute the guest: the secondary replays the primary's input log.
+    Lockstep,
 }
 
 impl ReplicationMode {
@@ -25,6 +27,7 @@ impl ReplicationMode {
     pub fn name(self) -> &'static str {
         match self {
             ReplicationMode::Checkpoint => "checkpoint",
+            ReplicationMode::Lockstep => "lockstep",
         }
     }
 }
@@ -240,12 +243,36 @@ pub struct CheckpointSegment {
     pub outputs: Vec<Output>,
 }
 
-/// What a position of the replication stream carries. Checkpoint mode's is the only
-/// kind today; lockstep's slice of the input log will be a second.
+/// Where a guest stands after an exit: how a lockstep secondary checks that it retraces
+/// the primary's guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitPoint {
+    /// Exits since boot.
+    pub exit: u64,
+    /// The exit-trace digest there.
+    pub exit_trace: u64,
+    /// The output digest there.
+    pub output_digest: u64,
+}
+
+/// A slice of the primary's input log in lockstep mode: the events its guest took since
+/// the previous position, through exit `end.exit`, in the format `ftvm run --record`
+/// writes (disk reads by digest: the secondary reads its own replica).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogSegment {
+    /// Where the primary's guest stood at the end of the slice.
+    pub end: ExitPoint,
+    /// The events, in the order the guest took them.
+    pub events: Vec<ftvm_devices::world::record::InputEvent>,
+}
+
+/// What a position of the replication stream carries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Segment {
-    /// A checkpoint.
+    /// A checkpoint (checkpoint mode, and the end of every copy).
     Checkpoint(CheckpointSegment),
+    /// A slice of the input log (lockstep mode).
+    Log(LogSegment),
 }
 
 /// A message between CoServers.
@@ -349,6 +376,14 @@ pub enum Message {
         /// The full copy the secondary's replica descends from.
         copy: u64,
     },
+    /// A lockstep secondary's guest has executed the log through `position`, where it
+    /// stands at `exit` (the primary bounds the lag by it).
+    Executed {
+        /// Stream position.
+        position: u64,
+        /// Exits since boot there.
+        exit: u64,
+    },
     /// The secondary cannot follow (a gap in epochs); it needs a new full copy.
     Resync {
         /// Why.
@@ -424,6 +459,7 @@ impl Message {
             Message::Stopped { .. } => "stopped",
             Message::Inbound { .. } => "inbound",
             Message::Released { .. } => "released",
+            Message::Executed { .. } => "executed",
         }
     }
 }

@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use ftvm_devices::world::record::{RecordingWorld, ReplayWorld};
+use ftvm_devices::world::record::RecordingWorld;
+use ftvm_devices::world::replay::ReplayWorld;
 use ftvm_devices::world::World;
 use ftvm_vmm::{snapshot, Attachments, RunLimits, RunStop, Vm, VmConfig, VmError};
 

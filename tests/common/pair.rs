@@ -16,6 +16,7 @@ pub use ftvm_coserver::config::{
     ReplicationConfig, SecurityConfig,
 };
 use ftvm_coserver::netns::ip;
+pub use ftvm_coserver::protocol::ReplicationMode;
 
 use crate::common::{kvm_available, root_available};
 
@@ -61,6 +62,15 @@ pub fn spec(cmdline: &str, disk_mib: u64, network: bool) -> GuestSpec {
         epoch_ms: 10,
         b_disk_dir: None,
         arbiter: TestArbiter::Shared,
+        mode: ReplicationMode::Checkpoint,
+    }
+}
+
+/// [`spec`] in lockstep mode.
+pub fn lockstep(cmdline: &str, disk_mib: u64, network: bool) -> GuestSpec {
+    GuestSpec {
+        mode: ReplicationMode::Lockstep,
+        ..spec(cmdline, disk_mib, network)
     }
 }
 
@@ -247,6 +257,8 @@ pub struct GuestSpec {
     pub b_disk_dir: Option<PathBuf>,
     /// The arbiter both nodes use.
     pub arbiter: TestArbiter,
+    /// The replication mode.
+    pub mode: ReplicationMode,
 }
 
 /// The arbiter of a test pair.
@@ -343,6 +355,7 @@ pub fn write_config(dir: &Path, index: usize, guest: &GuestSpec) -> PathBuf {
         misses: guest.heartbeat.1,
     };
     config.replication.epoch_ms = guest.epoch_ms;
+    config.replication.mode = guest.mode;
     std::fs::create_dir_all(&arbiter).expect("arbiter directory");
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config.to_toml().expect("config as TOML")).expect("write config");
@@ -586,6 +599,26 @@ pub fn get_keys(c: &mut std::io::BufReader<std::net::TcpStream>, count: u32) {
             "acknowledged SET k{i} lost"
         );
     }
+}
+
+/// The console of `cmdline` run alone on a fresh disk of `disk_mib` MiB.
+pub fn solo_console(dir: &std::path::Path, cmdline: &str, disk_mib: u64) -> String {
+    let img = dir.join("solo.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(disk_mib << 20)
+        .unwrap();
+    let solo = crate::common::ftvm_outcome(&[
+        "run",
+        "--mem",
+        "64",
+        "--disk",
+        crate::common::s(&img),
+        "--cmdline",
+        cmdline,
+    ]);
+    assert_eq!(solo.code, 0, "{}", solo.stderr);
+    solo.console
 }
 
 /// Polls `cond` every 20 ms until it holds or `limit` passes.

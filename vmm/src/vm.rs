@@ -397,6 +397,9 @@ impl Vm {
     /// the thread that runs the VM, and run and drop the VM on that thread.
     pub fn arm_kick(&mut self) -> Result<crate::kick::VcpuKick, VmError> {
         let run = self.vcpu.get_kvm_run() as *mut kvm_bindings::kvm_run;
+        // Armed again (a follower that becomes primary): the old arming is undone
+        // first, or dropping it after would disarm the new one.
+        self.kick.take();
         let (kick, armed) = crate::kick::arm(run).map_err(VmError::Kick)?;
         self.kick = Some(armed);
         Ok(kick)

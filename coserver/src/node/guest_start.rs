@@ -11,26 +11,44 @@ use ftvm_devices::virtio::DeviceConfig;
 use ftvm_devices::world::LiveWorld;
 use ftvm_vmm::{Attachments, Vm, VmConfig};
 
+use ftvm_devices::world::record::RecordingWorld;
+use ftvm_devices::world::World;
+
 use super::{Node, NodeError, Running};
+use crate::protocol::{Output, ReplicationMode};
 use crate::replication::commit::{Commit, CommitWorld, Sinks};
-use crate::replication::primary::{EpochLoop, EpochStats};
+use crate::replication::lockstep::{Follower, LockstepTakeover};
+use crate::replication::primary::{EpochLoop, EpochParts, EpochStats, LockstepLog};
 use crate::replication::secondary::Takeover;
 
 /// Frames at most discarded from a held tap at takeover (the kernel queues ~1000).
 const MAX_STALE_FRAMES: usize = 4096;
+/// Lockstep: the longest an output waits before the slice of the log holding it ends
+/// (it also ends as soon as the guest idles).
+const LOCKSTEP_OUTPUT_WAIT: Duration = Duration::from_micros(200);
+
+/// Where the guest this node starts comes from.
+pub(super) enum GuestFrom {
+    /// Booted fresh (the first primary).
+    Boot,
+    /// A checkpoint-mode standby VM (takeover).
+    Standby(Box<Takeover>),
+    /// A lockstep follower's running guest (takeover).
+    Follower(Follower),
+}
 
 impl Node {
-    /// Starts the guest here: booted fresh, or from the standby at `epoch`.
-    pub(super) fn become_primary(&mut self, from: Option<Takeover>) -> Result<(), NodeError> {
+    /// Starts the guest here: booted fresh, or continued from the replica.
+    pub(super) fn become_primary(&mut self, from: GuestFrom) -> Result<(), NodeError> {
         let heard = self.links.last_heard();
-        if from.is_some() {
+        let takeover = !matches!(from, GuestFrom::Boot);
+        if takeover {
             tracing::info!(
                 "takeover: starting the guest {:.3} ms after the old primary was last heard",
                 heard.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0)
             );
         }
         let guest = |e: String| NodeError::Guest(e);
-        let mut redo_frames = Vec::new();
         let mac =
             crate::attach::parse_mac(&self.cfg.guest.mac).map_err(|e| guest(e.to_string()))?;
         let mut live = LiveWorld::new(std::io::sink());
@@ -67,41 +85,83 @@ impl Node {
             console: Box::new(std::io::stdout()),
             tap: tap_sender,
         });
-        commit.forward_inbound(self.out.clone());
-        if from.is_some() {
+        let lockstep = self.cfg.replication.mode == ReplicationMode::Lockstep;
+        if lockstep {
+            // The log carries what the guest received; outputs wait a round trip.
+            commit.end_slices_at_outputs(LOCKSTEP_OUTPUT_WAIT);
+        } else {
+            commit.forward_inbound(self.out.clone());
+        }
+        if takeover {
             commit.took_over(heard);
         }
-        let mut world = CommitWorld::new(Box::new(live), commit.clone(), self.session.clone());
-        let vm = match from {
-            Some(Takeover {
-                standby,
-                outputs,
-                frames,
-            }) => {
-                if !outputs.is_empty() {
-                    tracing::info!(
-                        outputs = outputs.len(),
-                        "releasing outputs of acknowledged epochs the old primary may not have released"
-                    );
-                    // Console bytes now; frames right after the first announcement (see
-                    // below), so that the LAN has learnt where the guest now is.
-                    let (console, frames): (Vec<_>, Vec<_>) = outputs
-                        .into_iter()
-                        .partition(|o| matches!(o, crate::protocol::Output::Console(_)));
-                    commit.release(console);
-                    redo_frames = frames;
-                }
+        let mut commit_world =
+            CommitWorld::new(Box::new(live), commit.clone(), self.session.clone());
+        let mut redo = Vec::new();
+        let (standby, follower) = match from {
+            GuestFrom::Boot => (None, None),
+            GuestFrom::Standby(t) => {
+                let Takeover {
+                    standby,
+                    outputs,
+                    frames,
+                } = *t;
                 if !frames.is_empty() {
                     tracing::info!(
                         frames = frames.len(),
                         "re-delivering frames received after the checkpoint"
                     );
                 }
-                world = world.with_redelivery(frames);
-                standby
-                    .activate(Box::new(world))
-                    .map_err(|e| guest(e.to_string()))?
+                commit_world = commit_world.with_redelivery(frames);
+                redo = outputs;
+                (Some(standby), None)
             }
+            GuestFrom::Follower(f) => (None, Some(f)),
+        };
+        // The log records what the guest takes, outermost: everything the VM sees.
+        let (world, log): (Box<dyn World>, _) = if lockstep {
+            let rec = RecordingWorld::new(commit_world).digest_disk_reads();
+            let log = rec.log_handle();
+            (Box::new(rec), Some(log))
+        } else {
+            (Box::new(commit_world), None)
+        };
+        let stats = Arc::new(Mutex::new(EpochStats::default()));
+        let parts = EpochParts {
+            commit: commit.clone(),
+            session: self.session.clone(),
+            stats: stats.clone(),
+            out: self.out.clone(),
+            links: self.links.clone(),
+            disk: self.cfg.host.disk.clone(),
+            epoch_length: Duration::from_millis(self.cfg.replication.epoch_ms),
+            lockstep: log.map(|log| LockstepLog {
+                log,
+                verify_exits: self.cfg.replication.verify_exits,
+            }),
+        };
+        let garp = match (self.cfg.guest.ip, &self.cfg.host.tap) {
+            (Some(ip), Some(_)) => Some(crate::replication::garp::frame(mac, ip)),
+            _ => None,
+        };
+        let announcer = commit.clone();
+        let release = move |outputs: Vec<Output>| announce_and_release(announcer, garp, outputs);
+        self.running = Some(Running {
+            commit,
+            stats: stats.clone(),
+        });
+        if let Some(follower) = follower {
+            if !follower.take_over(LockstepTakeover {
+                world,
+                parts,
+                release: Box::new(release),
+            }) {
+                return Err(guest("the lockstep replica's guest had stopped".into()));
+            }
+            return Ok(());
+        }
+        let vm = match standby {
+            Some(standby) => standby.activate(world).map_err(|e| guest(e.to_string()))?,
             None => {
                 let kernel = match &self.cfg.guest.kernel {
                     Some(p) => std::fs::read(p)
@@ -126,42 +186,45 @@ impl Node {
                         tap: self.cfg.host.tap.clone(),
                     },
                 };
-                Vm::boot(&config, Box::new(world)).map_err(|e| guest(e.to_string()))?
+                Vm::boot(&config, world).map_err(|e| guest(e.to_string()))?
             }
         };
-        if let (Some(ip), Some(_)) = (self.cfg.guest.ip, &self.cfg.host.tap) {
-            // Announced a few times, in case a switch misses the first; the frames the old
-            // primary may not have sent follow the first announcement.
-            let frame = crate::replication::garp::frame(mac, ip);
-            let announcer = commit.clone();
-            std::thread::spawn(move || {
-                for delay_ms in [0, 20, 50, 100, 200] {
-                    std::thread::sleep(Duration::from_millis(delay_ms));
-                    announcer.announce(&frame);
-                    if delay_ms == 0 {
-                        announcer.release(std::mem::take(&mut redo_frames));
-                    }
-                }
-            });
-        } else {
-            commit.release(redo_frames);
-        }
-        let stats = Arc::new(Mutex::new(EpochStats::default()));
-        let epoch_loop = EpochLoop {
-            vm,
-            commit: commit.clone(),
-            session: self.session.clone(),
-            stats: stats.clone(),
-            out: self.out.clone(),
-            links: self.links.clone(),
-            disk: self.cfg.host.disk.clone(),
-            epoch_length: Duration::from_millis(self.cfg.replication.epoch_ms),
-        };
+        release(redo);
+        let epoch_loop = EpochLoop::new(vm, parts);
         std::thread::Builder::new()
             .name("vcpu".into())
             .spawn(move || epoch_loop.run())
             .map_err(|e| guest(format!("cannot start the vCPU thread: {e}")))?;
-        self.running = Some(Running { commit, stats });
         Ok(())
     }
+}
+
+/// Releases the outputs the old primary may not have released: console bytes at once,
+/// frames right after the first announcement of the guest's network identity (so the
+/// LAN has learnt where the guest now is). The announcement is repeated a few times, in
+/// case a switch misses the first.
+fn announce_and_release(commit: Commit, garp: Option<Vec<u8>>, outputs: Vec<Output>) {
+    if !outputs.is_empty() {
+        tracing::info!(
+            outputs = outputs.len(),
+            "releasing outputs the old primary may not have released"
+        );
+    }
+    let (console, mut frames): (Vec<_>, Vec<_>) = outputs
+        .into_iter()
+        .partition(|o| matches!(o, Output::Console(_)));
+    commit.release(console);
+    let Some(frame) = garp else {
+        commit.release(frames);
+        return;
+    };
+    std::thread::spawn(move || {
+        for delay_ms in [0, 20, 50, 100, 200] {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            commit.announce(&frame);
+            if delay_ms == 0 {
+                commit.release(std::mem::take(&mut frames));
+            }
+        }
+    });
 }

@@ -9,22 +9,26 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ftvm_devices::backend::disk::DiskFile;
 use ftvm_devices::backend::tap::Tap;
 
 mod guest_start;
 mod status;
 
+use guest_start::GuestFrom;
+
 use crate::arbiter::{Arbiter, KnownGeneration, UsedIdentity};
 use crate::config::{ArbiterConfig, Config};
 use crate::control::{self, Status};
 use crate::link::{Event, Events, LinkOptions, Links, LocalInfo, Outbox, PeerInfo, RecvError};
-use crate::protocol::{GuestShape, Message, Role, Segment, Standing};
+use crate::protocol::{GuestShape, Message, ReplicationMode, Role, Segment, Standing};
 use crate::replication::commit::Commit;
+use crate::replication::lockstep::{FollowEnd, Follower};
 use crate::replication::primary::EpochStats;
 use crate::replication::record::ReplicaRecord;
 use crate::replication::secondary::Replica;
 use crate::session::{
-    Action, ArbiterKind, CopyCheck, Input, Session, SessionConfig, SharedSession,
+    Action, ArbiterKind, CopyCheck, Input, LockstepLimits, Session, SessionConfig, SharedSession,
 };
 
 /// Errors that stop a CoServer.
@@ -89,6 +93,8 @@ struct Node {
     /// takes over (a port that has just gained carrier can drop the first frames).
     held_tap: Option<Tap>,
     replica: Option<Replica>,
+    /// Lockstep: the replica's guest, running from the copy on.
+    follower: Option<Follower>,
     alerts: Vec<String>,
     link_was_healthy: Vec<bool>,
     status: Arc<Mutex<Status>>,
@@ -188,6 +194,11 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
             // Give a running primary time to be heard before claiming the guest.
             start_wait: timeout * 2 + Duration::from_millis(200),
             stall_limit: tick(&cfg) + timeout,
+            lockstep: (cfg.replication.mode == ReplicationMode::Lockstep).then_some(
+                LockstepLimits {
+                    max_lag_exits: cfg.replication.max_lag_exits,
+                },
+            ),
         },
         known.get(),
         record.standing(),
@@ -210,6 +221,7 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
         started: Instant::now(),
         running: None,
         replica: None,
+        follower: None,
         alerts: Vec::new(),
         status,
         bytes_sample: (Instant::now(), 0, 0),
@@ -398,19 +410,34 @@ impl Node {
                 }
                 Action::Generation(g) => self.known.raise(g)?,
                 Action::Record(standing) => self.record(standing)?,
-                Action::BootGuest => self.become_primary(None)?,
+                Action::BootGuest => self.become_primary(GuestFrom::Boot)?,
                 Action::TakeOver => {
-                    let takeover = self.replica.take().map(Replica::into_standby).transpose()?;
-                    self.become_primary(takeover)?;
+                    let from = match (self.follower.take(), self.replica.take()) {
+                        (Some(f), _) => GuestFrom::Follower(f),
+                        (None, Some(r)) => GuestFrom::Standby(Box::new(r.into_standby()?)),
+                        (None, None) => {
+                            return Err(NodeError::Guest("taking over without a replica".into()))
+                        }
+                    };
+                    self.become_primary(from)?;
                 }
                 Action::Fence => self.fence(),
                 Action::NewReplica => self.new_replica()?,
                 Action::ResetReplica => {
-                    if let Some(r) = self.replica.as_mut() {
+                    if self.follower.take().is_some() {
+                        // The lockstep guest ran on from its copy: a new standby.
+                        self.replica = Some(Replica::new(
+                            self.cfg.guest.mem_mib,
+                            self.cfg.host.disk.as_deref(),
+                        )?);
+                    } else if let Some(r) = self.replica.as_mut() {
                         r.reset();
                     }
                 }
-                Action::DropReplica => self.replica = None,
+                Action::DropReplica => {
+                    self.replica = None;
+                    self.follower = None;
+                }
                 Action::Alert(text) => self.alert(text),
                 Action::Exit(_) => {}
             }
@@ -488,10 +515,41 @@ impl Node {
                 if self.copy_part(check, |r| r.apply(epoch, cp))? {
                     if full {
                         tracing::info!(epoch, "full copy applied; ready to take over");
+                        if self.cfg.replication.mode == ReplicationMode::Lockstep {
+                            if let Err(e) = self.start_follower() {
+                                return self.input(Input::ApplyFailed(format!(
+                                    "the replica's guest cannot start: {e}"
+                                )));
+                            }
+                        }
                     }
                     self.input(Input::CheckpointApplied { epoch, full, copy })?;
                 }
                 Ok(())
+            }
+            Message::Segment {
+                position,
+                segment: Segment::Log(slice),
+            } if secondary => {
+                let check = self.session.lock().check_checkpoint(position, false, 0, 0);
+                let held = match (&check, &self.follower) {
+                    (CopyCheck::Apply, Some(f)) => f.slice(position, slice),
+                    (CopyCheck::Apply, None) => false,
+                    _ => false,
+                };
+                match check {
+                    CopyCheck::Ignore => Ok(()),
+                    CopyCheck::Resync(reason) => self.input(Input::ApplyFailed(reason.to_string())),
+                    CopyCheck::Apply if !held => self.input(Input::ApplyFailed(
+                        "a slice of the log arrived but the replica's guest is not running".into(),
+                    )),
+                    // Held by the replica's guest: acknowledged on receipt.
+                    CopyCheck::Apply => self.input(Input::CheckpointApplied {
+                        epoch: position,
+                        full: false,
+                        copy: 0,
+                    }),
+                }
             }
             Message::Inbound {
                 position: epoch,
@@ -506,10 +564,16 @@ impl Node {
                 if let Some(r) = self.replica.as_mut() {
                     r.released(epoch);
                 }
+                if let Some(f) = &self.follower {
+                    f.released(epoch);
+                }
                 Ok(())
             }
             Message::Stopped { exit_code } => {
                 tracing::info!(exit_code, "the guest powered off on the primary");
+                // A lockstep replica is whole only once its guest has executed all the
+                // log it acknowledged (through the power-off).
+                self.settle_follower()?;
                 self.input(Input::Message {
                     now: Instant::now(),
                     msg: Message::Stopped { exit_code },
@@ -559,6 +623,56 @@ impl Node {
         Ok(())
     }
 
+    /// Lockstep: waits (bounded) until the replica's guest has executed every slice it
+    /// holds; one that diverged or does not get there leaves the replica incomplete.
+    fn settle_follower(&mut self) -> Result<(), NodeError> {
+        let Some(f) = &self.follower else {
+            return Ok(());
+        };
+        let held = self.session.lock().replica().and_then(|r| r.last_epoch());
+        let limit = Instant::now() + self.cfg.ack_timeout().max(Duration::from_secs(10));
+        let outcome = loop {
+            let st = f.status();
+            if let Some(FollowEnd::Diverged(why)) = st.ended {
+                break Err(why);
+            }
+            if st.executed.map(|(p, _)| p) >= held {
+                break Ok(());
+            }
+            if Instant::now() > limit {
+                break Err(
+                    "the replica's guest did not execute the rest of the log in time".into(),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(why) => self.input(Input::Diverged(why)),
+        }
+    }
+
+    /// Lockstep: the full copy is applied; its guest starts following the log.
+    fn start_follower(&mut self) -> Result<(), NodeError> {
+        let Some(replica) = self.replica.take() else {
+            return Err(NodeError::Guest("no replica to follow with".into()));
+        };
+        let standby = replica.into_standby()?.standby;
+        let mut disks = Vec::new();
+        if let Some(p) = &self.cfg.host.disk {
+            disks.push(DiskFile::open(p, false).map_err(|e| NodeError::Guest(e.to_string()))?);
+        }
+        let follower = Follower::start(
+            standby,
+            disks,
+            self.cfg.host.tap.is_some(),
+            self.out.clone(),
+        )
+        .map_err(|e| NodeError::Guest(e.to_string()))?;
+        self.follower = Some(follower);
+        Ok(())
+    }
+
     fn fence(&mut self) {
         if let Some(r) = self.running.take() {
             r.commit.discard();
@@ -569,11 +683,19 @@ impl Node {
         }
         self.session.notify();
         self.replica = None;
+        self.follower = None;
         self.held_tap = None;
     }
 
     /// Reports the end of a guest that ran here (fenced, failed, or powered off).
     fn watch_guest(&mut self) -> Result<(), NodeError> {
+        let diverged = self.follower.as_ref().and_then(|f| match f.status().ended {
+            Some(FollowEnd::Diverged(why)) => Some(why),
+            _ => None,
+        });
+        if let Some(why) = diverged {
+            self.input(Input::Diverged(why))?;
+        }
         if let Some(stats) = &self.fenced_guest {
             let done = stats.lock().map(|s| s.finished.is_some()).unwrap_or(true);
             if done {

@@ -66,6 +66,9 @@ impl Node {
             alerts: self.alerts.clone(),
             replica: Some(self.record.standing()),
             waiting: session.waiting().map(str::to_string),
+            replication: self.cfg.replication.mode.name().to_string(),
+            resyncs: session.resyncs(),
+            executed: self.follower.as_ref().and_then(|f| f.status().executed),
             ..Status::default()
         };
         if let Some(p) = session.primary() {
@@ -74,6 +77,7 @@ impl Node {
             st.acked_epoch = p.acked();
             st.rejected_acks = p.rejected_acks();
             st.output_commit_delay_us = Percentiles::of(p.delays_us());
+            st.lag_exits = p.lag_exits();
         }
         if let Some(rep) = session.replica() {
             st.epoch = rep.last_epoch().unwrap_or(0);

@@ -50,6 +50,10 @@ struct State {
     discarded: bool,
     /// After a takeover: when the old primary was last heard, until the first output.
     takeover_heard: Option<Instant>,
+    /// Lockstep: how long a held output may wait before the slice holding it ends.
+    prompt: Option<Duration>,
+    /// When the oldest output held with the running epoch was made.
+    held_since: Option<Instant>,
 }
 
 /// The World-side output state shared by the primary's World, its epoch loop and the
@@ -88,7 +92,15 @@ impl Commit {
             forward: None,
             discarded: false,
             takeover_heard: None,
+            prompt: None,
+            held_since: None,
         })))
+    }
+
+    /// Lockstep: an epoch (a slice of the log) ends at most `wait` after an output is
+    /// held, so the output waits about one round trip, not an epoch.
+    pub fn end_slices_at_outputs(&self, wait: Duration) {
+        lock(&self.0).prompt = Some(wait);
     }
 
     /// Forwards the frames the guest receives to `out` while outputs are held.
@@ -119,6 +131,7 @@ impl Commit {
     pub fn seal(&self) -> Sealed {
         let mut s = lock(&self.0);
         let _ = s.sinks.console.flush();
+        s.held_since = None;
         Sealed {
             writes: std::mem::take(&mut s.writes),
             flushes: std::mem::take(&mut s.flushes),
@@ -178,7 +191,10 @@ impl Commit {
             return;
         }
         match policy {
-            OutputPolicy::Hold => s.outputs.push(o),
+            OutputPolicy::Hold => {
+                s.outputs.push(o);
+                s.held_since.get_or_insert_with(Instant::now);
+            }
             OutputPolicy::Pass => {
                 first_output(&mut s);
                 release(&mut s.sinks, vec![o]);

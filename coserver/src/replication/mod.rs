@@ -1,8 +1,9 @@
-//! Checkpoint replication: the primary's epoch loop and output commit, and the
-//! secondary's replica.
+//! Replication: the primary's epoch loop and output commit, the secondary's replica
+//! (checkpoint mode) and its follower (lockstep mode).
 
 pub mod commit;
 pub mod garp;
+pub mod lockstep;
 pub mod primary;
 pub mod record;
 pub mod secondary;

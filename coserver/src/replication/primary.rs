@@ -12,11 +12,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ftvm_vmm::{RunLimits, RunStop, Vm, VmError};
+use ftvm_devices::world::record::{take_logged, InputLog};
+use ftvm_vmm::{PageSet, RunLimits, RunStop, Vm, VmError};
 
 use super::commit::Commit;
 use crate::link::{Links, Outbox};
-use crate::protocol::{CheckpointSegment, DiskWrite, Message, Segment};
+use crate::protocol::{CheckpointSegment, DiskWrite, ExitPoint, LogSegment, Message, Segment};
 use crate::session::{Action, CutPlan, RunPermit, SharedSession};
 
 /// Pages sent per epoch boundary while copying memory to a joining secondary.
@@ -40,10 +41,8 @@ pub struct EpochStats {
     pub kick: Option<ftvm_vmm::VcpuKick>,
 }
 
-/// What the epoch loop needs.
-pub struct EpochLoop {
-    /// The VM.
-    pub vm: Vm,
+/// What the epoch loop needs besides the VM.
+pub struct EpochParts {
     /// Output commit.
     pub commit: Commit,
     /// The session, shared with the node.
@@ -58,6 +57,22 @@ pub struct EpochLoop {
     pub disk: Option<PathBuf>,
     /// Longest epoch.
     pub epoch_length: Duration,
+    /// Lockstep mode: the guest's input log, shipped in slices instead of checkpoints.
+    pub lockstep: Option<LockstepLog>,
+}
+
+/// A lockstep primary's input log.
+pub struct LockstepLog {
+    /// The recording World's log.
+    pub log: Arc<Mutex<InputLog>>,
+    /// A slice ends at least every this many exits.
+    pub verify_exits: u64,
+}
+
+/// The primary's epoch loop.
+pub struct EpochLoop {
+    vm: Vm,
+    parts: EpochParts,
 }
 
 /// A copy in progress.
@@ -72,6 +87,11 @@ struct Copy {
 }
 
 impl EpochLoop {
+    /// The epoch loop of `vm`.
+    pub fn new(vm: Vm, parts: EpochParts) -> Self {
+        Self { vm, parts }
+    }
+
     /// Runs until the guest powers off, the session stops it, or the VM fails.
     pub fn run(mut self) {
         match self.vm.arm_kick() {
@@ -86,25 +106,47 @@ impl EpochLoop {
     }
 
     fn stats_lock(&self) -> std::sync::MutexGuard<'_, EpochStats> {
-        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+        self.parts.stats.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn epochs(&mut self) -> Result<u32, VmError> {
         let mut copy: Option<Copy> = None;
-        let mut epoch = self.session.lock().primary().map_or(0, |p| p.epoch());
+        let mut epoch = self.parts.session.lock().primary().map_or(0, |p| p.epoch());
         loop {
-            if self.session.wait_permit(epoch + 1) == RunPermit::Stop {
+            if self.parts.session.wait_permit(epoch + 1) == RunPermit::Stop {
                 return Ok(0);
             }
             epoch += 1;
-            self.commit.start_epoch(epoch, self.epoch_length);
-            let stop = self.vm.run(&RunLimits::default())?;
+            self.parts
+                .commit
+                .start_epoch(epoch, self.parts.epoch_length);
+            let limits = RunLimits {
+                max_exits: self
+                    .parts
+                    .lockstep
+                    .as_ref()
+                    .map(|l| self.vm.exits() + l.verify_exits),
+                ..Default::default()
+            };
+            let stop = self.vm.run(&limits)?;
             let started = Instant::now();
-            let dirty = self.vm.take_dirty_pages()?;
-            let sealed = self.commit.seal();
+            let sealed = self.parts.commit.seal();
             let mut writes = sealed.writes;
-            let plan = self.session.lock().cut(epoch, sealed.outputs, started);
-            self.session.notify();
+            let plan = {
+                let mut session = self.parts.session.lock();
+                session.cut_exit(self.vm.exits());
+                session.cut(epoch, sealed.outputs, started)
+            };
+            self.parts.session.notify();
+            let events = self.parts.lockstep.as_ref().map(|l| take_logged(&l.log));
+            // Lockstep ships no pages but while copying.
+            let dirty = if events.is_none()
+                || matches!(plan, CutPlan::StartCopy { .. } | CutPlan::Copy { .. })
+            {
+                self.vm.take_dirty_pages()?
+            } else {
+                PageSet::default()
+            };
             let (release, copying) = match plan {
                 CutPlan::Stop => return Ok(0),
                 CutPlan::Release(outputs) => (outputs, None),
@@ -113,6 +155,23 @@ impl EpochLoop {
                     (release, Some(id))
                 }
                 CutPlan::Copy { copy: id, release } => (release, Some(id)),
+                CutPlan::Checkpoint { outputs } if events.is_some() => {
+                    copy = None;
+                    self.send(Message::Segment {
+                        position: epoch,
+                        segment: Segment::Log(LogSegment {
+                            end: ExitPoint {
+                                exit: self.vm.exits(),
+                                exit_trace: self.vm.exit_trace(),
+                                output_digest: self.vm.output_digest(),
+                            },
+                            events: events.unwrap_or_default(),
+                        }),
+                    });
+                    // Held by the session until the slice is acknowledged.
+                    drop(outputs);
+                    (Vec::new(), None)
+                }
                 CutPlan::Checkpoint { outputs } => {
                     copy = None;
                     let state = self.vm.capture_state()?;
@@ -133,7 +192,7 @@ impl EpochLoop {
                     (Vec::new(), None)
                 }
             };
-            self.commit.release(release);
+            self.parts.commit.release(release);
             match (copying, copy.as_mut()) {
                 (Some(id), Some(c)) if c.id == id => {
                     c.pages.extend(dirty.iter());
@@ -157,12 +216,13 @@ impl EpochLoop {
                 (None, _) => {}
             }
             // Disk writes are recorded while a secondary is (being) fed.
-            self.commit
-                .set_recording(self.session.lock().records_disk_writes());
+            self.parts
+                .commit
+                .set_recording(self.parts.session.lock().records_disk_writes());
             self.record_pause(started.elapsed());
             if let RunStop::PowerOff(code) = stop {
-                let actions = self.session.lock().powered_off(epoch, code);
-                self.session.notify();
+                let actions = self.parts.session.lock().powered_off(epoch, code);
+                self.parts.session.notify();
                 for a in actions {
                     if let Action::Send(m) = a {
                         self.send(m);
@@ -175,7 +235,7 @@ impl EpochLoop {
 
     fn start_copy(&mut self, id: u64) -> Result<Copy, VmError> {
         let pages: BTreeSet<u64> = self.vm.touched_pages()?.iter().collect();
-        let disk = match &self.disk {
+        let disk = match &self.parts.disk {
             Some(p) => {
                 let f = File::open(p).map_err(|e| {
                     VmError::BadCheckpoint(format!("cannot read disk {}: {e}", p.display()))
@@ -204,11 +264,12 @@ impl EpochLoop {
     fn copy_step(&mut self, c: &mut Copy, epoch: u64) -> Result<bool, VmError> {
         let disk_len = c.disk.as_ref().map_or(0, |(_, l)| *l);
         let window_open = self
+            .parts
             .session
             .lock()
             .primary()
             .is_some_and(|p| p.copy_window_open(c.id, c.sent));
-        if window_open && self.links.backlog().is_some() {
+        if window_open && self.parts.links.backlog().is_some() {
             let chunk: Vec<u64> = c.pages.iter().take(SYNC_PAGES).copied().collect();
             if !chunk.is_empty() && c.pages.len() > FINAL_PAGES {
                 for g in &chunk {
@@ -249,10 +310,15 @@ impl EpochLoop {
         let pages = self.vm.read_pages(std::mem::take(&mut c.pages))?;
         // Awaited before it is sent: its acknowledgement may come back at once. The
         // session may have abandoned the copy meanwhile (the node degraded).
-        if !self.session.lock().full_cut(epoch, c.id, Instant::now()) {
+        if !self
+            .parts
+            .session
+            .lock()
+            .full_cut(epoch, c.id, Instant::now())
+        {
             return Ok(true);
         }
-        self.session.notify();
+        self.parts.session.notify();
         self.stats_lock().sync_left = None;
         self.send(Message::Segment {
             position: epoch,
@@ -278,7 +344,7 @@ impl EpochLoop {
     }
 
     fn send(&self, msg: Message) {
-        self.out.send(msg);
+        self.parts.out.send(msg);
     }
 
     fn record_pause(&self, pause: Duration) {

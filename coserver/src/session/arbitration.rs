@@ -91,7 +91,7 @@ impl Session {
                         self.record_live(out, generation);
                         self.become_primary(out, epoch, Action::TakeOver);
                         self.raise_generation(out, generation);
-                        self.alert(out, format!("primary lost; won the arbiter (generation {generation}); taking over from checkpoint {epoch}"));
+                        self.alert(out, format!("primary lost; won the arbiter (generation {generation}); {}", self.takeover_from(epoch)));
                     }
                     Ok(Claim::Lost { generation, holder }) => self.fence(
                         out,

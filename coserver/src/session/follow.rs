@@ -63,6 +63,25 @@ impl Session {
         }
     }
 
+    /// A lockstep replica diverged: it is unready at once and asks for a new copy at
+    /// once (a divergence is the guest's doing, not a failing host, so no back-off).
+    pub(super) fn diverged(&mut self, out: &mut Vec<Action>, why: String) {
+        let State::Secondary(s) = &mut self.state else {
+            return;
+        };
+        s.progress = ReplicaProgress::default();
+        s.primary_gone = false;
+        s.join_sent = self.last_tick;
+        self.resyncs += 1;
+        self.record_incomplete(out, Incomplete::Copying);
+        out.push(Action::ResetReplica);
+        self.alert(
+            out,
+            format!("the replica's guest diverged from the primary's ({why}); not ready; asking for a new copy"),
+        );
+        out.push(Action::Send(Message::Resync { reason: why }));
+    }
+
     /// An apply failed: the replica is unready at once. The first failure asks for a
     /// new copy at once; while copies keep failing (a full file system, a failing
     /// disk) the next is asked for after a back-off that doubles up to 30 s, so a

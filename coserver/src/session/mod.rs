@@ -33,6 +33,8 @@ mod shared;
 mod standing;
 
 #[cfg(test)]
+mod lockstep_tests;
+#[cfg(test)]
 mod pair_tests;
 #[cfg(test)]
 mod standing_tests;
@@ -64,6 +66,16 @@ pub struct SessionConfig {
     pub start_wait: Duration,
     /// A gap between two ticks longer than this means this process did not run.
     pub stall_limit: Duration,
+    /// Lockstep mode's bound on the secondary's lag; `None` in checkpoint mode.
+    pub lockstep: Option<LockstepLimits>,
+}
+
+/// How far a lockstep secondary may fall behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockstepLimits {
+    /// Exits the secondary's guest may be behind the primary's before the primary's
+    /// guest waits.
+    pub max_lag_exits: u64,
 }
 
 /// The arbiter as far as roles are concerned.
@@ -123,7 +135,8 @@ pub enum Input {
         index: u64,
     },
     /// A checkpoint accepted by [`Session::check_checkpoint`] is applied (and durable
-    /// where the guest flushed, or where it completes a copy): it may be acknowledged.
+    /// where the guest flushed, or where it completes a copy), or a lockstep slice of
+    /// the log is held by the replica's guest: it may be acknowledged.
     CheckpointApplied {
         /// Its position.
         epoch: u64,
@@ -134,6 +147,9 @@ pub enum Input {
     },
     /// The guest that ran here has stopped (fenced or failed).
     GuestEnded(Result<u32, String>),
+    /// A lockstep secondary's guest no longer retraces the primary's (a digest or an
+    /// event did not match): it needs a new copy.
+    Diverged(String),
 }
 
 /// What the drivers must do.
@@ -223,6 +239,9 @@ pub struct Session {
     last_tick: Option<Instant>,
     exit: Option<i32>,
     last_alert: Option<String>,
+    /// New copies asked for because a lockstep replica diverged (secondary), or asked
+    /// of this node (primary).
+    resyncs: u64,
 }
 
 impl Session {
@@ -241,7 +260,14 @@ impl Session {
             last_tick: None,
             exit: None,
             last_alert: None,
+            resyncs: 0,
         }
+    }
+
+    /// New copies asked for since this process started: by a secondary whose lockstep
+    /// replica diverged, or of a primary by its secondary.
+    pub fn resyncs(&self) -> u64 {
+        self.resyncs
     }
 
     /// The role.
@@ -366,8 +392,14 @@ impl Session {
 
     /// Whether the primary's World records disk writes for a secondary (one is being
     /// copied to, or protects the guest).
+    /// In lockstep only a copy carries disk data: the secondary's guest makes its own
+    /// writes.
     pub fn records_disk_writes(&self) -> bool {
-        self.primary().is_some_and(|p| p.mode() != Mode::Degraded)
+        self.primary().is_some_and(|p| match p.mode() {
+            Mode::Degraded => false,
+            Mode::Syncing { .. } => true,
+            Mode::AwaitingFullAck { .. } | Mode::Protected { .. } => self.cfg.lockstep.is_none(),
+        })
     }
 
     /// What the primary's World does with an output now.
@@ -430,6 +462,7 @@ impl Session {
                 self.checkpoint_applied(&mut out, epoch, full, copy)
             }
             Input::GuestEnded(result) => self.guest_ended(&mut out, result),
+            Input::Diverged(why) => self.diverged(&mut out, why),
         }
         self.note_exit(&out);
         out
@@ -462,6 +495,19 @@ impl Session {
             State::Primary(p) => {
                 if p.mode() == Mode::Degraded {
                     return;
+                }
+                if let Some((lag, stalled)) = p.lag_stalled(now) {
+                    if stalled > self.cfg.ack_timeout {
+                        self.alert(
+                            out,
+                            format!(
+                                "the secondary's guest is {lag} exits behind and has not advanced for {} ms: asking the arbiter",
+                                stalled.as_millis()
+                            ),
+                        );
+                        out.push(Action::Claim);
+                        return;
+                    }
                 }
                 if let Some((epoch, waited)) = p.oldest_unacked(now) {
                     if waited > self.cfg.ack_timeout {
@@ -549,9 +595,19 @@ impl Session {
         }
     }
 
+    /// Where a takeover continues the guest from, in words.
+    fn takeover_from(&self, epoch: u64) -> String {
+        match self.cfg.lockstep {
+            None => format!("taking over from checkpoint {epoch}"),
+            Some(_) => format!(
+                "taking over the replica's running guest at the end of the log (position {epoch})"
+            ),
+        }
+    }
+
     fn become_primary(&mut self, out: &mut Vec<Action>, epoch: u64, start: Action) {
         out.push(start);
-        self.state = State::Primary(Primary::new(epoch));
+        self.state = State::Primary(Primary::new(epoch, self.cfg.lockstep));
     }
 
     /// Becomes a secondary of the primary heard.
@@ -624,7 +680,11 @@ impl Session {
             (State::Primary(p), Message::CopyApplied { copy, applied }) => {
                 p.copy_applied(copy, applied)
             }
+            (State::Primary(p), Message::Executed { position, exit }) => {
+                p.executed(position, exit, now)
+            }
             (State::Primary(p), Message::Resync { reason }) => {
+                self.resyncs += 1;
                 let released = p.restart_copy();
                 if !released.is_empty() {
                     out.push(Action::Release(released));
@@ -712,6 +772,14 @@ impl Session {
         match &mut self.state {
             State::Primary(p) => p.full_cut(epoch, copy, now),
             _ => false,
+        }
+    }
+
+    /// The primary's guest stood at `exit` at the last cut (lockstep bounds the
+    /// secondary's lag by it).
+    pub fn cut_exit(&mut self, exit: u64) {
+        if let State::Primary(p) = &mut self.state {
+            p.cut_exit(exit);
         }
     }
 

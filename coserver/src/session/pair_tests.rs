@@ -127,6 +127,7 @@ fn cfg(n: usize) -> SessionConfig {
         ack_timeout: Duration::from_millis(TIMEOUT_MS),
         start_wait: Duration::from_millis(2 * TIMEOUT_MS + 50),
         stall_limit: Duration::from_millis(TIMEOUT_MS + 20),
+        lockstep: None,
     }
 }
 

@@ -4,11 +4,14 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::{Action, RunPermit};
+use super::{Action, LockstepLimits, RunPermit};
 use crate::protocol::{Message, Output};
 
 /// Unacknowledged epochs after which the guest waits for the secondary.
 pub const MAX_UNACKED: u64 = 16;
+/// Unacknowledged slices of the log after which a lockstep primary's guest waits (a
+/// slice ends at every output, so there are many more of them than epochs).
+pub const MAX_UNACKED_SLICES: u64 = 1024;
 /// Copy messages sent and not yet applied by the secondary, at most, before the copy
 /// waits (about 16 MiB of memory or disk in flight).
 pub const COPY_WINDOW: u64 = 8;
@@ -138,11 +141,25 @@ pub struct Primary {
     rejected_acks: u64,
     /// Output-commit delays of released epochs (µs), recent.
     delays_us: Vec<u64>,
+    /// Lockstep: how far the secondary's guest has come.
+    lockstep: Option<Follower>,
+}
+
+/// A lockstep primary's view of its secondary's guest.
+#[derive(Debug, Clone, Copy)]
+struct Follower {
+    limits: LockstepLimits,
+    /// This guest's exit at the last cut.
+    cut_exit: u64,
+    /// The secondary's guest's exit at the last position it executed.
+    executed_exit: u64,
+    /// When it last advanced (or the copy it started from completed).
+    advanced_at: Option<Instant>,
 }
 
 impl Primary {
-    /// A degraded primary whose next epoch is `epoch + 1`.
-    pub fn new(epoch: u64) -> Self {
+    /// A degraded primary whose next epoch is `epoch + 1`; a lockstep one with `lockstep`.
+    pub fn new(epoch: u64, lockstep: Option<LockstepLimits>) -> Self {
         Self {
             mode: Mode::Degraded,
             epoch,
@@ -155,7 +172,49 @@ impl Primary {
             finished: false,
             rejected_acks: 0,
             delays_us: Vec::new(),
+            lockstep: lockstep.map(|limits| Follower {
+                limits,
+                cut_exit: 0,
+                executed_exit: 0,
+                advanced_at: None,
+            }),
         }
+    }
+
+    /// Lockstep: how many exits the secondary's guest is behind this one's (while
+    /// outputs wait for the secondary).
+    pub fn lag_exits(&self) -> Option<u64> {
+        let f = self.lockstep.as_ref()?;
+        self.mode
+            .holds()
+            .then(|| f.cut_exit.saturating_sub(f.executed_exit))
+    }
+
+    /// This guest's exit at the last cut.
+    pub(super) fn cut_exit(&mut self, exit: u64) {
+        if let Some(f) = &mut self.lockstep {
+            f.cut_exit = exit;
+        }
+    }
+
+    /// The secondary's guest executed the log through `position`, standing at `exit`.
+    pub(super) fn executed(&mut self, position: u64, exit: u64, now: Instant) {
+        let Some(f) = &mut self.lockstep else {
+            return;
+        };
+        if self.mode.holds() && position <= self.epoch && exit > f.executed_exit {
+            f.executed_exit = exit;
+            f.advanced_at = Some(now);
+        }
+    }
+
+    /// Lockstep: the lag, and how long the secondary's guest has not advanced, while
+    /// the lag is beyond its bound (this guest waits then).
+    pub(super) fn lag_stalled(&self, now: Instant) -> Option<(u64, Duration)> {
+        let f = self.lockstep.as_ref()?;
+        let lag = self.lag_exits()?;
+        let at = f.advanced_at?;
+        (lag > f.limits.max_lag_exits).then(|| (lag, now.saturating_duration_since(at)))
     }
 
     /// The mode.
@@ -276,6 +335,11 @@ impl Primary {
             full_epoch: epoch,
         };
         self.unacked.push_back((epoch, now));
+        if let Some(f) = &mut self.lockstep {
+            // The secondary's guest starts where the copy ends.
+            f.executed_exit = f.cut_exit;
+            f.advanced_at = Some(now);
+        }
         true
     }
 
@@ -351,10 +415,24 @@ impl Primary {
         ]
     }
 
+    fn max_unacked(&self) -> u64 {
+        if self.lockstep.is_some() {
+            MAX_UNACKED_SLICES
+        } else {
+            MAX_UNACKED
+        }
+    }
+
     pub(super) fn may_run(&self, next: u64) -> RunPermit {
         if self.finished {
             RunPermit::Stop
-        } else if self.mode.holds() && next.saturating_sub(self.acked) > MAX_UNACKED {
+        } else if (self.mode.holds() && next.saturating_sub(self.acked) > self.max_unacked())
+            || self
+                .lockstep
+                .as_ref()
+                .zip(self.lag_exits())
+                .is_some_and(|(f, lag)| lag > f.limits.max_lag_exits)
+        {
             RunPermit::Wait
         } else {
             RunPermit::Run

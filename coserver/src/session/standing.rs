@@ -103,7 +103,7 @@ impl Session {
                     ArbiterKind::None { .. } => {
                         // The new process says the old one, and its guest, are gone:
                         // nobody else can run the guest, so no arbiter is needed.
-                        self.alert(out, format!("the primary's CoServer restarted (a new process): its guest is gone; taking over from checkpoint {epoch}"));
+                        self.alert(out, format!("the primary's CoServer restarted (a new process): its guest is gone; {}", self.takeover_from(epoch)));
                         let g = self.generation;
                         self.record_live(out, g);
                         self.become_primary(out, epoch, Action::TakeOver);

@@ -13,6 +13,7 @@ pub(super) fn cfg(arbiter: ArbiterKind) -> SessionConfig {
         ack_timeout: TIMEOUT,
         start_wait: Duration::from_millis(300),
         stall_limit: Duration::from_millis(120),
+        lockstep: None,
     }
 }
 
@@ -113,7 +114,12 @@ pub(super) fn released(actions: &[Action]) -> Vec<Output> {
 
 /// A degraded primary of generation 1, booted at `c.at(400)`.
 pub(super) fn primary(c: &Clock) -> Session {
-    let mut s = Session::new(cfg(ArbiterKind::Claims), 0, whole(0), c.0);
+    primary_with(c, cfg(ArbiterKind::Claims))
+}
+
+/// [`primary`] with the configuration `config`.
+pub(super) fn primary_with(c: &Clock, config: SessionConfig) -> Session {
+    let mut s = Session::new(config, 0, whole(0), c.0);
     tick(&mut s, c.at(0), false);
     assert!(has(&tick(&mut s, c.at(350), false), &Action::Claim));
     let a = s.on(won(1));
@@ -124,7 +130,11 @@ pub(super) fn primary(c: &Clock) -> Session {
 
 /// A protected primary: copy 1 (begun at epoch 1), completed at epoch 2 and acked.
 pub(super) fn protected(c: &Clock) -> Session {
-    let mut s = primary(c);
+    protected_from(c, primary(c))
+}
+
+/// [`protected`], starting from the degraded primary `s`.
+pub(super) fn protected_from(c: &Clock, mut s: Session) -> Session {
     tick(&mut s, c.at(400), true);
     msg(&mut s, c.at(400), Message::Join);
     assert_eq!(

@@ -4,12 +4,13 @@
 //! Inbound: packets received, console input, disk read data, and the virtual time at
 //! which an idle guest wakes. Outbound: console bytes, packets sent, disk writes and flushes. A
 //! standalone VM uses the [`live::LiveWorld`]; [`record::RecordingWorld`] wraps a live
-//! World and writes every inbound event to an input log; [`record::ReplayWorld`] feeds
+//! World and writes every inbound event to an input log; [`replay::ReplayWorld`] feeds
 //! such a log to a second VM, which then retraces the first exactly. Virtual time at
 //! exits and entropy are deterministic functions of the VM state and need no log.
 
 pub mod live;
 pub mod record;
+pub mod replay;
 
 pub use live::{LiveWorld, SharedBuffer};
 

@@ -2,7 +2,8 @@
 //!
 //! Everything here runs at CPL3: the TSS I/O permission bitmap opens exactly the UART
 //! (0x3f8-0x3ff) and the platform device (0x600-0x63f). Time and entropy come only from
-//! the platform device (never `rdtsc`/`rdrand`, which this VMM cannot make deterministic).
+//! the platform device (never `rdtsc`/`rdrand`, which this VMM cannot make deterministic,
+//! except [`host_tsc`] for the key-value service's `TSC` command).
 
 use core::arch::asm;
 use core::fmt;
@@ -52,6 +53,17 @@ pub const GUEST_PANIC: u16 = 0x630;
 const MARKER: u16 = 0x634;
 /// GUEST_PANIC value for a software panic.
 pub const SOFTWARE_PANIC: u32 = 0x100;
+
+/// The host's time stamp counter, read with `rdtsc`: the one deliberately
+/// nondeterministic input of this guest (the `TSC` command of the key-value service),
+/// for the tests of lockstep's divergence detection. Nothing else may use it.
+pub fn host_tsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: rdtsc reads the time stamp counter into two registers; no memory is
+    // accessed.
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
 
 /// Writes a byte to an I/O port.
 #[inline(always)]

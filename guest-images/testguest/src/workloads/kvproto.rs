@@ -5,7 +5,9 @@
 //! - `GET <key>` → `VALUE <value>` or `NOTFOUND`, read from the disk;
 //! - `SHUTDOWN` → `BYE` (the caller then powers off);
 //! - `UPTIME` → `UPTIME <ns>`, the guest's time since it booted (a client tells a
-//!   rebooted guest by its uptime going back).
+//!   rebooted guest by its uptime going back);
+//! - `TSC` → `TSC <n>`, the host's time stamp counter read with `rdtsc`: a reply that
+//!   differs between two runs of the same guest (lockstep's divergence tests).
 //!
 //! Keys are 1 to 64 bytes, values 1 to 256, printable ASCII without spaces. Lines end in
 //! `\n` (a preceding `\r` is ignored); replies end in `\n`. Anything else is answered
@@ -111,6 +113,9 @@ impl Conn {
             }
             (Some(b"UPTIME"), None, ..) => {
                 let _ = writeln!(reply, "UPTIME {}", crate::io::time_ns());
+            }
+            (Some(b"TSC"), None, ..) => {
+                let _ = writeln!(reply, "TSC {}", crate::io::host_tsc());
             }
             (Some(b"GET"), Some(key), None, _) => get(kv, key, reply),
             (Some(b"SET"), Some(key), Some(value), false) => set(kv, key, value, reply),

@@ -1,0 +1,386 @@
+//! Lockstep replication, the secondary's side: a follower thread runs the replica's
+//! guest from the state the join's copy ended with, replaying the primary's input log
+//! slice by slice as it streams in. The guest writes to this host's disk replica as it
+//! executes; its console bytes and frames are kept per position until the primary says
+//! it released them. At every slice's end the follower compares where its guest stands
+//! (exit count, exit trace, output digest) with where the primary's stood; a mismatch,
+//! or an event the log does not hold, is a divergence: the follower stops and the node
+//! asks for a new copy. At a takeover the follower executes what it holds of the log,
+//! switches its World from the replay to the live one and becomes the primary's epoch
+//! loop on the same thread, with the same VM: nothing is restored.
+
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ftvm_devices::backend::disk::DiskFile;
+use ftvm_devices::world::replay::{Emitted, ReplayWorld};
+use ftvm_devices::world::{IdleRequest, Wake, World, WorldError};
+use ftvm_vmm::{RunLimits, RunStop, Standby, VcpuKick, Vm};
+
+use super::primary::{EpochLoop, EpochParts};
+use crate::link::Outbox;
+use crate::protocol::{ExitPoint, LogSegment, Message, Output};
+
+/// What the node hands the follower thread, in stream order.
+enum FollowInput {
+    /// A slice of the log at `position`.
+    Slice { position: u64, slice: LogSegment },
+    /// The primary released the outputs of every position up to this one.
+    Released(u64),
+    /// This node won the guest: execute the rest, go live, run as primary.
+    TakeOver(Box<LockstepTakeover>),
+}
+
+/// What a lockstep takeover needs: the live World the guest continues with and the
+/// primary's epoch loop it becomes.
+pub struct LockstepTakeover {
+    /// The live World (disk replica, tap, output commit, log recording).
+    pub world: Box<dyn World>,
+    /// The epoch loop's parts.
+    pub parts: EpochParts,
+    /// Releases the outputs the old primary may not have released, after the
+    /// network identity is announced.
+    pub release: Box<dyn FnOnce(Vec<Output>) + Send>,
+}
+
+/// How a follower ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FollowEnd {
+    /// Its guest no longer retraces the primary's.
+    Diverged(String),
+    /// It became the primary's epoch loop.
+    TookOver,
+}
+
+/// What the follower reports.
+#[derive(Debug, Default, Clone)]
+pub struct FollowerStatus {
+    /// The last position executed and the exit the guest stands at there.
+    pub executed: Option<(u64, u64)>,
+    /// How it ended.
+    pub ended: Option<FollowEnd>,
+}
+
+/// The node's handle on the follower thread. Dropping it stops the thread.
+pub struct Follower {
+    tx: Option<Sender<FollowInput>>,
+    status: Arc<Mutex<FollowerStatus>>,
+    world: Arc<Mutex<Phase>>,
+    kick: Arc<Mutex<Option<VcpuKick>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Follower {
+    /// Starts the replica's guest from `standby` (a full copy applied), replaying onto
+    /// `disks` (this host's replicas), reporting progress to the primary on `out`.
+    pub fn start(
+        standby: Standby,
+        disks: Vec<DiskFile>,
+        has_network: bool,
+        out: Outbox,
+    ) -> Result<Self, ftvm_vmm::VmError> {
+        let replay = ReplayWorld::new(Default::default(), has_network).with_disks(disks);
+        let world = Arc::new(Mutex::new(Phase {
+            replay,
+            live: None,
+            stop: false,
+        }));
+        let vm = standby.activate(Box::new(LockstepWorld(world.clone())))?;
+        let status = Arc::new(Mutex::new(FollowerStatus::default()));
+        let kick = Arc::new(Mutex::new(None));
+        let (tx, rx) = mpsc::channel();
+        let thread = FollowerThread {
+            vm,
+            rx,
+            out,
+            world: world.clone(),
+            status: status.clone(),
+            unreleased: Vec::new(),
+            powered_off: false,
+            reported: None,
+        };
+        let k = kick.clone();
+        std::thread::Builder::new()
+            .name("vcpu-follow".into())
+            .spawn(move || thread.run(k))
+            .map_err(ftvm_vmm::VmError::Kick)?;
+        Ok(Self {
+            tx: Some(tx),
+            status,
+            world,
+            kick,
+        })
+    }
+
+    /// Hands a slice of the log to the guest. False if the follower has ended.
+    pub fn slice(&self, position: u64, slice: LogSegment) -> bool {
+        self.send(FollowInput::Slice { position, slice })
+    }
+
+    /// The primary released every position up to `position`.
+    pub fn released(&self, position: u64) {
+        self.send(FollowInput::Released(position));
+    }
+
+    /// Takes over: the follower thread becomes the primary's vCPU thread.
+    pub fn take_over(mut self, takeover: LockstepTakeover) -> bool {
+        let sent = self.send(FollowInput::TakeOver(Box::new(takeover)));
+        // The thread lives on as the primary's; dropping this handle must not stop it.
+        self.tx = None;
+        sent
+    }
+
+    /// What the follower reports.
+    pub fn status(&self) -> FollowerStatus {
+        lock(&self.status).clone()
+    }
+
+    fn send(&self, input: FollowInput) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.send(input).is_ok())
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        if self.tx.take().is_some() {
+            // Stopped: the guest leaves KVM_RUN at once and the thread ends.
+            lock(&self.world).stop = true;
+            if let Some(k) = lock(&self.kick).as_ref() {
+                k.kick();
+            }
+        }
+    }
+}
+
+struct FollowerThread {
+    vm: Vm,
+    rx: Receiver<FollowInput>,
+    out: Outbox,
+    world: Arc<Mutex<Phase>>,
+    status: Arc<Mutex<FollowerStatus>>,
+    /// Outputs of executed positions the primary has not said it released.
+    unreleased: Vec<(u64, Vec<Output>)>,
+    powered_off: bool,
+    /// The last position reported to the primary.
+    reported: Option<u64>,
+}
+
+impl FollowerThread {
+    fn run(mut self, kick: Arc<Mutex<Option<VcpuKick>>>) {
+        match self.vm.arm_kick() {
+            Ok(k) => *lock(&kick) = Some(k),
+            Err(e) => tracing::warn!("{e}; a stopped follower waits for its guest's next exit"),
+        }
+        loop {
+            let input = match self.rx.try_recv() {
+                Ok(i) => i,
+                Err(TryRecvError::Empty) => {
+                    // Caught up with what arrived: tell the primary where the guest is.
+                    self.report();
+                    match self.rx.recv() {
+                        Ok(i) => i,
+                        Err(_) => return,
+                    }
+                }
+                Err(TryRecvError::Disconnected) => return,
+            };
+            match input {
+                FollowInput::Slice { position, slice } => {
+                    if let Err(why) = self.execute(position, slice) {
+                        if !lock(&self.world).stop {
+                            tracing::warn!(position, "lockstep replica diverged: {why}");
+                            lock(&self.status).ended = Some(FollowEnd::Diverged(why));
+                        }
+                        return;
+                    }
+                }
+                FollowInput::Released(p) => self.unreleased.retain(|(q, _)| *q > p),
+                FollowInput::TakeOver(t) => return self.take_over(*t),
+            }
+        }
+    }
+
+    fn report(&mut self) {
+        let Some((position, exit)) = lock(&self.status).executed else {
+            return;
+        };
+        if self.reported != Some(position) {
+            self.reported = Some(position);
+            self.out.send(Message::Executed { position, exit });
+        }
+    }
+
+    /// Runs the guest through the slice and checks that it stands where the
+    /// primary's stood.
+    fn execute(&mut self, position: u64, slice: LogSegment) -> Result<(), String> {
+        let end = slice.end;
+        lock(&self.world).replay.push(slice.events);
+        if !self.powered_off {
+            let limits = RunLimits {
+                max_exits: Some(end.exit),
+                ..Default::default()
+            };
+            match self.vm.run(&limits).map_err(|e| e.to_string())? {
+                RunStop::PowerOff(_) => self.powered_off = true,
+                RunStop::ExitLimit => {}
+                RunStop::Paused | RunStop::Marker(_) => {
+                    return Err("the follower was stopped".into());
+                }
+            }
+        }
+        let here = ExitPoint {
+            exit: self.vm.exits(),
+            exit_trace: self.vm.exit_trace(),
+            output_digest: self.vm.output_digest(),
+        };
+        if let Some(what) = mismatch(&here, &end) {
+            return Err(format!("at position {position}: {what}"));
+        }
+        let emitted = lock(&self.world).replay.take_emitted();
+        if !emitted.is_empty() {
+            let outputs = emitted
+                .into_iter()
+                .map(|e| match e {
+                    Emitted::Console(b) => Output::Console(b),
+                    Emitted::Frame(f) => Output::Frame(f),
+                })
+                .collect();
+            self.unreleased.push((position, outputs));
+        }
+        lock(&self.status).executed = Some((position, here.exit));
+        Ok(())
+    }
+
+    fn take_over(mut self, t: LockstepTakeover) {
+        // Every slice received before the takeover was executed (the channel keeps
+        // the stream's order); a divergence in them ended the thread before.
+        let mut world = t.world;
+        world.set_virtual_now(self.vm.virtual_time_ns());
+        {
+            let mut phase = lock(&self.world);
+            let left = phase.replay.remaining();
+            if left > 0 {
+                tracing::warn!(left, "log events past the last slice's end are dropped");
+            }
+            phase.live = Some(world);
+        }
+        lock(&self.status).ended = Some(FollowEnd::TookOver);
+        let outputs: Vec<Output> = self.unreleased.drain(..).flat_map(|(_, o)| o).collect();
+        if !outputs.is_empty() {
+            tracing::info!(
+                outputs = outputs.len(),
+                "releasing outputs of positions the old primary may not have released"
+            );
+        }
+        (t.release)(outputs);
+        tracing::info!(
+            exit = self.vm.exits(),
+            "takeover: the replica's guest runs on live from the end of the log"
+        );
+        EpochLoop::new(self.vm, t.parts).run();
+    }
+}
+
+/// What differs between where the follower's guest stands and where the primary's
+/// stood, in words.
+fn mismatch(here: &ExitPoint, primary: &ExitPoint) -> Option<String> {
+    if here.exit != primary.exit {
+        Some(format!(
+            "the guest stands at exit {}, the primary's stood at exit {}",
+            here.exit, primary.exit
+        ))
+    } else if here.exit_trace != primary.exit_trace {
+        Some(format!(
+            "exit traces differ at exit {}: {:016x} here, {:016x} on the primary",
+            here.exit, here.exit_trace, primary.exit_trace
+        ))
+    } else if here.output_digest != primary.output_digest {
+        Some(format!(
+            "output digests differ at exit {}: the guest's outputs are not the primary's",
+            here.exit
+        ))
+    } else {
+        None
+    }
+}
+
+/// The follower's World: the replay until a takeover, the live World after.
+struct Phase {
+    replay: ReplayWorld,
+    live: Option<Box<dyn World>>,
+    /// The node stopped the follower: the guest returns at its next exit.
+    stop: bool,
+}
+
+struct LockstepWorld(Arc<Mutex<Phase>>);
+
+impl LockstepWorld {
+    fn with<R>(&self, f: impl FnOnce(&mut dyn World) -> R) -> R {
+        let mut phase = lock(&self.0);
+        let phase = &mut *phase;
+        match phase.live.as_mut() {
+            Some(live) => f(live.as_mut()),
+            None => f(&mut phase.replay),
+        }
+    }
+}
+
+impl World for LockstepWorld {
+    fn console_output(&mut self, bytes: &[u8]) {
+        self.with(|w| w.console_output(bytes))
+    }
+
+    fn transmit(&mut self, frame: &[u8]) {
+        self.with(|w| w.transmit(frame))
+    }
+
+    fn receive(&mut self, exit: u64) -> Result<Option<Vec<u8>>, WorldError> {
+        self.with(|w| w.receive(exit))
+    }
+
+    fn console_input(&mut self, exit: u64, max: usize) -> Result<Option<Vec<u8>>, WorldError> {
+        self.with(|w| w.console_input(exit, max))
+    }
+
+    fn has_network(&self) -> bool {
+        self.with(|w| w.has_network())
+    }
+
+    fn disk_read(&mut self, disk: usize, offset: u64, buf: &mut [u8]) -> Result<(), WorldError> {
+        self.with(|w| w.disk_read(disk, offset, buf))
+    }
+
+    fn disk_write(&mut self, disk: usize, offset: u64, data: &[u8]) -> Result<(), WorldError> {
+        self.with(|w| w.disk_write(disk, offset, data))
+    }
+
+    fn disk_flush(&mut self, disk: usize) -> Result<(), WorldError> {
+        self.with(|w| w.disk_flush(disk))
+    }
+
+    fn idle(&mut self, request: &IdleRequest) -> Result<Wake, WorldError> {
+        self.with(|w| w.idle(request))
+    }
+
+    fn set_virtual_now(&mut self, now_ns: u64) {
+        self.with(|w| w.set_virtual_now(now_ns))
+    }
+
+    fn flush(&mut self) {
+        self.with(|w| w.flush())
+    }
+
+    fn pause_requested(&mut self) -> bool {
+        let mut phase = lock(&self.0);
+        if phase.stop {
+            return true;
+        }
+        match phase.live.as_mut() {
+            Some(live) => live.pause_requested(),
+            None => false,
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Lockstep mode's rules in the session: the bound on the secondary's lag, what the
+//! primary records for it, and a diverged replica asking for a new copy.
+
+use super::tests::*;
+use super::*;
+
+const MAX_LAG: u64 = 1000;
+
+fn lockstep_cfg() -> SessionConfig {
+    SessionConfig {
+        lockstep: Some(LockstepLimits {
+            max_lag_exits: MAX_LAG,
+        }),
+        ..cfg(ArbiterKind::Claims)
+    }
+}
+
+/// A protected lockstep primary whose guest stood at exit 500 when the copy ended.
+fn protected_lockstep(c: &Clock) -> Session {
+    let mut s = primary_with(c, lockstep_cfg());
+    s.cut_exit(500);
+    let s = protected_from(c, s);
+    assert_eq!(s.primary().and_then(|p| p.lag_exits()), Some(0));
+    s
+}
+
+#[test]
+fn a_lockstep_primary_waits_for_a_lagging_secondary_and_drops_one_that_stops() {
+    let c = Clock(Instant::now());
+    let mut s = protected_lockstep(&c);
+    assert!(
+        !s.records_disk_writes(),
+        "the secondary's guest makes its own disk writes"
+    );
+    s.cut_exit(500 + MAX_LAG);
+    s.cut(3, vec![], c.at(410));
+    assert_eq!(s.may_run(4), RunPermit::Run, "at the bound");
+    s.cut_exit(501 + MAX_LAG);
+    s.cut(4, vec![], c.at(411));
+    assert_eq!(s.may_run(5), RunPermit::Wait, "beyond the bound");
+    assert_eq!(s.primary().and_then(|p| p.lag_exits()), Some(MAX_LAG + 1));
+    msg(
+        &mut s,
+        c.at(412),
+        Message::Executed {
+            position: 3,
+            exit: 600,
+        },
+    );
+    assert_eq!(s.may_run(5), RunPermit::Run, "the secondary advanced");
+    // Executing nothing more while the primary waits: dropped after the ack timeout,
+    // through the arbiter, never waited on for ever.
+    s.cut_exit(700 + MAX_LAG);
+    s.cut(5, vec![], c.at(413));
+    for ack in 3..=5 {
+        msg(
+            &mut s,
+            c.at(413),
+            Message::Ack {
+                position: ack,
+                copy: 1,
+            },
+        );
+    }
+    assert_eq!(s.may_run(6), RunPermit::Wait);
+    assert!(!has(&tick(&mut s, c.at(414), true), &Action::Claim));
+    assert!(!has(&tick(&mut s, c.at(480), true), &Action::Claim));
+    assert!(
+        has(&tick(&mut s, c.at(520), true), &Action::Claim),
+        "stalled longer than the ack timeout"
+    );
+    s.on(won(2));
+    assert_eq!(s.primary().map(|p| p.mode()), Some(Mode::Degraded));
+    assert_eq!(s.may_run(6), RunPermit::Run);
+    assert_eq!(s.primary().and_then(|p| p.lag_exits()), None);
+}
+
+#[test]
+fn an_execution_report_beyond_what_was_cut_is_not_believed() {
+    let c = Clock(Instant::now());
+    let mut s = protected_lockstep(&c);
+    s.cut_exit(900);
+    s.cut(3, vec![], c.at(410));
+    msg(
+        &mut s,
+        c.at(411),
+        Message::Executed {
+            position: 7,
+            exit: 5000,
+        },
+    );
+    assert_eq!(
+        s.primary().and_then(|p| p.lag_exits()),
+        Some(400),
+        "position 7 was never cut"
+    );
+}
+
+#[test]
+fn a_diverged_replica_is_unready_at_once_and_asks_for_a_new_copy_without_back_off() {
+    let c = Clock(Instant::now());
+    let mut s = ready(&c);
+    for round in 1..=3u64 {
+        let a = s.on(Input::Diverged("output digests differ".into()));
+        assert!(has(&a, &Action::ResetReplica), "{a:?}");
+        assert!(
+            a.iter().any(|x| matches!(x, Action::Send(Message::Resync { reason }) if reason.contains("digests"))),
+            "asked at once, every time: {a:?}"
+        );
+        assert!(!s.replica().unwrap().is_ready());
+        assert_eq!(s.resyncs(), round);
+    }
+    let mut p = protected(&c);
+    msg(
+        &mut p,
+        c.at(420),
+        Message::Resync {
+            reason: "diverged".into(),
+        },
+    );
+    assert_eq!(p.resyncs(), 1, "the primary counts the copies asked of it");
+}
