@@ -7,11 +7,15 @@
 mod common;
 #[path = "common/pair.rs"]
 mod pair;
+#[path = "common/soak.rs"]
+mod soak;
+
+use std::time::Duration;
 
 use common::*;
 use pair::{
     get_keys, kv, kv_connect, lockstep, protected_pair, set_keys, setup, solo_console, wait_until,
-    GUEST_IP, LIMIT,
+    CoServer, GuestSpec, PairNet, GUEST_IP, LIMIT,
 };
 
 #[test]
@@ -144,4 +148,209 @@ fn a_guest_that_reads_the_host_tsc_diverges_is_repaired_and_still_fails_over_wit
     get_keys(&mut c, 60);
     assert_eq!(kv(&mut c, "SHUTDOWN").unwrap(), "BYE");
     assert_eq!(b.wait(LIMIT), Some(0), "B:\n{}", b.log());
+}
+
+/// The seed of the primary-kill run (`FTVM_SOAK_SEED`, hexadecimal, to try another).
+const KILL_SEED: u64 = 0x10c5_7e12;
+
+#[test]
+fn eight_primary_kills_under_a_tcp_client_lose_no_acknowledged_set_and_never_reboot_the_guest() {
+    let Some((net, dir)) = setup("pair_lockstep_kills", "q") else {
+        return;
+    };
+    let seed = std::env::var("FTVM_SOAK_SEED")
+        .ok()
+        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+        .unwrap_or(KILL_SEED);
+    let plan = soak::Plan {
+        mode: pair::ReplicationMode::Lockstep,
+        kinds: vec![soak::Fault::KillRestartFast, soak::Fault::KillRestartSlow],
+        primary_only: true,
+    };
+    let r = soak::run(&net, dir.path(), seed, 8, &plan);
+    let table = r.table();
+    println!("{table}");
+    report(&format!(
+        "lockstep, 8 primary SIGKILLs (seed {seed:#x}): {} lost, {} unexpected reboots, longest outage {:.0} ms",
+        r.lost.len(),
+        r.unexpected_reboots,
+        r.longest_outage.as_secs_f64() * 1000.0
+    ));
+    assert!(r.clean(), "{table}");
+    assert_eq!(r.faults.values().sum::<u32>(), 8, "{table}");
+    assert!(r.sets > 0, "{table}");
+}
+
+/// Kills the primary `kills` times, each once the pair is protected again, and starts
+/// each killed CoServer again at once (it joins the survivor). Returns every process in
+/// the order they ran the guest for the world; the last one still runs it.
+fn kill_the_primary_repeatedly(
+    net: &PairNet,
+    dir: &std::path::Path,
+    guest: &GuestSpec,
+    kills: usize,
+) -> Vec<CoServer> {
+    let (a, b) = protected_pair(net, dir, guest);
+    let mut tenure = vec![a];
+    let mut secondary = b;
+    for k in 0..kills {
+        std::thread::sleep(Duration::from_millis(300));
+        let mut primary = tenure.pop().expect("a primary");
+        assert!(
+            primary.typed().guest_running,
+            "the workload ended before kill {k}: make it longer"
+        );
+        primary.kill();
+        assert!(
+            wait_until(LIMIT, || secondary.typed().role == "primary"),
+            "kill {k}: {} did not take over:\n{}",
+            secondary.name,
+            secondary.log()
+        );
+        let restarted = CoServer::start(&primary.name, &primary.ns, &primary.config);
+        tenure.push(primary);
+        assert!(
+            wait_until(LIMIT, || secondary.typed().mode.as_deref()
+                == Some("protected")
+                && restarted.typed().mode.as_deref() == Some("ready")),
+            "kill {k}: not protected again:\n{}\n{}",
+            secondary.log(),
+            restarted.log()
+        );
+        tenure.push(std::mem::replace(&mut secondary, restarted));
+    }
+    tenure.push(secondary);
+    tenure
+}
+
+/// Runs `cmdline` (with a disk of `disk_mib` MiB) in a lockstep pair whose primary is
+/// killed 8 times: the console all the CoServers released, in the order they ran the
+/// guest, is the uninterrupted run's, each line once.
+fn eight_kills_and_the_console_of_an_uninterrupted_run(
+    test: &str,
+    tag: &str,
+    cmdline: &str,
+    disk_mib: u64,
+) {
+    let Some((net, dir)) = setup(test, tag) else {
+        return;
+    };
+    let solo = solo_console(dir.path(), cmdline, disk_mib);
+    let mut nodes =
+        kill_the_primary_repeatedly(&net, dir.path(), &lockstep(cmdline, disk_mib, false), 8);
+    let last = nodes.len() - 1;
+    let survivor = &mut nodes[last];
+    assert_eq!(survivor.wait(LIMIT), Some(0), "{}", survivor.log());
+    let combined: String = nodes.iter().map(|n| n.console()).collect();
+    assert!(
+        combined == solo,
+        "the consoles of the 10 processes that ran the guest, in order, must be the uninterrupted run's; {}",
+        first_difference(&combined, &solo)
+    );
+    let resyncs: u64 = nodes.iter().map(|n| n.typed().resyncs).sum();
+    report(&format!("lockstep, {cmdline}: 8 primary SIGKILLs, console identical to the uninterrupted run's, {resyncs} resyncs"));
+}
+
+#[test]
+fn eight_primary_kills_of_a_counter_guest_leave_the_console_of_an_uninterrupted_run() {
+    eight_kills_and_the_console_of_an_uninterrupted_run(
+        "pair_lockstep_kills_counter",
+        "c",
+        "workload=counter pages=800 steps=800 tick_ms=25",
+        0,
+    );
+}
+
+#[test]
+fn eight_primary_kills_of_a_disk_guest_leave_the_console_of_an_uninterrupted_run() {
+    eight_kills_and_the_console_of_an_uninterrupted_run(
+        "pair_lockstep_kills_disk",
+        "v",
+        "workload=disk blocks=3072 batch=1 pace_us=4000 progress=256",
+        16,
+    );
+}
+
+/// Where two consoles first differ, with the lines around it, and their lengths.
+fn first_difference(got: &str, want: &str) -> String {
+    let (g, w): (Vec<&str>, Vec<&str>) = (got.lines().collect(), want.lines().collect());
+    let at = g
+        .iter()
+        .zip(&w)
+        .position(|(a, b)| a != b)
+        .unwrap_or(g.len().min(w.len()));
+    let around = |l: &[&str]| l[at.saturating_sub(2)..(at + 3).min(l.len())].join("\n");
+    format!(
+        "{} lines released, {} expected; first difference at line {}:\nreleased:\n{}\nexpected:\n{}",
+        g.len(),
+        w.len(),
+        at + 1,
+        around(&g),
+        around(&w)
+    )
+}
+
+#[test]
+fn a_stopped_lockstep_secondary_is_dropped_not_waited_for_and_joins_again_after_sigcont() {
+    let Some((net, dir)) = setup("pair_lockstep_sigstop", "t") else {
+        return;
+    };
+    let guest = lockstep(&format!("workload=net ip={GUEST_IP}/24"), 8, true);
+    let timeout = Duration::from_millis(guest.heartbeat.0 * u64::from(guest.heartbeat.1));
+    let (a, b) = protected_pair(&net, dir.path(), &guest);
+    let mut c = net.in_lan(kv_connect);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            // (when acknowledged, how long it took) for every SET.
+            let mut sets = Vec::new();
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 100_000 {
+                let t = std::time::Instant::now();
+                assert_eq!(kv(&mut c, &format!("SET k{i} v{i}")).unwrap(), "OK");
+                sets.push((std::time::Instant::now(), t.elapsed()));
+                i += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            get_keys(&mut c, i);
+            assert_eq!(kv(&mut c, "SHUTDOWN").unwrap(), "BYE");
+            sets
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    b.pause();
+    let stopped = std::time::Instant::now();
+    std::thread::sleep(timeout * 5);
+    let a_mode = a.typed().mode;
+    b.resume();
+    let resumed = std::time::Instant::now();
+    assert_eq!(
+        a_mode.as_deref(),
+        Some("degraded"),
+        "the primary drops a secondary that stopped:\n{}",
+        a.log()
+    );
+    assert!(
+        wait_until(LIMIT, || a.typed().mode.as_deref() == Some("protected")
+            && b.typed().mode.as_deref() == Some("ready")),
+        "protected again after SIGCONT:\nA:\n{}\nB:\n{}",
+        a.log(),
+        b.log()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sets = client.join().expect("client");
+    let while_stopped = sets
+        .iter()
+        .filter(|(at, _)| *at > stopped + timeout * 2 && *at < resumed)
+        .count();
+    let worst = sets.iter().map(|(_, d)| *d).max().unwrap_or_default();
+    let line = format!("lockstep, secondary SIGSTOPped for {:?}: {while_stopped} SETs acknowledged while it was stopped, longest SET {worst:?}, {} SETs read back", timeout * 5, sets.len());
+    println!("{line}");
+    report(&line);
+    assert!(
+        while_stopped > 0,
+        "the primary's guest must not wait for a stopped secondary"
+    );
 }

@@ -22,7 +22,13 @@ fn a_short_fault_soak_loses_no_acknowledged_write_and_never_runs_two_primaries()
         .ok()
         .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
         .unwrap_or(SEED);
-    let r = soak::run(&net, dir.path(), seed, FAULTS);
+    let r = soak::run(
+        &net,
+        dir.path(),
+        seed,
+        FAULTS,
+        &soak::Plan::all(pair::ReplicationMode::Checkpoint),
+    );
     let table = r.table();
     println!("{table}");
     common::report(&format!(

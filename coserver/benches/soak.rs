@@ -1,7 +1,8 @@
 //! The long fault soak: a protected pair under a key-value client takes
 //! `FTVM_SOAK_FAULTS` (default 40) faults drawn from `FTVM_SOAK_SEED` (hexadecimal,
 //! default 0x5eed0040) and prints the table of docs/PERFORMANCE.md; exits 1 if any
-//! check failed. Needs root and /dev/kvm.
+//! check failed. `FTVM_SOAK_MODE=lockstep` runs the pair in lockstep mode (default
+//! checkpoint). Needs root and /dev/kvm.
 //!
 //! Run with `cargo bench -p ftvm-coserver --bench soak`.
 
@@ -24,7 +25,19 @@ fn main() {
         eprintln!("soak: needs root and /dev/kvm");
         std::process::exit(2);
     };
-    let r = soak::run(&net, dir.path(), seed, faults);
+    let mode = match env("FTVM_SOAK_MODE").as_deref() {
+        None | Some("checkpoint") => pair::ReplicationMode::Checkpoint,
+        Some("lockstep") => pair::ReplicationMode::Lockstep,
+        Some(other) => {
+            eprintln!("soak: FTVM_SOAK_MODE={other}: expected checkpoint or lockstep");
+            std::process::exit(2);
+        }
+    };
+    println!(
+        "soak: {faults} faults, seed {seed:#x}, {} mode",
+        mode.name()
+    );
+    let r = soak::run(&net, dir.path(), seed, faults, &soak::Plan::all(mode));
     println!("{}", r.table());
     if !r.clean() {
         std::process::exit(1);

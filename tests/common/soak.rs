@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::pair::{
-    kv, protected_pair, spec, status_in, wait_until, CoServer, PairNet, GUEST_IP, HEARTBEAT, LIMIT,
+    kv, protected_pair, spec, status_in, wait_until, CoServer, GuestSpec, PairNet, ReplicationMode,
+    GUEST_IP, HEARTBEAT, LIMIT,
 };
 
 /// A fault the soak injects.
@@ -45,7 +46,8 @@ pub enum Fault {
     RestartBoth,
 }
 
-const KINDS: [Fault; 8] = [
+/// Every kind of fault.
+pub const KINDS: [Fault; 8] = [
     Fault::KillRestartFast,
     Fault::KillRestartSlow,
     Fault::Stop,
@@ -436,14 +438,46 @@ fn monitor(ns: [String; 2], stop: Arc<AtomicBool>) -> (u32, u32) {
     (split, samples)
 }
 
-/// Runs `count` faults drawn from `seed` against a pair in `net`, in `dir`.
-pub fn run(net: &PairNet, dir: &std::path::Path, seed: u64, count: usize) -> SoakReport {
+/// What a soak runs: the pair's replication mode, the kinds of fault drawn, and whom
+/// they hit.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The replication mode.
+    pub mode: ReplicationMode,
+    /// The kinds of fault drawn from.
+    pub kinds: Vec<Fault>,
+    /// Every fault hits the primary (otherwise either node, at random).
+    pub primary_only: bool,
+}
+
+impl Plan {
+    /// Every kind of fault on either node, in `mode`.
+    pub fn all(mode: ReplicationMode) -> Self {
+        Self {
+            mode,
+            kinds: KINDS.to_vec(),
+            primary_only: false,
+        }
+    }
+}
+
+/// Runs `count` faults drawn from `seed` and `plan` against a pair in `net`, in `dir`.
+pub fn run(
+    net: &PairNet,
+    dir: &std::path::Path,
+    seed: u64,
+    count: usize,
+    plan: &Plan,
+) -> SoakReport {
     let started = Instant::now();
     let mut report = SoakReport {
         seed,
         ..SoakReport::default()
     };
-    let guest = spec(&format!("workload=net ip={GUEST_IP}/24"), 8, true);
+    let guest = GuestSpec {
+        mode: plan.mode,
+        ..spec(&format!("workload=net ip={GUEST_IP}/24"), 8, true)
+    };
     let timeout = Duration::from_millis(HEARTBEAT.0 * u64::from(HEARTBEAT.1));
     let (a, b) = protected_pair(net, dir, &guest);
     let mut nodes = Nodes {
@@ -463,7 +497,7 @@ pub fn run(net: &PairNet, dir: &std::path::Path, seed: u64, count: usize) -> Soa
         move || monitor(ns, stop)
     });
     let mut rng = Rng(seed);
-    let mut order: Vec<Fault> = KINDS.to_vec();
+    let mut order: Vec<Fault> = plan.kinds.clone();
     // Every kind once (in a random order) when the run is long enough, then at random.
     for i in (1..order.len()).rev() {
         order.swap(i, rng.below(i as u64 + 1) as usize);
@@ -478,7 +512,7 @@ pub fn run(net: &PairNet, dir: &std::path::Path, seed: u64, count: usize) -> Soa
         let mut fault = if n < order.len() {
             order[n]
         } else {
-            KINDS[rng.below(KINDS.len() as u64) as usize]
+            plan.kinds[rng.below(plan.kinds.len() as u64) as usize]
         };
         std::thread::sleep(Duration::from_millis(500 + rng.below(1500)));
         let Some((p, s)) = nodes.protected() else {
@@ -487,7 +521,11 @@ pub fn run(net: &PairNet, dir: &std::path::Path, seed: u64, count: usize) -> Soa
                 .push(format!("fault {n}: the pair is not protected before it"));
             break;
         };
-        let target = if rng.below(2) == 0 { p } else { s };
+        let target = if plan.primary_only || rng.below(2) == 0 {
+            p
+        } else {
+            s
+        };
         match fault {
             Fault::KillRestartFast | Fault::KillRestartSlow => {
                 let config = nodes.kill(target);
