@@ -133,6 +133,11 @@ fn a_guest_that_reads_the_host_tsc_diverges_is_repaired_and_still_fails_over_wit
             a.log(),
             b.log()
         );
+        let (_, disk_bytes) = a.typed().last_copy.expect("a copy");
+        assert!(
+            disk_bytes < 1 << 20,
+            "round {round}: the repair sends the disk ranges written since the replica last checked equal, not the 8 MiB disk: {disk_bytes} bytes"
+        );
         for i in 0..20 {
             let key = round * 20 + i;
             assert_eq!(kv(&mut c, &format!("SET k{key} v{key}")).unwrap(), "OK");

@@ -9,7 +9,10 @@
 //! - takeover: from SIGKILL of the primary to the secondary reporting itself primary, and
 //!   the longest TCP key-value SET a client saw across that failover (the outage it
 //!   observed), 8 runs per setting: heartbeats 10 ms x 3 and 20 ms x 10, and 10 ms x 3
-//!   with a client route whose minimum retransmission timeout is 10 ms.
+//!   with a client route whose minimum retransmission timeout is 10 ms;
+//! - lockstep and checkpoint side by side: the same workloads' rates, the key-value
+//!   SETs' output delay, replication traffic busy and idle, and the takeover measured
+//!   inside the new primary (`FTVM_BENCH_ONLY=modes` runs these rows alone).
 //!
 //! Run with `cargo bench -p ftvm-coserver --bench pair` (see docs/PERFORMANCE.md).
 
@@ -24,7 +27,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ftvm_coserver::netns;
-use pair::{field, protected_pair, wait_until, CoServer, GuestSpec, PairNet, GUEST_IP, LIMIT};
+use pair::{
+    field, protected_pair, wait_until, CoServer, GuestSpec, PairNet, ReplicationMode, GUEST_IP,
+    LIMIT,
+};
 
 /// A workload whose progress rate is measured between two console lines.
 struct Progress {
@@ -65,6 +71,22 @@ const DISK: Progress = Progress {
 const SETS: u32 = 400;
 
 fn spec(cmdline: &str, disk_mib: u64, network: bool, epoch_ms: u64) -> GuestSpec {
+    spec_in(
+        ReplicationMode::Checkpoint,
+        cmdline,
+        disk_mib,
+        network,
+        epoch_ms,
+    )
+}
+
+fn spec_in(
+    mode: ReplicationMode,
+    cmdline: &str,
+    disk_mib: u64,
+    network: bool,
+    epoch_ms: u64,
+) -> GuestSpec {
     GuestSpec {
         cmdline: cmdline.into(),
         disk_mib,
@@ -73,7 +95,7 @@ fn spec(cmdline: &str, disk_mib: u64, network: bool, epoch_ms: u64) -> GuestSpec
         epoch_ms,
         b_disk_dir: None,
         arbiter: pair::TestArbiter::Shared,
-        mode: pair::ReplicationMode::Checkpoint,
+        mode,
     }
 }
 
@@ -231,13 +253,82 @@ fn main() {
     println!("ftvm pair benchmark (2 veth links in namespaces, heartbeat 20 ms x 10)\n");
     println!("| figure | value |\n|---|---|");
 
-    // FTVM_BENCH_ONLY=takeover runs the failover rows alone.
-    let only_takeover = std::env::var("FTVM_BENCH_ONLY").as_deref() == Ok("takeover");
-    if !only_takeover {
+    // FTVM_BENCH_ONLY=takeover (or modes) runs those rows alone.
+    let only = std::env::var("FTVM_BENCH_ONLY").ok();
+    if only.is_none() {
         overhead_rows(&net);
     }
-    takeover_rows(&net);
+    if only.is_none() || only.as_deref() == Some("takeover") {
+        takeover_rows(&net);
+    }
+    if only.is_none() || only.as_deref() == Some("modes") {
+        modes_rows(&net);
+    }
 }
+
+/// Lockstep and checkpoint side by side, each figure of both modes from this run.
+fn modes_rows(net: &PairNet) {
+    const MODES: [ReplicationMode; 2] = [ReplicationMode::Checkpoint, ReplicationMode::Lockstep];
+    println!("\n| lockstep and checkpoint (epoch 10 ms), one run | checkpoint | lockstep |\n|---|---|---|");
+    for w in [&COUNTER, &DISK] {
+        let solo = standalone_rate(w);
+        let cells: Vec<String> = MODES
+            .iter()
+            .map(|&mode| {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let g = spec_in(mode, w.cmdline, w.disk_mib, false, 10);
+                let (a, b) = protected_pair(net, dir.path(), &g);
+                let rate = pair_rate(&a, w);
+                let mbit = bytes_per_s(&a.status()) * 8.0 / 1e6;
+                drop((a, b));
+                format!("{:.0}% ({mbit:.1} Mbit/s replicated)", rate / solo * 100.0)
+            })
+            .collect();
+        println!(
+            "| {}: protected / standalone ({solo:.1} {} standalone) | {} | {} |",
+            w.name, w.unit, cells[0], cells[1]
+        );
+    }
+    let solo = standalone_kv_rate(net);
+    let mut kv_cells = Vec::new();
+    let mut delay_cells = Vec::new();
+    let mut idle_cells = Vec::new();
+    for mode in MODES {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let g = spec_in(mode, &format!("workload=net ip={GUEST_IP}/24"), 8, true, 10);
+        let (a, b) = protected_pair(net, dir.path(), &g);
+        // Idle first (no client yet): the traffic over a few seconds.
+        std::thread::sleep(Duration::from_secs(3));
+        idle_cells.push(format!(
+            "{:.1} kbit/s",
+            bytes_per_s(&a.status()) * 8.0 / 1000.0
+        ));
+        let rate = kv_rate(net);
+        kv_cells.push(format!("{:.0}% ({rate:.0} SETs/s)", rate / solo * 100.0));
+        delay_cells.push(pct(&a.status(), "output_commit_delay_us"));
+        drop((a, b));
+    }
+    println!("| TCP key-value SETs, one client, one at a time: protected / standalone ({solo:.0} SETs/s standalone) | {} | {} |", kv_cells[0], kv_cells[1]);
+    println!("| output delay of those SETs' replies: from the end of their epoch (lockstep: slice, ended at the output or within 200 µs) to their release | {} | {} |", delay_cells[0], delay_cells[1]);
+    println!(
+        "| replication traffic of the idle `net` guest (all links, incl. heartbeats) | {} | {} |",
+        idle_cells[0], idle_cells[1]
+    );
+    let mut inside: Vec<Vec<Duration>> = vec![Vec::new(), Vec::new()];
+    for run in 0..MODE_TAKEOVER_RUNS {
+        for (i, mode) in MODES.into_iter().enumerate() {
+            inside[i].push(takeover_run(net, mode, 10, 3, KILL_SPREAD * run).inside);
+        }
+    }
+    println!(
+        "| takeover after SIGKILL under a client, heartbeat 10 ms x 3 (detection 30 ms): the old primary last heard to the first output released (new primary's log) | {} | {} |",
+        spread(&mut inside[0]),
+        spread(&mut inside[1])
+    );
+}
+
+/// Failover runs per mode in the side-by-side rows.
+const MODE_TAKEOVER_RUNS: u32 = 8;
 
 /// Protection overhead, epoch sweep and idle figures.
 fn overhead_rows(net: &PairNet) {
@@ -323,7 +414,13 @@ fn takeover_rows(net: &PairNet) {
             client_route(rto);
         }
         for run in 0..TAKEOVER_RUNS {
-            let r = takeover_run(net, interval, misses, KILL_SPREAD * run);
+            let r = takeover_run(
+                net,
+                ReplicationMode::Checkpoint,
+                interval,
+                misses,
+                KILL_SPREAD * run,
+            );
             takeovers.push(r.status);
             inside.push(r.inside);
             worst_set.push(r.worst_set);
@@ -377,11 +474,17 @@ fn takeover_from_log(log: &str) -> Option<Duration> {
 
 /// One failover under a TCP client: SIGKILL of the primary while the client makes SETs
 /// one at a time, `delay` after its 50th.
-fn takeover_run(net: &PairNet, interval: u64, misses: u32, delay: Duration) -> Takeover {
+fn takeover_run(
+    net: &PairNet,
+    mode: ReplicationMode,
+    interval: u64,
+    misses: u32,
+    delay: Duration,
+) -> Takeover {
     let dir = tempfile::tempdir().expect("tempdir");
     let g = GuestSpec {
         heartbeat: (interval, misses),
-        ..spec(&format!("workload=net ip={GUEST_IP}/24"), 8, true, 10)
+        ..spec_in(mode, &format!("workload=net ip={GUEST_IP}/24"), 8, true, 10)
     };
     let (mut a, b) = protected_pair(net, dir.path(), &g);
     let (tx, rx) = std::sync::mpsc::channel();

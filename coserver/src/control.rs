@@ -111,6 +111,9 @@ pub struct Status {
     pub rejected_acks: u64,
     /// Pages and disk bytes still to copy to a joining secondary.
     pub copy_left: Option<(usize, u64)>,
+    /// Pages and disk bytes the last copy to a secondary began with.
+    #[serde(default)]
+    pub last_copy: Option<(usize, u64)>,
     /// What this host's disk replica holds, as recorded in its state directory.
     #[serde(default)]
     pub replica: Option<crate::protocol::Standing>,

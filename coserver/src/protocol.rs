@@ -218,6 +218,42 @@ pub struct DiskWrite {
     pub data: Vec<u8>,
 }
 
+/// A range of the disk (bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DiskRange {
+    /// Byte offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+impl DiskRange {
+    /// `ranges` sorted, with overlapping and adjacent ranges merged.
+    pub fn merged(mut ranges: Vec<DiskRange>) -> Vec<DiskRange> {
+        ranges.retain(|r| r.len > 0);
+        ranges.sort_unstable();
+        let mut out: Vec<DiskRange> = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            match out.last_mut() {
+                Some(last) if r.offset <= last.offset.saturating_add(last.len) => {
+                    let end = last
+                        .offset
+                        .saturating_add(last.len)
+                        .max(r.offset.saturating_add(r.len));
+                    last.len = end - last.offset;
+                }
+                _ => out.push(r),
+            }
+        }
+        out
+    }
+
+    /// Total bytes of `ranges`.
+    pub fn total(ranges: &[DiskRange]) -> u64 {
+        ranges.iter().map(|r| r.len).sum()
+    }
+}
+
 /// The end of an epoch in checkpoint mode: everything the secondary needs to be where
 /// the primary was at that position.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -384,6 +420,17 @@ pub enum Message {
         /// Exits since boot there.
         exit: u64,
     },
+    /// A lockstep secondary's guest diverged in the slice at `position`: it needs a
+    /// copy of memory and of the disk ranges written since that slice, by its guest
+    /// (`written`, in that slice) or by the primary's.
+    Diverged {
+        /// The slice in which it diverged (every earlier one was checked equal).
+        position: u64,
+        /// What differed.
+        reason: String,
+        /// Disk ranges the diverged guest wrote in that slice.
+        written: Vec<DiskRange>,
+    },
     /// The secondary cannot follow (a gap in epochs); it needs a new full copy.
     Resync {
         /// Why.
@@ -460,6 +507,7 @@ impl Message {
             Message::Inbound { .. } => "inbound",
             Message::Released { .. } => "released",
             Message::Executed { .. } => "executed",
+            Message::Diverged { .. } => "diverged",
         }
     }
 }
@@ -467,6 +515,22 @@ impl Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_ranges_merge_where_they_overlap_or_touch() {
+        let r = |offset, len| DiskRange { offset, len };
+        assert_eq!(
+            DiskRange::merged(vec![
+                r(4096, 512),
+                r(0, 512),
+                r(512, 512),
+                r(4000, 200),
+                r(9000, 0)
+            ]),
+            vec![r(0, 1024), r(4000, 608)]
+        );
+        assert_eq!(DiskRange::total(&[r(0, 1024), r(4000, 608)]), 1632);
+    }
 
     #[test]
     fn messages_round_trip_and_garbage_is_an_error() {

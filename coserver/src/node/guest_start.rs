@@ -88,7 +88,7 @@ impl Node {
         let lockstep = self.cfg.replication.mode == ReplicationMode::Lockstep;
         if lockstep {
             // The log carries what the guest received; outputs wait a round trip.
-            commit.end_slices_at_outputs(LOCKSTEP_OUTPUT_WAIT);
+            commit.lockstep(LOCKSTEP_OUTPUT_WAIT);
         } else {
             commit.forward_inbound(self.out.clone());
         }

@@ -633,7 +633,7 @@ impl Node {
         let limit = Instant::now() + self.cfg.ack_timeout().max(Duration::from_secs(10));
         let outcome = loop {
             let st = f.status();
-            if let Some(FollowEnd::Diverged(why)) = st.ended {
+            if let Some(FollowEnd::Diverged { why, .. }) = st.ended {
                 break Err(why);
             }
             if st.executed.map(|(p, _)| p) >= held {
@@ -648,7 +648,8 @@ impl Node {
         };
         match outcome {
             Ok(()) => Ok(()),
-            Err(why) => self.input(Input::Diverged(why)),
+            // The pair ends: nothing to repair, the replica is just not whole.
+            Err(why) => self.input(Input::Diverged { why, at: None }),
         }
     }
 
@@ -690,11 +691,18 @@ impl Node {
     /// Reports the end of a guest that ran here (fenced, failed, or powered off).
     fn watch_guest(&mut self) -> Result<(), NodeError> {
         let diverged = self.follower.as_ref().and_then(|f| match f.status().ended {
-            Some(FollowEnd::Diverged(why)) => Some(why),
+            Some(FollowEnd::Diverged {
+                why,
+                position,
+                written,
+            }) => Some(Input::Diverged {
+                why,
+                at: Some((position, written)),
+            }),
             _ => None,
         });
-        if let Some(why) = diverged {
-            self.input(Input::Diverged(why))?;
+        if let Some(input) = diverged {
+            self.input(input)?;
         }
         if let Some(stats) = &self.fenced_guest {
             let done = stats.lock().map(|s| s.finished.is_some()).unwrap_or(true);

@@ -89,6 +89,7 @@ impl Node {
                 st.guest_running = s.finished.is_none();
                 st.checkpoint_pause_us = Percentiles::of(&s.pauses_us);
                 st.copy_left = s.sync_left;
+                st.last_copy = s.last_copy;
             }
         }
         if let Ok(mut s) = self.status.lock() {

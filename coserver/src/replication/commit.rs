@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use ftvm_devices::world::{IdleRequest, Wake, World, WorldError};
 
-use crate::protocol::{DiskWrite, Message, Output};
+use crate::protocol::{DiskRange, DiskWrite, Message, Output};
 use crate::session::{OutputPolicy, SharedSession};
 
 /// How long an epoch may last while the guest idles with nothing to commit (no output,
@@ -54,6 +54,9 @@ struct State {
     prompt: Option<Duration>,
     /// When the oldest output held with the running epoch was made.
     held_since: Option<Instant>,
+    /// Lockstep: the disk ranges the guest wrote in the running epoch (a repair of a
+    /// diverged replica's disk sends them).
+    ranges: Option<Vec<DiskRange>>,
 }
 
 /// The World-side output state shared by the primary's World, its epoch loop and the
@@ -74,6 +77,8 @@ pub struct Sealed {
     pub flushes: Vec<u32>,
     /// The outputs held with the epoch, for the session to hold or release.
     pub outputs: Vec<Output>,
+    /// Lockstep: the disk ranges written in the epoch.
+    pub ranges: Vec<DiskRange>,
 }
 
 impl Commit {
@@ -94,13 +99,17 @@ impl Commit {
             takeover_heard: None,
             prompt: None,
             held_since: None,
+            ranges: None,
         })))
     }
 
     /// Lockstep: an epoch (a slice of the log) ends at most `wait` after an output is
-    /// held, so the output waits about one round trip, not an epoch.
-    pub fn end_slices_at_outputs(&self, wait: Duration) {
-        lock(&self.0).prompt = Some(wait);
+    /// held, so the output waits about one round trip, not an epoch; the disk ranges
+    /// each slice writes are noted.
+    pub fn lockstep(&self, wait: Duration) {
+        let mut s = lock(&self.0);
+        s.prompt = Some(wait);
+        s.ranges = Some(Vec::new());
     }
 
     /// Forwards the frames the guest receives to `out` while outputs are held.
@@ -136,6 +145,7 @@ impl Commit {
             writes: std::mem::take(&mut s.writes),
             flushes: std::mem::take(&mut s.flushes),
             outputs: std::mem::take(&mut s.outputs),
+            ranges: s.ranges.as_mut().map(std::mem::take).unwrap_or_default(),
         }
     }
 
@@ -306,6 +316,15 @@ impl World for CommitWorld {
     }
 
     fn disk_write(&mut self, disk: usize, offset: u64, data: &[u8]) -> Result<(), WorldError> {
+        let mut s = lock(&self.commit.0);
+        if let Some(ranges) = &mut s.ranges {
+            // Noted before the write: one that fails half done is covered too.
+            ranges.push(DiskRange {
+                offset,
+                len: data.len() as u64,
+            });
+        }
+        drop(s);
         self.inner.disk_write(disk, offset, data)?;
         let mut s = lock(&self.commit.0);
         if s.recording {

@@ -19,7 +19,7 @@ use ftvm_vmm::{RunLimits, RunStop, Standby, VcpuKick, Vm};
 
 use super::primary::{EpochLoop, EpochParts};
 use crate::link::Outbox;
-use crate::protocol::{ExitPoint, LogSegment, Message, Output};
+use crate::protocol::{DiskRange, ExitPoint, LogSegment, Message, Output};
 
 /// What the node hands the follower thread, in stream order.
 enum FollowInput {
@@ -46,8 +46,16 @@ pub struct LockstepTakeover {
 /// How a follower ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FollowEnd {
-    /// Its guest no longer retraces the primary's.
-    Diverged(String),
+    /// Its guest no longer retraces the primary's: what differed, in the slice at
+    /// `position`, where it wrote `written` on its disk replica.
+    Diverged {
+        /// What differed.
+        why: String,
+        /// The slice.
+        position: u64,
+        /// The disk ranges its guest wrote in that slice.
+        written: Vec<DiskRange>,
+    },
     /// It became the primary's epoch loop.
     TookOver,
 }
@@ -87,6 +95,7 @@ impl Follower {
             replay,
             live: None,
             stop: false,
+            written: Vec::new(),
         }));
         let vm = standby.activate(Box::new(LockstepWorld(world.clone())))?;
         let status = Arc::new(Mutex::new(FollowerStatus::default()));
@@ -190,9 +199,15 @@ impl FollowerThread {
             match input {
                 FollowInput::Slice { position, slice } => {
                     if let Err(why) = self.execute(position, slice) {
-                        if !lock(&self.world).stop {
+                        let mut phase = lock(&self.world);
+                        if !phase.stop {
                             tracing::warn!(position, "lockstep replica diverged: {why}");
-                            lock(&self.status).ended = Some(FollowEnd::Diverged(why));
+                            let written = DiskRange::merged(std::mem::take(&mut phase.written));
+                            lock(&self.status).ended = Some(FollowEnd::Diverged {
+                                why,
+                                position,
+                                written,
+                            });
                         }
                         return;
                     }
@@ -239,7 +254,12 @@ impl FollowerThread {
         if let Some(what) = mismatch(&here, &end) {
             return Err(format!("at position {position}: {what}"));
         }
-        let emitted = lock(&self.world).replay.take_emitted();
+        let emitted = {
+            let mut phase = lock(&self.world);
+            // Checked equal: what the guest wrote in this slice is the primary's.
+            phase.written.clear();
+            phase.replay.take_emitted()
+        };
         if !emitted.is_empty() {
             let outputs = emitted
                 .into_iter()
@@ -313,6 +333,9 @@ struct Phase {
     live: Option<Box<dyn World>>,
     /// The node stopped the follower: the guest returns at its next exit.
     stop: bool,
+    /// Disk ranges the replayed guest wrote in the slice being executed (disk 0, the
+    /// pair's one disk).
+    written: Vec<DiskRange>,
 }
 
 struct LockstepWorld(Arc<Mutex<Phase>>);
@@ -354,7 +377,19 @@ impl World for LockstepWorld {
     }
 
     fn disk_write(&mut self, disk: usize, offset: u64, data: &[u8]) -> Result<(), WorldError> {
-        self.with(|w| w.disk_write(disk, offset, data))
+        let mut phase = lock(&self.0);
+        let phase = &mut *phase;
+        match phase.live.as_mut() {
+            Some(live) => live.disk_write(disk, offset, data),
+            None => {
+                // Noted before the write: a write that fails half done is covered too.
+                phase.written.push(DiskRange {
+                    offset,
+                    len: data.len() as u64,
+                });
+                phase.replay.disk_write(disk, offset, data)
+            }
+        }
     }
 
     fn disk_flush(&mut self, disk: usize) -> Result<(), WorldError> {

@@ -5,7 +5,7 @@
 //! What each cut becomes (released, copied, checkpointed, held) is the session's
 //! decision; this loop carries it out.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -17,8 +17,10 @@ use ftvm_vmm::{PageSet, RunLimits, RunStop, Vm, VmError};
 
 use super::commit::Commit;
 use crate::link::{Links, Outbox};
-use crate::protocol::{CheckpointSegment, DiskWrite, ExitPoint, LogSegment, Message, Segment};
-use crate::session::{Action, CutPlan, RunPermit, SharedSession};
+use crate::protocol::{
+    CheckpointSegment, DiskRange, DiskWrite, ExitPoint, LogSegment, Message, Segment,
+};
+use crate::session::{Action, CutPlan, DiskCopy, RunPermit, SharedSession};
 
 /// Pages sent per epoch boundary while copying memory to a joining secondary.
 const SYNC_PAGES: usize = 512;
@@ -34,6 +36,9 @@ pub struct EpochStats {
     pub pauses_us: Vec<u64>,
     /// Pages and disk bytes still to copy.
     pub sync_left: Option<(usize, u64)>,
+    /// Pages and disk bytes the last copy began with (a repair of a diverged lockstep
+    /// replica sends only the disk ranges written since it last checked equal).
+    pub last_copy: Option<(usize, u64)>,
     /// Set when the loop ends: the guest's exit code or the error.
     pub finished: Option<Result<u32, String>>,
     /// Ends the vCPU's KVM_RUN at once (a fence must not wait for the guest's next
@@ -82,8 +87,9 @@ struct Copy {
     /// Copy messages sent so far.
     sent: u64,
     pages: BTreeSet<u64>,
-    disk: Option<(File, u64)>,
-    disk_cursor: u64,
+    disk: Option<File>,
+    /// Disk ranges still to send, in order.
+    disk_left: VecDeque<DiskRange>,
 }
 
 impl EpochLoop {
@@ -134,7 +140,7 @@ impl EpochLoop {
             let mut writes = sealed.writes;
             let plan = {
                 let mut session = self.parts.session.lock();
-                session.cut_exit(self.vm.exits());
+                session.note_slice(epoch, self.vm.exits(), DiskRange::merged(sealed.ranges));
                 session.cut(epoch, sealed.outputs, started)
             };
             self.parts.session.notify();
@@ -150,8 +156,12 @@ impl EpochLoop {
             let (release, copying) = match plan {
                 CutPlan::Stop => return Ok(0),
                 CutPlan::Release(outputs) => (outputs, None),
-                CutPlan::StartCopy { copy: id, release } => {
-                    copy = Some(self.start_copy(id)?);
+                CutPlan::StartCopy {
+                    copy: id,
+                    release,
+                    disk,
+                } => {
+                    copy = Some(self.start_copy(id, disk)?);
                     (release, Some(id))
                 }
                 CutPlan::Copy { copy: id, release } => (release, Some(id)),
@@ -233,36 +243,44 @@ impl EpochLoop {
         }
     }
 
-    fn start_copy(&mut self, id: u64) -> Result<Copy, VmError> {
+    fn start_copy(&mut self, id: u64, what: DiskCopy) -> Result<Copy, VmError> {
         let pages: BTreeSet<u64> = self.vm.touched_pages()?.iter().collect();
-        let disk = match &self.parts.disk {
+        let (disk, mut disk_left) = match &self.parts.disk {
             Some(p) => {
                 let f = File::open(p).map_err(|e| {
                     VmError::BadCheckpoint(format!("cannot read disk {}: {e}", p.display()))
                 })?;
-                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-                Some((f, len))
+                let left = match what {
+                    DiskCopy::Whole => vec![DiskRange {
+                        offset: 0,
+                        len: f.metadata().map(|m| m.len()).unwrap_or(0),
+                    }],
+                    DiskCopy::Ranges(ranges) => ranges,
+                };
+                (Some(f), left.into())
             }
-            None => None,
+            None => (None, VecDeque::new()),
         };
+        let disk_bytes = DiskRange::total(disk_left.make_contiguous());
         tracing::info!(
             pages = pages.len(),
+            disk_bytes,
             "copying the guest to a joining secondary"
         );
+        self.stats_lock().last_copy = Some((pages.len(), disk_bytes));
         self.send(Message::CopyStart { copy: id });
         Ok(Copy {
             id,
             sent: 0,
             pages,
             disk,
-            disk_cursor: 0,
+            disk_left,
         })
     }
 
     /// One boundary's share of a copy. Returns true when the copy's completing
     /// checkpoint was sent.
     fn copy_step(&mut self, c: &mut Copy, epoch: u64) -> Result<bool, VmError> {
-        let disk_len = c.disk.as_ref().map_or(0, |(_, l)| *l);
         let window_open = self
             .parts
             .session
@@ -282,28 +300,28 @@ impl EpochLoop {
                 });
                 c.sent += 1;
             }
-            if let Some((f, len)) = &c.disk {
-                if c.disk_cursor < *len {
-                    let n = SYNC_DISK_BYTES.min(len - c.disk_cursor);
-                    let mut data = vec![0u8; n as usize];
-                    f.read_exact_at(&mut data, c.disk_cursor).map_err(|e| {
-                        VmError::BadCheckpoint(format!("disk read for the copy: {e}"))
-                    })?;
-                    self.send(Message::SyncDisk {
-                        copy: c.id,
-                        index: c.sent,
-                        write: DiskWrite {
-                            offset: c.disk_cursor,
-                            data,
-                        },
-                    });
-                    c.sent += 1;
-                    c.disk_cursor += n;
+            if let (Some(f), Some(range)) = (&c.disk, c.disk_left.front_mut()) {
+                let n = SYNC_DISK_BYTES.min(range.len);
+                let offset = range.offset;
+                let mut data = vec![0u8; n as usize];
+                f.read_exact_at(&mut data, offset)
+                    .map_err(|e| VmError::BadCheckpoint(format!("disk read for the copy: {e}")))?;
+                range.offset += n;
+                range.len -= n;
+                if range.len == 0 {
+                    c.disk_left.pop_front();
                 }
+                self.send(Message::SyncDisk {
+                    copy: c.id,
+                    index: c.sent,
+                    write: DiskWrite { offset, data },
+                });
+                c.sent += 1;
             }
         }
-        self.stats_lock().sync_left = Some((c.pages.len(), disk_len - c.disk_cursor.min(disk_len)));
-        if c.pages.len() > FINAL_PAGES || c.disk_cursor < disk_len {
+        let disk_left = DiskRange::total(c.disk_left.make_contiguous());
+        self.stats_lock().sync_left = Some((c.pages.len(), disk_left));
+        if c.pages.len() > FINAL_PAGES || disk_left > 0 {
             return Ok(false);
         }
         let state = self.vm.capture_state()?;

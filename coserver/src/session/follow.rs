@@ -64,8 +64,15 @@ impl Session {
     }
 
     /// A lockstep replica diverged: it is unready at once and asks for a new copy at
-    /// once (a divergence is the guest's doing, not a failing host, so no back-off).
-    pub(super) fn diverged(&mut self, out: &mut Vec<Action>, why: String) {
+    /// once (a divergence is the guest's doing, not a failing host, so no back-off): a
+    /// repair when it knows where it diverged and what its guest wrote there (its disk
+    /// is the primary's but for those ranges), a whole copy otherwise.
+    pub(super) fn diverged(
+        &mut self,
+        out: &mut Vec<Action>,
+        why: String,
+        at: Option<(u64, Vec<crate::protocol::DiskRange>)>,
+    ) {
         let State::Secondary(s) = &mut self.state else {
             return;
         };
@@ -79,7 +86,14 @@ impl Session {
             out,
             format!("the replica's guest diverged from the primary's ({why}); not ready; asking for a new copy"),
         );
-        out.push(Action::Send(Message::Resync { reason: why }));
+        out.push(Action::Send(match at {
+            Some((position, written)) => Message::Diverged {
+                position,
+                reason: why,
+                written,
+            },
+            None => Message::Resync { reason: why },
+        }));
     }
 
     /// An apply failed: the replica is unready at once. The first failure asks for a

@@ -18,7 +18,7 @@ fn lockstep_cfg() -> SessionConfig {
 /// A protected lockstep primary whose guest stood at exit 500 when the copy ended.
 fn protected_lockstep(c: &Clock) -> Session {
     let mut s = primary_with(c, lockstep_cfg());
-    s.cut_exit(500);
+    s.note_slice(2, 500, vec![]);
     let s = protected_from(c, s);
     assert_eq!(s.primary().and_then(|p| p.lag_exits()), Some(0));
     s
@@ -32,10 +32,10 @@ fn a_lockstep_primary_waits_for_a_lagging_secondary_and_drops_one_that_stops() {
         !s.records_disk_writes(),
         "the secondary's guest makes its own disk writes"
     );
-    s.cut_exit(500 + MAX_LAG);
+    s.note_slice(3, 500 + MAX_LAG, vec![]);
     s.cut(3, vec![], c.at(410));
     assert_eq!(s.may_run(4), RunPermit::Run, "at the bound");
-    s.cut_exit(501 + MAX_LAG);
+    s.note_slice(4, 501 + MAX_LAG, vec![]);
     s.cut(4, vec![], c.at(411));
     assert_eq!(s.may_run(5), RunPermit::Wait, "beyond the bound");
     assert_eq!(s.primary().and_then(|p| p.lag_exits()), Some(MAX_LAG + 1));
@@ -50,7 +50,7 @@ fn a_lockstep_primary_waits_for_a_lagging_secondary_and_drops_one_that_stops() {
     assert_eq!(s.may_run(5), RunPermit::Run, "the secondary advanced");
     // Executing nothing more while the primary waits: dropped after the ack timeout,
     // through the arbiter, never waited on for ever.
-    s.cut_exit(700 + MAX_LAG);
+    s.note_slice(5, 700 + MAX_LAG, vec![]);
     s.cut(5, vec![], c.at(413));
     for ack in 3..=5 {
         msg(
@@ -79,7 +79,7 @@ fn a_lockstep_primary_waits_for_a_lagging_secondary_and_drops_one_that_stops() {
 fn an_execution_report_beyond_what_was_cut_is_not_believed() {
     let c = Clock(Instant::now());
     let mut s = protected_lockstep(&c);
-    s.cut_exit(900);
+    s.note_slice(3, 900, vec![]);
     s.cut(3, vec![], c.at(410));
     msg(
         &mut s,
@@ -101,7 +101,10 @@ fn a_diverged_replica_is_unready_at_once_and_asks_for_a_new_copy_without_back_of
     let c = Clock(Instant::now());
     let mut s = ready(&c);
     for round in 1..=3u64 {
-        let a = s.on(Input::Diverged("output digests differ".into()));
+        let a = s.on(Input::Diverged {
+            why: "output digests differ".into(),
+            at: None,
+        });
         assert!(has(&a, &Action::ResetReplica), "{a:?}");
         assert!(
             a.iter().any(|x| matches!(x, Action::Send(Message::Resync { reason }) if reason.contains("digests"))),
@@ -119,4 +122,92 @@ fn a_diverged_replica_is_unready_at_once_and_asks_for_a_new_copy_without_back_of
         },
     );
     assert_eq!(p.resyncs(), 1, "the primary counts the copies asked of it");
+}
+
+fn range(offset: u64, len: u64) -> crate::protocol::DiskRange {
+    crate::protocol::DiskRange { offset, len }
+}
+
+#[test]
+fn a_diverged_replica_is_repaired_with_the_disk_ranges_written_since_it_last_checked_equal() {
+    let c = Clock(Instant::now());
+    let mut s = protected_lockstep(&c);
+    s.note_slice(3, 600, vec![range(0, 512)]);
+    s.cut(3, vec![], c.at(410));
+    s.note_slice(4, 700, vec![range(4096, 512)]);
+    s.cut(4, vec![line("4")], c.at(411));
+    s.note_slice(5, 800, vec![range(8192, 1024)]);
+    s.cut(5, vec![], c.at(412));
+    msg(
+        &mut s,
+        c.at(413),
+        Message::Executed {
+            position: 3,
+            exit: 600,
+        },
+    );
+    let a = msg(
+        &mut s,
+        c.at(414),
+        Message::Diverged {
+            position: 4,
+            reason: "output digests differ".into(),
+            written: vec![range(4608, 512), range(1 << 20, 4096)],
+        },
+    );
+    assert_eq!(
+        released(&a),
+        vec![line("4")],
+        "degraded: held output leaves"
+    );
+    assert_eq!(s.resyncs(), 1);
+    assert_eq!(
+        s.cut(6, vec![], c.at(415)),
+        CutPlan::StartCopy {
+            copy: 6,
+            release: vec![],
+            // Slice 3 was checked equal; 4 and 5 were not, and the replica wrote in 4.
+            disk: DiskCopy::Ranges(vec![
+                range(4096, 1024),
+                range(8192, 1024),
+                range(1 << 20, 4096)
+            ]),
+        }
+    );
+    // A divergence reported while this node does not hold outputs (it copies, or ran
+    // degraded: not every write was noted) is repaired with the whole disk.
+    msg(
+        &mut s,
+        c.at(416),
+        Message::Diverged {
+            position: 6,
+            reason: "late".into(),
+            written: vec![range(0, 512)],
+        },
+    );
+    assert!(matches!(
+        s.cut(7, vec![], c.at(416)),
+        CutPlan::StartCopy {
+            disk: DiskCopy::Whole,
+            ..
+        }
+    ));
+    // A secondary that holds nothing gets everything, even if a repair was pending.
+    msg(
+        &mut s,
+        c.at(416),
+        Message::Diverged {
+            position: 7,
+            reason: "x".into(),
+            written: vec![],
+        },
+    );
+    msg(&mut s, c.at(417), Message::Join);
+    assert!(matches!(
+        s.cut(8, vec![], c.at(418)),
+        CutPlan::StartCopy {
+            disk: DiskCopy::Whole,
+            ..
+        }
+    ));
 }

@@ -43,12 +43,12 @@ mod tests;
 
 use std::time::{Duration, Instant};
 
-pub use primary::{AckOutcome, CutPlan, Mode, OutputPolicy, Primary};
+pub use primary::{AckOutcome, CutPlan, DiskCopy, Mode, OutputPolicy, Primary};
 pub use replica::{CopyCheck, ReplicaProgress, ResyncReason};
 pub use shared::SharedSession;
 
 use crate::arbiter::Claim;
-use crate::protocol::{Incomplete, Message, Output, Role, Standing};
+use crate::protocol::{DiskRange, Incomplete, Message, Output, Role, Standing};
 
 /// What the session needs to know of the configuration.
 #[derive(Debug, Clone)]
@@ -148,8 +148,14 @@ pub enum Input {
     /// The guest that ran here has stopped (fenced or failed).
     GuestEnded(Result<u32, String>),
     /// A lockstep secondary's guest no longer retraces the primary's (a digest or an
-    /// event did not match): it needs a new copy.
-    Diverged(String),
+    /// event did not match): it needs a new copy; a repair (memory and the disk ranges
+    /// written since) when it says where it diverged and what it wrote there.
+    Diverged {
+        /// What differed.
+        why: String,
+        /// The slice it diverged in and the disk ranges its guest wrote there.
+        at: Option<(u64, Vec<DiskRange>)>,
+    },
 }
 
 /// What the drivers must do.
@@ -462,7 +468,7 @@ impl Session {
                 self.checkpoint_applied(&mut out, epoch, full, copy)
             }
             Input::GuestEnded(result) => self.guest_ended(&mut out, result),
-            Input::Diverged(why) => self.diverged(&mut out, why),
+            Input::Diverged { why, at } => self.diverged(&mut out, why, at),
         }
         self.note_exit(&out);
         out
@@ -683,6 +689,32 @@ impl Session {
             (State::Primary(p), Message::Executed { position, exit }) => {
                 p.executed(position, exit, now)
             }
+            (
+                State::Primary(p),
+                Message::Diverged {
+                    position,
+                    reason,
+                    written,
+                },
+            ) => {
+                self.resyncs += 1;
+                let (released, ranges) = p.repair_copy(written);
+                if !released.is_empty() {
+                    out.push(Action::Release(released));
+                }
+                let what = match ranges {
+                    Some(r) => format!(
+                        "memory and {} disk ranges ({} bytes)",
+                        r.len(),
+                        DiskRange::total(&r)
+                    ),
+                    None => "memory and the whole disk".to_string(),
+                };
+                self.alert(
+                    out,
+                    format!("the secondary's guest diverged at position {position} ({reason}): repairing it with a copy of {what}"),
+                );
+            }
             (State::Primary(p), Message::Resync { reason }) => {
                 self.resyncs += 1;
                 let released = p.restart_copy();
@@ -775,11 +807,12 @@ impl Session {
         }
     }
 
-    /// The primary's guest stood at `exit` at the last cut (lockstep bounds the
-    /// secondary's lag by it).
-    pub fn cut_exit(&mut self, exit: u64) {
+    /// Lockstep: the slice about to be cut at `position`; the primary's guest stands at
+    /// `exit` and wrote `written` in it (the lag is bounded by the one, a repair of a
+    /// diverged replica's disk sends the other).
+    pub fn note_slice(&mut self, position: u64, exit: u64, written: Vec<DiskRange>) {
         if let State::Primary(p) = &mut self.state {
-            p.cut_exit(exit);
+            p.note_slice(position, exit, written);
         }
     }
 

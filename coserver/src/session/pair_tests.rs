@@ -421,7 +421,7 @@ impl World {
         match self.hosts[n].session.cut(epoch, outputs, now) {
             CutPlan::Stop => self.hosts[n].guest_running = false,
             CutPlan::Release(o) => self.check_release(n, &o)?,
-            CutPlan::StartCopy { copy, release } => {
+            CutPlan::StartCopy { copy, release, .. } => {
                 self.check_release(n, &release)?;
                 self.send(n, Message::CopyStart { copy });
                 self.hosts[n].copy = Some((copy, 0));

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::{Action, LockstepLimits, RunPermit};
-use crate::protocol::{Message, Output};
+use crate::protocol::{DiskRange, Message, Output};
 
 /// Unacknowledged epochs after which the guest waits for the secondary.
 pub const MAX_UNACKED: u64 = 16;
@@ -70,6 +70,16 @@ pub enum OutputPolicy {
     Discard,
 }
 
+/// What of the disk a copy sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskCopy {
+    /// All of it (a secondary that holds nothing).
+    Whole,
+    /// These ranges (a diverged lockstep replica: the rest of its disk is the
+    /// primary's).
+    Ranges(Vec<DiskRange>),
+}
+
 /// What the epoch loop does at the end of an epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CutPlan {
@@ -81,6 +91,8 @@ pub enum CutPlan {
         copy: u64,
         /// Outputs to release.
         release: Vec<Output>,
+        /// What of the disk it sends.
+        disk: DiskCopy,
     },
     /// Go on with copy `copy` (after releasing the outputs).
     Copy {
@@ -143,10 +155,12 @@ pub struct Primary {
     delays_us: Vec<u64>,
     /// Lockstep: how far the secondary's guest has come.
     lockstep: Option<Follower>,
+    /// The next copy repairs a diverged replica: the disk ranges it sends.
+    repair: Option<Vec<DiskRange>>,
 }
 
 /// A lockstep primary's view of its secondary's guest.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Follower {
     limits: LockstepLimits,
     /// This guest's exit at the last cut.
@@ -155,6 +169,9 @@ struct Follower {
     executed_exit: u64,
     /// When it last advanced (or the copy it started from completed).
     advanced_at: Option<Instant>,
+    /// Disk ranges this guest wrote in each slice the secondary has not reported
+    /// executed: what a repair of its disk must send.
+    written: VecDeque<(u64, Vec<DiskRange>)>,
 }
 
 impl Primary {
@@ -177,7 +194,9 @@ impl Primary {
                 cut_exit: 0,
                 executed_exit: 0,
                 advanced_at: None,
+                written: VecDeque::new(),
             }),
+            repair: None,
         }
     }
 
@@ -190,10 +209,15 @@ impl Primary {
             .then(|| f.cut_exit.saturating_sub(f.executed_exit))
     }
 
-    /// This guest's exit at the last cut.
-    pub(super) fn cut_exit(&mut self, exit: u64) {
+    /// The slice about to be cut at `position`: this guest stands at `exit` and wrote
+    /// `written` in it.
+    pub(super) fn note_slice(&mut self, position: u64, exit: u64, written: Vec<DiskRange>) {
+        let holds = self.mode.holds();
         if let Some(f) = &mut self.lockstep {
             f.cut_exit = exit;
+            if holds && !written.is_empty() {
+                f.written.push_back((position, written));
+            }
         }
     }
 
@@ -205,6 +229,9 @@ impl Primary {
         if self.mode.holds() && position <= self.epoch && exit > f.executed_exit {
             f.executed_exit = exit;
             f.advanced_at = Some(now);
+            while f.written.front().is_some_and(|(p, _)| *p <= position) {
+                f.written.pop_front();
+            }
         }
     }
 
@@ -267,13 +294,43 @@ impl Primary {
     pub(super) fn degrade(&mut self) -> Vec<Output> {
         self.mode = Mode::Degraded;
         self.unacked.clear();
+        if let Some(f) = &mut self.lockstep {
+            f.written.clear();
+        }
         self.held.drain(..).flat_map(|h| h.outputs).collect()
     }
 
     /// A secondary holds nothing and asks for a copy: degraded until it has one.
     pub(super) fn restart_copy(&mut self) -> Vec<Output> {
         self.join_requested = true;
+        self.repair = None;
         self.degrade()
+    }
+
+    /// A lockstep secondary's guest diverged in a slice after the last it reported
+    /// executed, having written `written` there: the next copy sends memory and the
+    /// disk ranges either guest wrote since (degraded until it completes); the whole
+    /// disk unless every write since was noted. Returns the released outputs and the
+    /// ranges (`None`: the whole disk).
+    pub(super) fn repair_copy(
+        &mut self,
+        written: Vec<DiskRange>,
+    ) -> (Vec<Output>, Option<Vec<DiskRange>>) {
+        if !self.mode.holds() || self.lockstep.is_none() {
+            // The writes since the replica last checked equal were not all noted (this
+            // node ran degraded or copied meanwhile): the whole disk.
+            return (self.restart_copy(), None);
+        }
+        let mut ranges = written;
+        if let Some(f) = &self.lockstep {
+            // Every slice the secondary had not reported executed: a superset of those
+            // from `position` on (it diverged after the last one it reported).
+            ranges.extend(f.written.iter().flat_map(|(_, w)| w.iter().copied()));
+        }
+        let ranges = DiskRange::merged(ranges);
+        let released = self.restart_copy();
+        self.repair = Some(ranges.clone());
+        (released, Some(ranges))
     }
 
     pub(super) fn cut(&mut self, epoch: u64, outputs: Vec<Output>, now: Instant) -> CutPlan {
@@ -289,6 +346,7 @@ impl Primary {
                 CutPlan::StartCopy {
                     copy: epoch,
                     release: outputs,
+                    disk: self.repair.take().map_or(DiskCopy::Whole, DiskCopy::Ranges),
                 }
             }
             Mode::Degraded => CutPlan::Release(outputs),

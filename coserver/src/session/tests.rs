@@ -141,7 +141,8 @@ pub(super) fn protected_from(c: &Clock, mut s: Session) -> Session {
         s.cut(1, vec![line("1")], c.at(401)),
         CutPlan::StartCopy {
             copy: 1,
-            release: vec![line("1")]
+            release: vec![line("1")],
+            disk: DiskCopy::Whole,
         }
     );
     assert_eq!(
