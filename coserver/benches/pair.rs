@@ -160,8 +160,14 @@ fn pair_rate(a: &CoServer, w: &Progress) -> f64 {
 /// SETs per second a client in the LAN gets from the guest's key-value service (the
 /// guest is told to power off afterwards).
 fn kv_rate(net: &PairNet) -> f64 {
+    kv_run(net, true).0
+}
+
+/// `SETS` SETs one at a time from a client in the LAN: the rate and each SET's time;
+/// the guest is told to power off afterwards if `shutdown`.
+fn kv_run(net: &PairNet, shutdown: bool) -> (f64, Vec<Duration>) {
     let _ = netns::ip(&["-n", &net.ns[2], "neigh", "flush", "all"]);
-    netns::run_in(&net.ns[2], || {
+    netns::run_in(&net.ns[2], move || {
         let start = Instant::now();
         let s = loop {
             match TcpStream::connect_timeout(
@@ -176,19 +182,29 @@ fn kv_rate(net: &PairNet) -> f64 {
         s.set_read_timeout(Some(Duration::from_secs(20)))
             .expect("timeout");
         let mut c = BufReader::new(s);
+        let mut each = Vec::with_capacity(SETS as usize);
         let t = Instant::now();
         for i in 0..SETS {
+            let one = Instant::now();
             assert_eq!(kv(&mut c, &format!("SET k{i} v{i}")), "OK");
+            each.push(one.elapsed());
         }
         let rate = f64::from(SETS) / t.elapsed().as_secs_f64();
-        let _ = kv(&mut c, "SHUTDOWN");
-        rate
+        if shutdown {
+            let _ = kv(&mut c, "SHUTDOWN");
+        }
+        (rate, each)
     })
     .expect("client in the LAN")
 }
 
 /// The key-value rate of a standalone guest on host A's tap.
 fn standalone_kv_rate(net: &PairNet) -> f64 {
+    standalone_kv_run(net).0
+}
+
+/// [`kv_run`] against a standalone guest on host A's tap.
+fn standalone_kv_run(net: &PairNet) -> (f64, Vec<Duration>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let img = dir.path().join("kv.img");
     std::fs::File::create(&img)
@@ -204,9 +220,9 @@ fn standalone_kv_rate(net: &PairNet) -> f64 {
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn ftvm");
-    let rate = kv_rate(net);
+    let run = kv_run(net, true);
     let _ = child.wait();
-    rate
+    run
 }
 
 fn pct(status: &Option<serde_json::Value>, key: &str) -> String {
@@ -289,9 +305,11 @@ fn modes_rows(net: &PairNet) {
             w.name, w.unit, cells[0], cells[1]
         );
     }
-    let solo = standalone_kv_rate(net);
+    let (solo, mut solo_each) = standalone_kv_run(net);
+    let solo_p = percentiles(&mut solo_each);
     let mut kv_cells = Vec::new();
     let mut delay_cells = Vec::new();
+    let mut added_cells = Vec::new();
     let mut idle_cells = Vec::new();
     for mode in MODES {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -303,12 +321,19 @@ fn modes_rows(net: &PairNet) {
             "{:.1} kbit/s",
             bytes_per_s(&a.status()) * 8.0 / 1000.0
         ));
-        let rate = kv_rate(net);
+        let (rate, mut each) = kv_run(net, false);
+        let p = percentiles(&mut each);
         kv_cells.push(format!("{:.0}% ({rate:.0} SETs/s)", rate / solo * 100.0));
+        added_cells.push(format!(
+            "p50 {:.0} µs, p99 {:.0} µs",
+            (p.0 - solo_p.0) * 1e6,
+            (p.1 - solo_p.1) * 1e6
+        ));
         delay_cells.push(pct(&a.status(), "output_commit_delay_us"));
         drop((a, b));
     }
     println!("| TCP key-value SETs, one client, one at a time: protected / standalone ({solo:.0} SETs/s standalone) | {} | {} |", kv_cells[0], kv_cells[1]);
+    println!("| time a SET takes, protected minus standalone (standalone p50 {:.0} µs, p99 {:.0} µs) | {} | {} |", solo_p.0 * 1e6, solo_p.1 * 1e6, added_cells[0], added_cells[1]);
     println!("| output delay of those SETs' replies: from the end of their epoch (lockstep: slice, ended at the output or within 200 µs) to their release | {} | {} |", delay_cells[0], delay_cells[1]);
     println!(
         "| replication traffic of the idle `net` guest (all links, incl. heartbeats) | {} | {} |",
@@ -325,6 +350,13 @@ fn modes_rows(net: &PairNet) {
         spread(&mut inside[0]),
         spread(&mut inside[1])
     );
+}
+
+/// (p50, p99) of `v`, in seconds.
+fn percentiles(v: &mut [Duration]) -> (f64, f64) {
+    v.sort();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize].as_secs_f64();
+    (at(0.5), at(0.99))
 }
 
 /// Failover runs per mode in the side-by-side rows.

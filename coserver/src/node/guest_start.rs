@@ -23,8 +23,8 @@ use crate::replication::secondary::Takeover;
 
 /// Frames at most discarded from a held tap at takeover (the kernel queues ~1000).
 const MAX_STALE_FRAMES: usize = 4096;
-/// Lockstep: the longest an output waits before the slice of the log holding it ends
-/// (it also ends as soon as the guest idles).
+/// Lockstep: the longest console output waits before the slice of the log holding it
+/// ends (it also ends as soon as the guest idles; a frame ends it at once).
 const LOCKSTEP_OUTPUT_WAIT: Duration = Duration::from_micros(200);
 
 /// Where the guest this node starts comes from.

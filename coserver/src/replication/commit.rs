@@ -103,9 +103,9 @@ impl Commit {
         })))
     }
 
-    /// Lockstep: an epoch (a slice of the log) ends at most `wait` after an output is
-    /// held, so the output waits about one round trip, not an epoch; the disk ranges
-    /// each slice writes are noted.
+    /// Lockstep: an epoch (a slice of the log) ends at the exit after a frame is held,
+    /// and at most `wait` after console bytes are, so an output waits about one round
+    /// trip, not an epoch; the disk ranges each slice writes are noted.
     pub fn lockstep(&self, wait: Duration) {
         let mut s = lock(&self.0);
         s.prompt = Some(wait);
@@ -202,6 +202,11 @@ impl Commit {
         }
         match policy {
             OutputPolicy::Hold => {
+                // Lockstep: a frame ends its slice at once (a client waits for it);
+                // console bytes, written one exit each, wait for the line's end.
+                if s.prompt.is_some() && matches!(o, Output::Frame(_)) {
+                    s.pause = true;
+                }
                 s.outputs.push(o);
                 s.held_since.get_or_insert_with(Instant::now);
             }

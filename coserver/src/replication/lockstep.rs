@@ -136,7 +136,10 @@ impl Follower {
 
     /// Takes over: the follower thread becomes the primary's vCPU thread.
     pub fn take_over(mut self, takeover: LockstepTakeover) -> bool {
-        let sent = self.send(FollowInput::TakeOver(Box::new(takeover)));
+        let status = self.status.clone();
+        let status = lock(&status);
+        let sent = status.ended.is_none() && self.send(FollowInput::TakeOver(Box::new(takeover)));
+        drop(status);
         // The thread lives on as the primary's; dropping this handle must not stop it.
         self.tx = None;
         sent
@@ -199,23 +202,42 @@ impl FollowerThread {
             match input {
                 FollowInput::Slice { position, slice } => {
                     if let Err(why) = self.execute(position, slice) {
-                        let mut phase = lock(&self.world);
-                        if !phase.stop {
-                            tracing::warn!(position, "lockstep replica diverged: {why}");
-                            let written = DiskRange::merged(std::mem::take(&mut phase.written));
-                            lock(&self.status).ended = Some(FollowEnd::Diverged {
-                                why,
-                                position,
-                                written,
-                            });
-                        }
-                        return;
+                        return self.diverged(position, why);
                     }
                 }
                 FollowInput::Released(p) => self.unreleased.retain(|(q, _)| *q > p),
                 FollowInput::TakeOver(t) => return self.take_over(*t),
             }
         }
+    }
+
+    /// The guest no longer retraces the primary's (or the node stopped it): report
+    /// it and end. A takeover already asked for cannot continue this guest: its epoch
+    /// loop's status says so, and the node stops.
+    fn diverged(self, position: u64, why: String) {
+        let mut phase = lock(&self.world);
+        if phase.stop {
+            return;
+        }
+        tracing::warn!(position, "lockstep replica diverged: {why}");
+        let written = DiskRange::merged(std::mem::take(&mut phase.written));
+        drop(phase);
+        // Under the status lock, which a takeover holds while it asks: one asked before
+        // is found here, one after sees the end.
+        let mut status = lock(&self.status);
+        while let Ok(input) = self.rx.try_recv() {
+            if let FollowInput::TakeOver(t) = input {
+                let mut stats = t.parts.stats.lock().unwrap_or_else(|e| e.into_inner());
+                stats.finished = Some(Err(format!(
+                    "the replica's guest diverged from the old primary's at position {position} before the takeover ({why}): the guest cannot continue on this node"
+                )));
+            }
+        }
+        status.ended = Some(FollowEnd::Diverged {
+            why,
+            position,
+            written,
+        });
     }
 
     fn report(&mut self) {
