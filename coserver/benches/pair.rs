@@ -334,7 +334,7 @@ fn modes_rows(net: &PairNet) {
     }
     println!("| TCP key-value SETs, one client, one at a time: protected / standalone ({solo:.0} SETs/s standalone) | {} | {} |", kv_cells[0], kv_cells[1]);
     println!("| time a SET takes, protected minus standalone (standalone p50 {:.0} µs, p99 {:.0} µs) | {} | {} |", solo_p.0 * 1e6, solo_p.1 * 1e6, added_cells[0], added_cells[1]);
-    println!("| output delay of those SETs' replies: from the end of their epoch (lockstep: slice, ended at the output or within 200 µs) to their release | {} | {} |", delay_cells[0], delay_cells[1]);
+    println!("| output delay of those SETs' replies: from the end of their epoch (lockstep: slice, ended at the exit after the frame) to their release | {} | {} |", delay_cells[0], delay_cells[1]);
     println!(
         "| replication traffic of the idle `net` guest (all links, incl. heartbeats) | {} | {} |",
         idle_cells[0], idle_cells[1]

@@ -516,6 +516,7 @@ impl Links {
 pub struct Outbox {
     tx: std::sync::mpsc::SyncSender<Message>,
     in_flight: Arc<AtomicUsize>,
+    links: Links,
 }
 
 impl Outbox {
@@ -523,8 +524,9 @@ impl Outbox {
     pub fn start(links: &Links) -> Self {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Message>(OUTBOX_MESSAGES);
         let in_flight = Arc::new(AtomicUsize::new(0));
-        let (links, count) = (links.clone(), in_flight.clone());
+        let (sender_links, count) = (links.clone(), in_flight.clone());
         std::thread::spawn(move || {
+            let links = sender_links;
             for msg in rx {
                 if let Err(e) = links.send(&msg) {
                     tracing::error!("not sent: {e}");
@@ -532,7 +534,23 @@ impl Outbox {
                 count.fetch_sub(1, Ordering::Release);
             }
         });
-        Self { tx, in_flight }
+        Self {
+            tx,
+            in_flight,
+            links: links.clone(),
+        }
+    }
+
+    /// Sends a small message from this thread at once when nothing queued before it is
+    /// still on its way (so it overtakes nothing), else queues it: an acknowledgement
+    /// or a lockstep slice saves the hop through the sender thread.
+    pub fn send_small(&self, msg: Message) {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return self.send(msg);
+        }
+        if let Err(e) = self.links.send(&msg) {
+            tracing::error!("not sent: {e}");
+        }
     }
 
     /// Queues `msg` for the links (waiting while the outbox is full).

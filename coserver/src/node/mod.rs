@@ -389,9 +389,9 @@ impl Node {
     fn execute(&mut self, actions: Vec<Action>) -> Result<(), NodeError> {
         for action in actions {
             match action {
-                Action::Send(m) => {
-                    self.out.send(m);
-                }
+                // The session's messages are all small (bulk data comes from the epoch
+                // loop).
+                Action::Send(m) => self.out.send_small(m),
                 Action::Release(outputs) => {
                     if let Some(r) = &self.running {
                         r.commit.release(outputs);

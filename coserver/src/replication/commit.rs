@@ -182,6 +182,10 @@ impl Commit {
         }
         first_output(&mut s);
         release(&mut s.sinks, outputs);
+        // Out of this process before the secondary is told they left (`Released`):
+        // a line's start buffered here would die with it, and the secondary would not
+        // emit it again.
+        let _ = s.sinks.console.flush();
     }
 
     /// Sends a frame of the VMM's own at once (a gratuitous ARP on takeover).
@@ -228,7 +232,8 @@ fn first_output(s: &mut State) {
 }
 
 /// Writes outputs to their sinks. The console is flushed at line ends (and when an epoch
-/// is sealed), not per byte: a degraded primary releases each exit's byte at once.
+/// is sealed, and after a release of held outputs), not per byte: a degraded primary
+/// releases each exit's byte at once.
 fn release(sinks: &mut Sinks, outputs: Vec<Output>) {
     let mut line_end = false;
     for o in outputs {

@@ -246,7 +246,7 @@ impl FollowerThread {
         };
         if self.reported != Some(position) {
             self.reported = Some(position);
-            self.out.send(Message::Executed { position, exit });
+            self.out.send_small(Message::Executed { position, exit });
         }
     }
 

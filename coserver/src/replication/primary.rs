@@ -26,6 +26,8 @@ use crate::session::{Action, CutPlan, DiskCopy, RunPermit, SharedSession};
 const SYNC_PAGES: usize = 512;
 /// Disk bytes sent per epoch boundary while copying the disk.
 const SYNC_DISK_BYTES: u64 = 1 << 20;
+/// Lockstep slices of at most this many events are sent from the vCPU thread itself.
+const SHORT_SLICE_EVENTS: usize = 64;
 /// Remaining pages small enough to go into the final pause of a copy.
 const FINAL_PAGES: usize = 4096;
 
@@ -167,7 +169,11 @@ impl EpochLoop {
                 CutPlan::Copy { copy: id, release } => (release, Some(id)),
                 CutPlan::Checkpoint { outputs } if events.is_some() => {
                     copy = None;
-                    self.send(Message::Segment {
+                    let events = events.unwrap_or_default();
+                    // A short slice leaves from this thread at once (the usual case:
+                    // it ends at an output); a long one through the sender thread.
+                    let short = events.len() <= SHORT_SLICE_EVENTS;
+                    let msg = Message::Segment {
                         position: epoch,
                         segment: Segment::Log(LogSegment {
                             end: ExitPoint {
@@ -175,9 +181,14 @@ impl EpochLoop {
                                 exit_trace: self.vm.exit_trace(),
                                 output_digest: self.vm.output_digest(),
                             },
-                            events: events.unwrap_or_default(),
+                            events,
                         }),
-                    });
+                    };
+                    if short {
+                        self.parts.out.send_small(msg);
+                    } else {
+                        self.send(msg);
+                    }
                     // Held by the session until the slice is acknowledged.
                     drop(outputs);
                     (Vec::new(), None)
