@@ -164,6 +164,14 @@ pub struct ReplicationConfig {
     /// before the primary's guest waits for it.
     #[serde(default = "default_max_lag_exits")]
     pub max_lag_exits: u64,
+    /// Lockstep: how often (ms) the secondary compares a window of its guest's memory
+    /// (1 MiB, sweeping all of RAM in turn) with the primary's.
+    #[serde(default = "default_verify_memory_ms")]
+    pub verify_memory_ms: u64,
+}
+
+fn default_verify_memory_ms() -> u64 {
+    100
 }
 
 fn default_verify_exits() -> u64 {
@@ -182,6 +190,7 @@ impl Default for ReplicationConfig {
             ack_timeout_ms: None,
             verify_exits: default_verify_exits(),
             max_lag_exits: default_max_lag_exits(),
+            verify_memory_ms: default_verify_memory_ms(),
         }
     }
 }
@@ -343,6 +352,12 @@ impl Config {
             return Err(bad(
                 "replication.verify_exits",
                 format!("{} is outside 100 to 10000000", r.verify_exits),
+            ));
+        }
+        if !(1..=60_000).contains(&r.verify_memory_ms) {
+            return Err(bad(
+                "replication.verify_memory_ms",
+                format!("{} is outside 1 to 60000", r.verify_memory_ms),
             ));
         }
         if r.max_lag_exits < r.verify_exits {

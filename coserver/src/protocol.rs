@@ -298,6 +298,9 @@ pub struct ExitPoint {
 pub struct LogSegment {
     /// Where the primary's guest stood at the end of the slice.
     pub end: ExitPoint,
+    /// A window of the primary's guest memory at the end of the slice (every
+    /// `replication.verify_memory_ms`), for the secondary to compare with its own.
+    pub memory: Option<ftvm_vmm::MemorySample>,
     /// The events, in the order the guest took them.
     pub events: Vec<ftvm_devices::world::record::InputEvent>,
 }

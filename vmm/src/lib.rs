@@ -17,5 +17,5 @@ pub mod vcpu_state;
 pub mod vm;
 
 pub use kick::VcpuKick;
-pub use memory::PageSet;
+pub use memory::{MemorySample, PageSet};
 pub use vm::{Attachments, PageBatch, RunLimits, RunStop, Standby, Vm, VmConfig, VmError};

@@ -229,6 +229,75 @@ pub fn hash(mem: &GuestMem) -> Result<u64, MemoryError> {
     Ok(h.digest())
 }
 
+/// A digest of a window of guest RAM, for comparing two VMs that should hold the same
+/// memory (a lockstep pair): `pages` pages from RAM page `start` (pages of all regions
+/// counted in order), wrapping at the end of RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemorySample {
+    /// The first RAM page.
+    pub start: u64,
+    /// Pages in the window.
+    pub pages: u64,
+    /// xxh3 of the window with the accessed and dirty bits masked (see [`sample`]).
+    pub digest: u64,
+}
+
+/// Samples `pages` pages of RAM from RAM page `start` (wrapping); returns the sample and
+/// the page after it. Bits 5 and 6 of every 64-bit word are left out: they are the
+/// accessed and dirty bits of a page-table entry, which the processor's page walker
+/// sets — the accessed bit possibly speculatively — so two executions of the same guest
+/// may differ there alone. Everything else in the window counts.
+pub fn sample(mem: &GuestMem, start: u64, pages: u64) -> Result<(MemorySample, u64), MemoryError> {
+    const AD_BITS: u64 = (1 << 5) | (1 << 6);
+    let regions: Vec<&[u8]> = mem.iter().map(region_bytes).collect::<Result<_, _>>()?;
+    let total: u64 = regions.iter().map(|r| r.len() as u64 / PAGE_SIZE).sum();
+    if total == 0 {
+        return Ok((
+            MemorySample {
+                start: 0,
+                pages: 0,
+                digest: 0,
+            },
+            0,
+        ));
+    }
+    let pages = pages.min(total);
+    let start = start % total;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut masked = vec![0u8; PAGE_SIZE as usize];
+    for i in 0..pages {
+        let mut page = (start + i) % total;
+        let bytes = regions
+            .iter()
+            .find_map(|r| {
+                let n = r.len() as u64 / PAGE_SIZE;
+                if page < n {
+                    let at = (page * PAGE_SIZE) as usize;
+                    Some(&r[at..at + PAGE_SIZE as usize])
+                } else {
+                    page -= n;
+                    None
+                }
+            })
+            .unwrap_or(&[]);
+        for (out, word) in masked.chunks_exact_mut(8).zip(bytes.chunks_exact(8)) {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(word);
+            out.copy_from_slice(&(u64::from_le_bytes(w) & !AD_BITS).to_le_bytes());
+        }
+        h.update(&masked);
+    }
+    let next = (start + pages) % total;
+    Ok((
+        MemorySample {
+            start,
+            pages,
+            digest: h.digest(),
+        },
+        next,
+    ))
+}
+
 /// The guest-physical address range of RAM that contains `gpa`, if any.
 pub fn in_ram(mem: &GuestMem, gpa: u64, len: u64) -> bool {
     mem.check_range(GuestAddress(gpa), len as usize)
@@ -263,6 +332,39 @@ mod tests {
             allocate(layout::MAX_MEM_MIB + 1),
             Err(MemoryError::Size(_))
         ));
+    }
+
+    #[test]
+    fn a_memory_sample_sees_data_but_not_page_table_access_bits_and_wraps() {
+        use vm_memory::Bytes;
+        let mem = allocate(8).unwrap();
+        let (s0, next) = sample(&mem, 3, 2).unwrap();
+        assert_eq!((s0.start, s0.pages, next), (3, 2, 5));
+        mem.write_obj(1u64 << 5 | 1 << 6, GuestAddress(3 * PAGE_SIZE + 64))
+            .unwrap();
+        assert_eq!(
+            sample(&mem, 3, 2).unwrap().0,
+            s0,
+            "accessed and dirty bits left out"
+        );
+        mem.write_obj(1u64 << 7, GuestAddress(4 * PAGE_SIZE + 8))
+            .unwrap();
+        assert_ne!(sample(&mem, 3, 2).unwrap().0.digest, s0.digest);
+        assert_eq!(
+            sample(&mem, 5, 2).unwrap().0.digest,
+            {
+                let m = allocate(8).unwrap();
+                sample(&m, 5, 2).unwrap().0.digest
+            },
+            "outside the changed pages"
+        );
+        let total = 8 << 20 >> 12;
+        let (wrapped, next) = sample(&mem, total - 1, 2).unwrap();
+        assert_eq!(
+            (wrapped.start, next),
+            (total - 1, 1),
+            "wraps at the end of RAM"
+        );
     }
 
     #[test]

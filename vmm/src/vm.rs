@@ -180,6 +180,9 @@ pub struct Vm {
     attachments: Attachments,
     /// Kicks armed on the thread that runs the VM.
     kick: Option<crate::kick::Armed>,
+    /// The last KVM_RUN returned without an exit (a kick or a signal): the guest has run
+    /// on past the last exit.
+    interrupted: bool,
 }
 
 impl Drop for Vm {
@@ -291,6 +294,7 @@ impl Vm {
             world: OutputDigestWorld::new(world, 0),
             attachments: config.attachments.clone(),
             kick: None,
+            interrupted: false,
             caps,
             cpuid,
             sync_regs: parts.sync_regs,
@@ -344,6 +348,7 @@ impl Vm {
             world: OutputDigestWorld::new(world, state.output_digest),
             attachments: state.attachments.clone(),
             kick: None,
+            interrupted: false,
             caps,
             cpuid: state.vcpu.cpuid.clone(),
             sync_regs: parts.sync_regs,
@@ -385,6 +390,24 @@ impl Vm {
     /// xxh3 hash of all guest memory.
     pub fn memory_hash(&self) -> Result<u64, VmError> {
         Ok(memory::hash(&self.mem)?)
+    }
+
+    /// A digest of `pages` pages of RAM from RAM page `start` (see
+    /// [`memory::sample`]), and the page after them (the vCPU must be stopped, as
+    /// between two runs).
+    pub fn memory_sample(
+        &self,
+        start: u64,
+        pages: u64,
+    ) -> Result<(memory::MemorySample, u64), VmError> {
+        Ok(memory::sample(&self.mem, start, pages)?)
+    }
+
+    /// Whether the guest stands exactly at its last exit (it has not run on since, as it
+    /// does when a kick or a signal ended KVM_RUN without an exit): the state another VM
+    /// replaying the same inputs reaches at the same exit count.
+    pub fn at_exit(&self) -> bool {
+        !self.interrupted
     }
 
     /// Current virtual time in ns.
@@ -463,6 +486,7 @@ impl Vm {
                 // A kick: clear its flag, so the next KVM_RUN enters the guest again
                 // (the run loop first asks the World whether to stop).
                 self.vcpu.set_kvm_immediate_exit(0);
+                self.interrupted = true;
                 return Ok(None);
             }
             Err(source) => {
@@ -472,6 +496,7 @@ impl Vm {
                 })
             }
         };
+        self.interrupted = false;
         let mut rec = ExitRecord {
             kind: ExitKind::IoOut,
             addr: 0,
@@ -523,7 +548,10 @@ impl Vm {
                     "KVM internal error (emulation failure)".into(),
                 ))
             }
-            VcpuExit::Intr => return Ok(None),
+            VcpuExit::Intr => {
+                self.interrupted = true;
+                return Ok(None);
+            }
             other => return Err(VmError::UnhandledExit(format!("{other:?}"))),
         }
         Ok(Some(rec))

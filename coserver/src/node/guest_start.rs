@@ -138,6 +138,7 @@ impl Node {
             lockstep: log.map(|log| LockstepLog {
                 log,
                 verify_exits: self.cfg.replication.verify_exits,
+                verify_memory: Duration::from_millis(self.cfg.replication.verify_memory_ms),
             }),
         };
         let garp = match (self.cfg.guest.ip, &self.cfg.host.tap) {

@@ -276,6 +276,21 @@ impl FollowerThread {
         if let Some(what) = mismatch(&here, &end) {
             return Err(format!("at position {position}: {what}"));
         }
+        if let Some(theirs) = slice.memory {
+            tracing::debug!(start = theirs.start, "memory sample compared");
+            let (mine, _) = self
+                .vm
+                .memory_sample(theirs.start, theirs.pages)
+                .map_err(|e| e.to_string())?;
+            if mine != theirs {
+                return Err(format!(
+                    "at position {position}, exit {}: guest memory differs in RAM pages {}..{} (the primary's guest wrote other data there)",
+                    here.exit,
+                    theirs.start,
+                    theirs.start + theirs.pages
+                ));
+            }
+        }
         let emitted = {
             let mut phase = lock(&self.world);
             // Checked equal: what the guest wrote in this slice is the primary's.

@@ -74,12 +74,19 @@ pub struct LockstepLog {
     pub log: Arc<Mutex<InputLog>>,
     /// A slice ends at least every this many exits.
     pub verify_exits: u64,
+    /// A slice carries a window of memory at least this often.
+    pub verify_memory: Duration,
 }
+
+/// Pages in each lockstep memory sample (1 MiB).
+pub const SAMPLE_PAGES: u64 = 256;
 
 /// The primary's epoch loop.
 pub struct EpochLoop {
     vm: Vm,
     parts: EpochParts,
+    /// Lockstep: the next RAM page to sample, and when the last sample was taken.
+    memory_sweep: (u64, Option<Instant>),
 }
 
 /// A copy in progress.
@@ -97,7 +104,27 @@ struct Copy {
 impl EpochLoop {
     /// The epoch loop of `vm`.
     pub fn new(vm: Vm, parts: EpochParts) -> Self {
-        Self { vm, parts }
+        Self {
+            vm,
+            parts,
+            memory_sweep: (0, None),
+        }
+    }
+
+    /// Lockstep: the memory sample a slice cut now carries, when one is due.
+    fn memory_sample(&mut self) -> Result<Option<ftvm_vmm::MemorySample>, VmError> {
+        let Some(l) = &self.parts.lockstep else {
+            return Ok(None);
+        };
+        let (next, last) = self.memory_sweep;
+        // A guest that ran on past its last exit (a kick) is not where the secondary's
+        // will stand at that exit count: no sample this time.
+        if last.is_some_and(|t| t.elapsed() < l.verify_memory) || !self.vm.at_exit() {
+            return Ok(None);
+        }
+        let (sample, after) = self.vm.memory_sample(next, SAMPLE_PAGES)?;
+        self.memory_sweep = (after, Some(Instant::now()));
+        Ok(Some(sample))
     }
 
     /// Runs until the guest powers off, the session stops it, or the VM fails.
@@ -170,6 +197,7 @@ impl EpochLoop {
                 CutPlan::Checkpoint { outputs } if events.is_some() => {
                     copy = None;
                     let events = events.unwrap_or_default();
+                    let memory = self.memory_sample()?;
                     // A short slice leaves from this thread at once (the usual case:
                     // it ends at an output); a long one through the sender thread.
                     let short = events.len() <= SHORT_SLICE_EVENTS;
@@ -181,6 +209,7 @@ impl EpochLoop {
                                 exit_trace: self.vm.exit_trace(),
                                 output_digest: self.vm.output_digest(),
                             },
+                            memory,
                             events,
                         }),
                     };

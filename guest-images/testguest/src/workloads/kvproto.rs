@@ -7,13 +7,26 @@
 //! - `UPTIME` → `UPTIME <ns>`, the guest's time since it booted (a client tells a
 //!   rebooted guest by its uptime going back);
 //! - `TSC` → `TSC <n>`, the host's time stamp counter read with `rdtsc`: a reply that
-//!   differs between two runs of the same guest (lockstep's divergence tests).
+//!   differs between two runs of the same guest (lockstep's divergence tests);
+//! - `NOTE` → `NOTED`, after keeping the host's time stamp counter in memory only: two
+//!   runs differ in memory and nowhere else (lockstep's memory checks).
 //!
 //! Keys are 1 to 64 bytes, values 1 to 256, printable ASCII without spaces. Lines end in
 //! `\n` (a preceding `\r` is ignored); replies end in `\n`. Anything else is answered
 //! with `ERR <reason>`, and SET/GET with `ERR no disk` when there is no disk.
 
 use core::fmt::Write;
+use core::cell::UnsafeCell;
+
+/// Where `NOTE` keeps the host's time stamp counter (never read back, so written with a
+/// volatile store the compiler keeps).
+struct Noted(UnsafeCell<u64>);
+
+// SAFETY: the guest runs one thread; the cell is only ever written, with a volatile
+// store, and never read.
+unsafe impl Sync for Noted {}
+
+static NOTED_TSC: Noted = Noted(UnsafeCell::new(0));
 
 use smoltcp::socket::tcp;
 
@@ -116,6 +129,11 @@ impl Conn {
             }
             (Some(b"TSC"), None, ..) => {
                 let _ = writeln!(reply, "TSC {}", crate::io::host_tsc());
+            }
+            (Some(b"NOTE"), None, ..) => {
+                // SAFETY: a valid, aligned static only this thread writes (see `Noted`).
+                unsafe { core::ptr::write_volatile(NOTED_TSC.0.get(), crate::io::host_tsc()) };
+                reply.push(b"NOTED\n");
             }
             (Some(b"GET"), Some(key), None, _) => get(kv, key, reply),
             (Some(b"SET"), Some(key), Some(value), false) => set(kv, key, value, reply),
