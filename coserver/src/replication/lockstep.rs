@@ -276,6 +276,14 @@ impl FollowerThread {
         if let Some(what) = mismatch(&here, &end) {
             return Err(format!("at position {position}: {what}"));
         }
+        let left = lock(&self.world).replay.remaining();
+        if left > 0 && !self.powered_off {
+            // Every event of a slice was taken by the primary's guest by its end.
+            return Err(format!(
+                "at position {position}, exit {}: {left} events of the slice were not taken by the guest",
+                here.exit
+            ));
+        }
         if let Some(theirs) = slice.memory {
             tracing::debug!(start = theirs.start, "memory sample compared");
             let (mine, _) = self
@@ -316,14 +324,8 @@ impl FollowerThread {
         // the stream's order); a divergence in them ended the thread before.
         let mut world = t.world;
         world.set_virtual_now(self.vm.virtual_time_ns());
-        {
-            let mut phase = lock(&self.world);
-            let left = phase.replay.remaining();
-            if left > 0 {
-                tracing::warn!(left, "log events past the last slice's end are dropped");
-            }
-            phase.live = Some(world);
-        }
+        // Every slice executed took all its events (checked at its end).
+        lock(&self.world).live = Some(world);
         lock(&self.status).ended = Some(FollowEnd::TookOver);
         let outputs: Vec<Output> = self.unreleased.drain(..).flat_map(|(_, o)| o).collect();
         if !outputs.is_empty() {
