@@ -154,6 +154,37 @@ fn a_guest_that_reads_the_host_tsc_diverges_is_repaired_and_still_fails_over_wit
     assert_eq!(b.wait(LIMIT), Some(0), "B:\n{}", b.log());
 }
 
+#[test]
+fn the_demo_in_lockstep_mode_kills_its_primary_and_the_guest_finishes_on_the_other_coserver() {
+    if !kvm_available("demo_lockstep") {
+        return;
+    }
+    let o = run_ftvm(&[
+        "demo",
+        "--mode",
+        "lockstep",
+        "--network",
+        "off",
+        "--kill-after",
+        "0.5",
+        "--blocks",
+        "1024",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("lockstep mode"), "{out}");
+    assert!(out.contains("== CoServer b took over"), "{out}");
+    assert!(
+        out.contains("[guest via b] disk: verified 1024 blocks ok"),
+        "{out}"
+    );
+}
+
 /// The seed of the primary-kill run (`FTVM_SOAK_SEED`, hexadecimal, to try another).
 const KILL_SEED: u64 = 0x10c5_7e12;
 

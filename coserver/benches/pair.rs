@@ -310,6 +310,7 @@ fn modes_rows(net: &PairNet) {
     let mut kv_cells = Vec::new();
     let mut delay_cells = Vec::new();
     let mut added_cells = Vec::new();
+    let mut rtt_cells = Vec::new();
     let mut idle_cells = Vec::new();
     for mode in MODES {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -321,7 +322,31 @@ fn modes_rows(net: &PairNet) {
             "{:.1} kbit/s",
             bytes_per_s(&a.status()) * 8.0 / 1000.0
         ));
-        let (rate, mut each) = kv_run(net, false);
+        // The links' heartbeat round trip (reader task to reader task, no node thread)
+        // sampled during the run, beside the slices' acknowledgement delay.
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (rate, mut each, mut rtts) = std::thread::scope(|scope| {
+            let sampler = scope.spawn(|| {
+                let mut rtts = Vec::new();
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    rtts.extend(a.typed().links.iter().filter_map(|l| l.rtt_ms));
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                rtts
+            });
+            let (rate, each) = kv_run(net, false);
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            (rate, each, sampler.join().unwrap_or_default())
+        });
+        rtts.sort_by(f64::total_cmp);
+        rtt_cells.push(match rtts.len() {
+            0 => "-".to_string(),
+            n => format!(
+                "p50 {:.0} µs, max {:.0} µs ({n} samples)",
+                rtts[n / 2] * 1000.0,
+                rtts[n - 1] * 1000.0
+            ),
+        });
         let p = percentiles(&mut each);
         kv_cells.push(format!("{:.0}% ({rate:.0} SETs/s)", rate / solo * 100.0));
         added_cells.push(format!(
@@ -334,6 +359,10 @@ fn modes_rows(net: &PairNet) {
     }
     println!("| TCP key-value SETs, one client, one at a time: protected / standalone ({solo:.0} SETs/s standalone) | {} | {} |", kv_cells[0], kv_cells[1]);
     println!("| time a SET takes, protected minus standalone (standalone p50 {:.0} µs, p99 {:.0} µs) | {} | {} |", solo_p.0 * 1e6, solo_p.1 * 1e6, added_cells[0], added_cells[1]);
+    println!(
+        "| link heartbeat round trip during those SETs (link tasks only) | {} | {} |",
+        rtt_cells[0], rtt_cells[1]
+    );
     println!("| output delay of those SETs' replies: from the end of their epoch (lockstep: slice, ended at the exit after the frame) to their release | {} | {} |", delay_cells[0], delay_cells[1]);
     println!(
         "| replication traffic of the idle `net` guest (all links, incl. heartbeats) | {} | {} |",

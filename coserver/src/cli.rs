@@ -69,6 +69,18 @@ pub struct DemoArgs {
     /// Give the guest a network with a TCP client: `auto` does when run as root.
     #[arg(long, value_enum, default_value_t = DemoNetwork::Auto)]
     pub network: DemoNetwork,
+    /// How the pair replicates the guest.
+    #[arg(long, value_enum, default_value_t = DemoMode::Checkpoint)]
+    pub mode: DemoMode,
+}
+
+/// The demo pair's replication mode.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum DemoMode {
+    /// Epochs ended by checkpoints.
+    Checkpoint,
+    /// The secondary replays the primary's input log.
+    Lockstep,
 }
 
 /// Whether the demo gives the guest a network.

@@ -57,6 +57,10 @@ fn main() {
             kill_after: std::time::Duration::from_secs_f64(a.kill_after.clamp(0.0, 3600.0)),
             blocks: a.blocks.clamp(16, 1 << 20),
             dir: a.dir,
+            mode: match a.mode {
+                cli::DemoMode::Checkpoint => ftvm_coserver::protocol::ReplicationMode::Checkpoint,
+                cli::DemoMode::Lockstep => ftvm_coserver::protocol::ReplicationMode::Lockstep,
+            },
             network: match a.network {
                 cli::DemoNetwork::On => true,
                 cli::DemoNetwork::Off => false,

@@ -42,6 +42,8 @@ pub struct DemoOptions {
     pub dir: Option<PathBuf>,
     /// Give the guest a network and run a TCP client (needs root).
     pub network: bool,
+    /// How the pair replicates the guest.
+    pub mode: crate::protocol::ReplicationMode,
 }
 
 struct Member {
@@ -61,13 +63,15 @@ fn free_port() -> Result<u16, DemoError> {
 }
 
 /// The configuration of demo member `name`: links on loopback ports (`(local, peer)`
-/// pairs), the control API on `control`, the guest's command line and tap.
+/// pairs), the control API on `control`, the guest's command line and tap, the
+/// replication mode.
 fn config(
     dir: &Path,
     name: &str,
     links: &[(u16, u16)],
     control: u16,
     (cmdline, tap): (String, Option<String>),
+    mode: crate::protocol::ReplicationMode,
 ) -> Config {
     let lo = |port| SocketAddr::from(([127, 0, 0, 1], port));
     Config {
@@ -96,6 +100,7 @@ fn config(
             misses: 5,
         },
         replication: ReplicationConfig {
+            mode,
             epoch_ms: 10,
             ..ReplicationConfig::default()
         },
@@ -224,11 +229,15 @@ pub fn run(opts: &DemoOptions) -> Result<i32, DemoError> {
             .and_then(|f| f.set_len(disk_mib << 20))
             .map_err(setup)?;
         let cfg = dir.join(format!("{name}.toml"));
-        let text = config(&dir, name, &links, control, guest(name))
+        let text = config(&dir, name, &links, control, guest(name), opts.mode)
             .to_toml()
             .map_err(setup)?;
         std::fs::write(&cfg, text).map_err(setup)?;
-        println!("== starting CoServer {name} ({})", cfg.display());
+        println!(
+            "== starting CoServer {name} ({}, {} mode)",
+            cfg.display(),
+            opts.mode.name()
+        );
         members.push(spawn(
             name,
             &cfg,
