@@ -23,7 +23,7 @@ use crate::control::{self, Status};
 use crate::link::{Event, Events, LinkOptions, Links, LocalInfo, Outbox, PeerInfo, RecvError};
 use crate::protocol::{GuestShape, Message, ReplicationMode, Role, Segment, Standing};
 use crate::replication::commit::Commit;
-use crate::replication::lockstep::{FollowEnd, Follower};
+use crate::replication::lockstep::{Divergence, Follower};
 use crate::replication::primary::EpochStats;
 use crate::replication::record::ReplicaRecord;
 use crate::replication::secondary::Replica;
@@ -55,6 +55,9 @@ pub enum NodeError {
     /// The replica's record.
     #[error(transparent)]
     Record(#[from] crate::replication::record::RecordError),
+    /// A lockstep replica's guest cannot start.
+    #[error("the replica's guest cannot start: {0}")]
+    Follower(#[from] crate::replication::lockstep::FollowerError),
 }
 
 /// What the operator asks of a starting CoServer.
@@ -517,9 +520,7 @@ impl Node {
                         tracing::info!(epoch, "full copy applied; ready to take over");
                         if self.cfg.replication.mode == ReplicationMode::Lockstep {
                             if let Err(e) = self.start_follower() {
-                                return self.input(Input::ApplyFailed(format!(
-                                    "the replica's guest cannot start: {e}"
-                                )));
+                                return self.input(Input::ApplyFailed(e.to_string()));
                             }
                         }
                     }
@@ -633,8 +634,8 @@ impl Node {
         let limit = Instant::now() + self.cfg.ack_timeout().max(Duration::from_secs(10));
         let outcome = loop {
             let st = f.status();
-            if let Some(FollowEnd::Diverged { why, .. }) = st.ended {
-                break Err(why);
+            if let Some(d) = st.diverged {
+                break Err(d.why);
             }
             if st.executed.map(|(p, _)| p) >= held {
                 break Ok(());
@@ -668,8 +669,7 @@ impl Node {
             disks,
             self.cfg.host.tap.is_some(),
             self.out.clone(),
-        )
-        .map_err(|e| NodeError::Guest(e.to_string()))?;
+        )?;
         self.follower = Some(follower);
         Ok(())
     }
@@ -690,19 +690,17 @@ impl Node {
 
     /// Reports the end of a guest that ran here (fenced, failed, or powered off).
     fn watch_guest(&mut self) -> Result<(), NodeError> {
-        let diverged = self.follower.as_ref().and_then(|f| match f.status().ended {
-            Some(FollowEnd::Diverged {
-                why,
-                position,
-                written,
-            }) => Some(Input::Diverged {
+        let diverged = self.follower.as_ref().and_then(|f| f.status().diverged);
+        if let Some(Divergence {
+            why,
+            position,
+            written,
+        }) = diverged
+        {
+            self.input(Input::Diverged {
                 why,
                 at: Some((position, written)),
-            }),
-            _ => None,
-        });
-        if let Some(input) = diverged {
-            self.input(input)?;
+            })?;
         }
         if let Some(stats) = &self.fenced_guest {
             let done = stats.lock().map(|s| s.finished.is_some()).unwrap_or(true);

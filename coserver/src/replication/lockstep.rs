@@ -43,21 +43,26 @@ pub struct LockstepTakeover {
     pub release: Box<dyn FnOnce(Vec<Output>) + Send>,
 }
 
-/// How a follower ended.
+/// Why a follower's guest stopped retracing the primary's.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FollowEnd {
-    /// Its guest no longer retraces the primary's: what differed, in the slice at
-    /// `position`, where it wrote `written` on its disk replica.
-    Diverged {
-        /// What differed.
-        why: String,
-        /// The slice.
-        position: u64,
-        /// The disk ranges its guest wrote in that slice.
-        written: Vec<DiskRange>,
-    },
-    /// It became the primary's epoch loop.
-    TookOver,
+pub struct Divergence {
+    /// What differed.
+    pub why: String,
+    /// The slice it diverged in.
+    pub position: u64,
+    /// The disk ranges its guest wrote in that slice.
+    pub written: Vec<DiskRange>,
+}
+
+/// Errors of starting a follower.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowerError {
+    /// The standby VM cannot be turned into a running one.
+    #[error(transparent)]
+    Vm(#[from] ftvm_vmm::VmError),
+    /// The follower thread cannot be started.
+    #[error("cannot start the follower thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// What the follower reports.
@@ -65,8 +70,8 @@ pub enum FollowEnd {
 pub struct FollowerStatus {
     /// The last position executed and the exit the guest stands at there.
     pub executed: Option<(u64, u64)>,
-    /// How it ended.
-    pub ended: Option<FollowEnd>,
+    /// Set when its guest diverged (the thread has ended).
+    pub diverged: Option<Divergence>,
 }
 
 /// The node's handle on the follower thread. Dropping it stops the thread.
@@ -89,7 +94,7 @@ impl Follower {
         disks: Vec<DiskFile>,
         has_network: bool,
         out: Outbox,
-    ) -> Result<Self, ftvm_vmm::VmError> {
+    ) -> Result<Self, FollowerError> {
         let replay = ReplayWorld::new(Default::default(), has_network).with_disks(disks);
         let world = Arc::new(Mutex::new(Phase {
             replay,
@@ -100,6 +105,7 @@ impl Follower {
         let vm = standby.activate(Box::new(LockstepWorld(world.clone())))?;
         let status = Arc::new(Mutex::new(FollowerStatus::default()));
         let kick = Arc::new(Mutex::new(None));
+        // Unbounded, but the primary keeps the slices in flight within its lag bound.
         let (tx, rx) = mpsc::channel();
         let thread = FollowerThread {
             vm,
@@ -115,7 +121,7 @@ impl Follower {
         std::thread::Builder::new()
             .name("vcpu-follow".into())
             .spawn(move || thread.run(k))
-            .map_err(ftvm_vmm::VmError::Kick)?;
+            .map_err(FollowerError::Thread)?;
         Ok(Self {
             tx: Some(tx),
             status,
@@ -138,7 +144,8 @@ impl Follower {
     pub fn take_over(mut self, takeover: LockstepTakeover) -> bool {
         let status = self.status.clone();
         let status = lock(&status);
-        let sent = status.ended.is_none() && self.send(FollowInput::TakeOver(Box::new(takeover)));
+        let sent =
+            status.diverged.is_none() && self.send(FollowInput::TakeOver(Box::new(takeover)));
         drop(status);
         // The thread lives on as the primary's; dropping this handle must not stop it.
         self.tx = None;
@@ -233,7 +240,7 @@ impl FollowerThread {
                 )));
             }
         }
-        status.ended = Some(FollowEnd::Diverged {
+        status.diverged = Some(Divergence {
             why,
             position,
             written,
@@ -326,7 +333,6 @@ impl FollowerThread {
         world.set_virtual_now(self.vm.virtual_time_ns());
         // Every slice executed took all its events (checked at its end).
         lock(&self.world).live = Some(world);
-        lock(&self.status).ended = Some(FollowEnd::TookOver);
         let outputs: Vec<Output> = self.unreleased.drain(..).flat_map(|(_, o)| o).collect();
         if !outputs.is_empty() {
             tracing::info!(
