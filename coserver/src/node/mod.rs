@@ -533,23 +533,39 @@ impl Node {
                 segment: Segment::Log(slice),
             } if secondary => {
                 let check = self.session.lock().check_checkpoint(position, false, 0, 0);
-                let held = match (&check, &self.follower) {
-                    (CopyCheck::Apply, Some(f)) => f.slice(position, slice),
-                    (CopyCheck::Apply, None) => false,
-                    _ => false,
-                };
                 match check {
                     CopyCheck::Ignore => Ok(()),
                     CopyCheck::Resync(reason) => self.input(Input::ApplyFailed(reason.to_string())),
-                    CopyCheck::Apply if !held => self.input(Input::ApplyFailed(
-                        "a slice of the log arrived but the replica's guest is not running".into(),
-                    )),
-                    // Held by the replica's guest: acknowledged on receipt.
-                    CopyCheck::Apply => self.input(Input::CheckpointApplied {
-                        epoch: position,
-                        full: false,
-                        copy: 0,
-                    }),
+                    CopyCheck::Apply => {
+                        let running = self
+                            .follower
+                            .as_ref()
+                            .is_some_and(|f| f.status().diverged.is_none());
+                        if !running {
+                            return self.input(Input::ApplyFailed(
+                                "a slice of the log arrived but the replica's guest is not running"
+                                    .into(),
+                            ));
+                        }
+                        // Acknowledged on receipt, and before the follower thread is
+                        // woken: on a busy host it would run first and delay the ack.
+                        self.input(Input::CheckpointApplied {
+                            epoch: position,
+                            full: false,
+                            copy: 0,
+                        })?;
+                        if self
+                            .follower
+                            .as_ref()
+                            .is_some_and(|f| f.slice(position, slice))
+                        {
+                            Ok(())
+                        } else {
+                            self.input(Input::ApplyFailed(
+                                "the replica's guest stopped before it took a slice".into(),
+                            ))
+                        }
+                    }
                 }
             }
             Message::Inbound {
