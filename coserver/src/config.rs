@@ -164,10 +164,19 @@ pub struct ReplicationConfig {
     /// before the primary's guest waits for it.
     #[serde(default = "default_max_lag_exits")]
     pub max_lag_exits: u64,
+    /// Lockstep: how long (ms) ago the oldest slice the secondary's guest has not
+    /// executed may have been cut before the primary's guest waits: a takeover executes
+    /// that tail before the guest goes live, so this bounds what it adds to a failover.
+    #[serde(default = "default_max_lag_ms")]
+    pub max_lag_ms: u64,
     /// Lockstep: how often (ms) the secondary compares a window of its guest's memory
     /// (1 MiB, sweeping all of RAM in turn) with the primary's.
     #[serde(default = "default_verify_memory_ms")]
     pub verify_memory_ms: u64,
+}
+
+fn default_max_lag_ms() -> u64 {
+    50
 }
 
 fn default_verify_memory_ms() -> u64 {
@@ -190,6 +199,7 @@ impl Default for ReplicationConfig {
             ack_timeout_ms: None,
             verify_exits: default_verify_exits(),
             max_lag_exits: default_max_lag_exits(),
+            max_lag_ms: default_max_lag_ms(),
             verify_memory_ms: default_verify_memory_ms(),
         }
     }
@@ -352,6 +362,12 @@ impl Config {
             return Err(bad(
                 "replication.verify_exits",
                 format!("{} is outside 100 to 10000000", r.verify_exits),
+            ));
+        }
+        if !(1..=60_000).contains(&r.max_lag_ms) {
+            return Err(bad(
+                "replication.max_lag_ms",
+                format!("{} is outside 1 to 60000", r.max_lag_ms),
             ));
         }
         if !(1..=60_000).contains(&r.verify_memory_ms) {

@@ -127,6 +127,10 @@ pub struct Status {
     /// while protected).
     #[serde(default)]
     pub lag_exits: Option<u64>,
+    /// Lockstep: how long ago (µs) the oldest slice the secondary's guest has not
+    /// executed was cut (primary, while protected).
+    #[serde(default)]
+    pub lag_us: Option<u64>,
     /// Lockstep: the last position the replica's guest executed and its exit there
     /// (secondary).
     #[serde(default)]
@@ -269,6 +273,9 @@ pub fn render(s: &Status) -> String {
         out += &format!("replication mode: {}", s.replication);
         if let Some(lag) = s.lag_exits {
             out += &format!(", secondary {lag} exits behind");
+        }
+        if let Some(us) = s.lag_us {
+            out += &format!(" ({:.1} ms)", us as f64 / 1000.0);
         }
         if let Some((position, exit)) = s.executed {
             out += &format!(", executed position {position} (exit {exit})");

@@ -200,6 +200,7 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
             lockstep: (cfg.replication.mode == ReplicationMode::Lockstep).then_some(
                 LockstepLimits {
                     max_lag_exits: cfg.replication.max_lag_exits,
+                    max_lag: Duration::from_millis(cfg.replication.max_lag_ms),
                 },
             ),
         },

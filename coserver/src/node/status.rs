@@ -78,6 +78,7 @@ impl Node {
             st.rejected_acks = p.rejected_acks();
             st.output_commit_delay_us = Percentiles::of(p.delays_us());
             st.lag_exits = p.lag_exits();
+            st.lag_us = p.lag_time().map(|t| t.as_micros() as u64);
         }
         if let Some(rep) = session.replica() {
             st.epoch = rep.last_epoch().unwrap_or(0);

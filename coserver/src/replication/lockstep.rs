@@ -11,6 +11,7 @@
 
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use ftvm_devices::backend::disk::DiskFile;
 use ftvm_devices::world::replay::{Emitted, ReplayWorld};
@@ -116,6 +117,7 @@ impl Follower {
             unreleased: Vec::new(),
             powered_off: false,
             reported: None,
+            reported_at: Instant::now(),
         };
         let k = kick.clone();
         std::thread::Builder::new()
@@ -183,9 +185,13 @@ struct FollowerThread {
     /// Outputs of executed positions the primary has not said it released.
     unreleased: Vec<(u64, Vec<Output>)>,
     powered_off: bool,
-    /// The last position reported to the primary.
+    /// The last position reported to the primary, and when.
     reported: Option<u64>,
+    reported_at: Instant,
 }
+
+/// A follower executing a steady stream reports its position at least this often.
+const REPORT_EVERY: Duration = Duration::from_millis(5);
 
 impl FollowerThread {
     fn run(mut self, kick: Arc<Mutex<Option<VcpuKick>>>) {
@@ -210,6 +216,11 @@ impl FollowerThread {
                 FollowInput::Slice { position, slice } => {
                     if let Err(why) = self.execute(position, slice) {
                         return self.diverged(position, why);
+                    }
+                    // Behind a steady stream the queue is seldom empty: report anyway,
+                    // or the primary would take this guest for further behind than it is.
+                    if self.reported_at.elapsed() >= REPORT_EVERY {
+                        self.report();
                     }
                 }
                 FollowInput::Released(p) => self.unreleased.retain(|(q, _)| *q > p),
@@ -248,6 +259,7 @@ impl FollowerThread {
     }
 
     fn report(&mut self) {
+        self.reported_at = Instant::now();
         let Some((position, exit)) = lock(&self.status).executed else {
             return;
         };

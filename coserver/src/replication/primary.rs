@@ -169,7 +169,12 @@ impl EpochLoop {
             let mut writes = sealed.writes;
             let plan = {
                 let mut session = self.parts.session.lock();
-                session.note_slice(epoch, self.vm.exits(), DiskRange::merged(sealed.ranges));
+                session.note_slice(
+                    epoch,
+                    self.vm.exits(),
+                    DiskRange::merged(sealed.ranges),
+                    started,
+                );
                 session.cut(epoch, sealed.outputs, started)
             };
             self.parts.session.notify();

@@ -25,12 +25,12 @@ impl Session {
         }
     }
 
-    /// Lockstep: the slice about to be cut at `position`; the primary's guest stands at
-    /// `exit` and wrote `written` in it (the lag is bounded by the one, a repair of a
-    /// diverged replica's disk sends the other).
-    pub fn note_slice(&mut self, position: u64, exit: u64, written: Vec<DiskRange>) {
+    /// Lockstep: the slice about to be cut at `position`, at `now`; the primary's guest
+    /// stands at `exit` and wrote `written` in it (the lag is bounded by the one and the
+    /// time, a repair of a diverged replica's disk sends the other).
+    pub fn note_slice(&mut self, position: u64, exit: u64, written: Vec<DiskRange>, now: Instant) {
         if let State::Primary(p) = &mut self.state {
-            p.note_slice(position, exit, written);
+            p.note_slice(position, exit, written, now);
         }
     }
 

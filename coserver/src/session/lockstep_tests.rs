@@ -5,11 +5,13 @@ use super::tests::*;
 use super::*;
 
 const MAX_LAG: u64 = 1000;
+const MAX_LAG_TIME: Duration = Duration::from_millis(50);
 
 fn lockstep_cfg() -> SessionConfig {
     SessionConfig {
         lockstep: Some(LockstepLimits {
             max_lag_exits: MAX_LAG,
+            max_lag: MAX_LAG_TIME,
         }),
         ..cfg(ArbiterKind::Claims)
     }
@@ -18,7 +20,7 @@ fn lockstep_cfg() -> SessionConfig {
 /// A protected lockstep primary whose guest stood at exit 500 when the copy ended.
 fn protected_lockstep(c: &Clock) -> Session {
     let mut s = primary_with(c, lockstep_cfg());
-    s.note_slice(2, 500, vec![]);
+    s.note_slice(2, 500, vec![], c.0);
     let s = protected_from(c, s);
     assert_eq!(s.primary().and_then(|p| p.lag_exits()), Some(0));
     s
@@ -32,10 +34,10 @@ fn a_lockstep_primary_waits_for_a_lagging_secondary_and_drops_one_that_stops() {
         !s.records_disk_writes(),
         "the secondary's guest makes its own disk writes"
     );
-    s.note_slice(3, 500 + MAX_LAG, vec![]);
+    s.note_slice(3, 500 + MAX_LAG, vec![], c.at(410));
     s.cut(3, vec![], c.at(410));
     assert_eq!(s.may_run(4), RunPermit::Run, "at the bound");
-    s.note_slice(4, 501 + MAX_LAG, vec![]);
+    s.note_slice(4, 501 + MAX_LAG, vec![], c.at(411));
     s.cut(4, vec![], c.at(411));
     assert_eq!(s.may_run(5), RunPermit::Wait, "beyond the bound");
     assert_eq!(s.primary().and_then(|p| p.lag_exits()), Some(MAX_LAG + 1));
@@ -50,7 +52,7 @@ fn a_lockstep_primary_waits_for_a_lagging_secondary_and_drops_one_that_stops() {
     assert_eq!(s.may_run(5), RunPermit::Run, "the secondary advanced");
     // Executing nothing more while the primary waits: dropped after the ack timeout,
     // through the arbiter, never waited on for ever.
-    s.note_slice(5, 700 + MAX_LAG, vec![]);
+    s.note_slice(5, 700 + MAX_LAG, vec![], c.at(413));
     s.cut(5, vec![], c.at(413));
     for ack in 3..=5 {
         msg(
@@ -79,7 +81,7 @@ fn a_lockstep_primary_waits_for_a_lagging_secondary_and_drops_one_that_stops() {
 fn an_execution_report_beyond_what_was_cut_is_not_believed() {
     let c = Clock(Instant::now());
     let mut s = protected_lockstep(&c);
-    s.note_slice(3, 900, vec![]);
+    s.note_slice(3, 900, vec![], c.at(410));
     s.cut(3, vec![], c.at(410));
     msg(
         &mut s,
@@ -132,11 +134,11 @@ fn range(offset: u64, len: u64) -> crate::protocol::DiskRange {
 fn a_diverged_replica_is_repaired_with_the_disk_ranges_written_since_it_last_checked_equal() {
     let c = Clock(Instant::now());
     let mut s = protected_lockstep(&c);
-    s.note_slice(3, 600, vec![range(0, 512)]);
+    s.note_slice(3, 600, vec![range(0, 512)], c.at(410));
     s.cut(3, vec![], c.at(410));
-    s.note_slice(4, 700, vec![range(4096, 512)]);
+    s.note_slice(4, 700, vec![range(4096, 512)], c.at(411));
     s.cut(4, vec![line("4")], c.at(411));
-    s.note_slice(5, 800, vec![range(8192, 1024)]);
+    s.note_slice(5, 800, vec![range(8192, 1024)], c.at(412));
     s.cut(5, vec![], c.at(412));
     msg(
         &mut s,
@@ -210,4 +212,34 @@ fn a_diverged_replica_is_repaired_with_the_disk_ranges_written_since_it_last_che
             ..
         }
     ));
+}
+
+#[test]
+fn a_lockstep_primary_waits_while_its_secondary_is_further_behind_than_the_time_bound() {
+    let c = Clock(Instant::now());
+    let mut s = protected_lockstep(&c);
+    s.note_slice(3, 510, vec![], c.at(410));
+    s.cut(3, vec![], c.at(410));
+    tick(&mut s, c.at(440), true);
+    assert_eq!(s.may_run(4), RunPermit::Run, "30 ms behind");
+    assert_eq!(
+        s.primary().and_then(|p| p.lag_time()),
+        Some(Duration::from_millis(30))
+    );
+    tick(&mut s, c.at(470), true);
+    assert_eq!(
+        s.may_run(4),
+        RunPermit::Wait,
+        "60 ms behind: a takeover would take that long"
+    );
+    msg(
+        &mut s,
+        c.at(471),
+        Message::Executed {
+            position: 3,
+            exit: 510,
+        },
+    );
+    assert_eq!(s.may_run(4), RunPermit::Run);
+    assert_eq!(s.primary().and_then(|p| p.lag_time()), Some(Duration::ZERO));
 }

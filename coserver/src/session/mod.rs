@@ -78,6 +78,9 @@ pub struct LockstepLimits {
     /// Exits the secondary's guest may be behind the primary's before the primary's
     /// guest waits.
     pub max_lag_exits: u64,
+    /// How long ago the oldest slice the secondary's guest has not executed may have
+    /// been cut before the primary's guest waits (a takeover executes that tail first).
+    pub max_lag: Duration,
 }
 
 /// The arbiter as far as roles are concerned.
@@ -504,6 +507,7 @@ impl Session {
                 if p.mode() == Mode::Degraded {
                     return;
                 }
+                p.lag_tick(now);
                 if let Some((lag, stalled)) = p.lag_stalled(now) {
                     if stalled > self.cfg.ack_timeout {
                         self.alert(

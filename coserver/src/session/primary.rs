@@ -154,7 +154,7 @@ pub struct Primary {
     /// Output-commit delays of released epochs (µs), recent.
     delays_us: Vec<u64>,
     /// Lockstep: how far the secondary's guest has come.
-    lockstep: Option<Follower>,
+    lockstep: Option<Box<Follower>>,
     /// The next copy repairs a diverged replica: the disk ranges it sends.
     repair: Option<Vec<DiskRange>>,
 }
@@ -172,6 +172,19 @@ struct Follower {
     /// Disk ranges this guest wrote in each slice the secondary has not reported
     /// executed: what a repair of its disk must send.
     written: VecDeque<(u64, Vec<DiskRange>)>,
+    /// When each slice the secondary has not reported executed was cut.
+    pending: VecDeque<(u64, Instant)>,
+    /// How long ago the oldest of them was cut, as of the last cut, report or tick.
+    behind: Duration,
+}
+
+impl Follower {
+    fn measure(&mut self, now: Instant) {
+        self.behind = self
+            .pending
+            .front()
+            .map_or(Duration::ZERO, |(_, at)| now.saturating_duration_since(*at));
+    }
 }
 
 impl Primary {
@@ -189,12 +202,16 @@ impl Primary {
             finished: false,
             rejected_acks: 0,
             delays_us: Vec::new(),
-            lockstep: lockstep.map(|limits| Follower {
-                limits,
-                cut_exit: 0,
-                executed_exit: 0,
-                advanced_at: None,
-                written: VecDeque::new(),
+            lockstep: lockstep.map(|limits| {
+                Box::new(Follower {
+                    limits,
+                    cut_exit: 0,
+                    executed_exit: 0,
+                    advanced_at: None,
+                    written: VecDeque::new(),
+                    pending: VecDeque::new(),
+                    behind: Duration::ZERO,
+                })
             }),
             repair: None,
         }
@@ -209,15 +226,48 @@ impl Primary {
             .then(|| f.cut_exit.saturating_sub(f.executed_exit))
     }
 
-    /// The slice about to be cut at `position`: this guest stands at `exit` and wrote
-    /// `written` in it.
-    pub(super) fn note_slice(&mut self, position: u64, exit: u64, written: Vec<DiskRange>) {
+    /// Lockstep: how long ago the oldest slice the secondary's guest has not executed
+    /// was cut (while outputs wait for the secondary).
+    pub fn lag_time(&self) -> Option<Duration> {
+        let f = self.lockstep.as_ref()?;
+        self.mode.holds().then_some(f.behind)
+    }
+
+    /// Whether the secondary's guest is further behind than the limits allow.
+    fn lag_exceeded(&self) -> bool {
+        self.lockstep.as_ref().is_some_and(|f| {
+            self.lag_exits()
+                .is_some_and(|lag| lag > f.limits.max_lag_exits)
+                || self.lag_time().is_some_and(|t| t > f.limits.max_lag)
+        })
+    }
+
+    /// The slice about to be cut at `position`, at `now`: this guest stands at `exit`
+    /// and wrote `written` in it.
+    pub(super) fn note_slice(
+        &mut self,
+        position: u64,
+        exit: u64,
+        written: Vec<DiskRange>,
+        now: Instant,
+    ) {
         let holds = self.mode.holds();
         if let Some(f) = &mut self.lockstep {
             f.cut_exit = exit;
-            if holds && !written.is_empty() {
-                f.written.push_back((position, written));
+            if holds {
+                if !written.is_empty() {
+                    f.written.push_back((position, written));
+                }
+                f.pending.push_back((position, now));
+                f.measure(now);
             }
+        }
+    }
+
+    /// Time passes: the lag in time grows while the secondary reports nothing.
+    pub(super) fn lag_tick(&mut self, now: Instant) {
+        if let Some(f) = &mut self.lockstep {
+            f.measure(now);
         }
     }
 
@@ -232,16 +282,21 @@ impl Primary {
             while f.written.front().is_some_and(|(p, _)| *p <= position) {
                 f.written.pop_front();
             }
+            while f.pending.front().is_some_and(|(p, _)| *p <= position) {
+                f.pending.pop_front();
+            }
+            f.measure(now);
         }
     }
 
-    /// Lockstep: the lag, and how long the secondary's guest has not advanced, while
-    /// the lag is beyond its bound (this guest waits then).
+    /// Lockstep: the lag in exits, and how long the secondary's guest has not advanced,
+    /// while the lag is beyond its bounds (this guest waits then).
     pub(super) fn lag_stalled(&self, now: Instant) -> Option<(u64, Duration)> {
         let f = self.lockstep.as_ref()?;
         let lag = self.lag_exits()?;
         let at = f.advanced_at?;
-        (lag > f.limits.max_lag_exits).then(|| (lag, now.saturating_duration_since(at)))
+        self.lag_exceeded()
+            .then(|| (lag, now.saturating_duration_since(at)))
     }
 
     /// The mode.
@@ -296,6 +351,8 @@ impl Primary {
         self.unacked.clear();
         if let Some(f) = &mut self.lockstep {
             f.written.clear();
+            f.pending.clear();
+            f.behind = Duration::ZERO;
         }
         self.held.drain(..).flat_map(|h| h.outputs).collect()
     }
@@ -397,6 +454,8 @@ impl Primary {
             // The secondary's guest starts where the copy ends.
             f.executed_exit = f.cut_exit;
             f.advanced_at = Some(now);
+            f.pending.clear();
+            f.measure(now);
         }
         true
     }
@@ -485,11 +544,7 @@ impl Primary {
         if self.finished {
             RunPermit::Stop
         } else if (self.mode.holds() && next.saturating_sub(self.acked) > self.max_unacked())
-            || self
-                .lockstep
-                .as_ref()
-                .zip(self.lag_exits())
-                .is_some_and(|(f, lag)| lag > f.limits.max_lag_exits)
+            || self.lag_exceeded()
         {
             RunPermit::Wait
         } else {
