@@ -428,14 +428,17 @@ impl Node {
                 Action::Fence => self.fence(),
                 Action::NewReplica => self.new_replica()?,
                 Action::ResetReplica => {
-                    if self.follower.take().is_some() {
-                        // The lockstep guest ran on from its copy: a new standby.
-                        self.replica = Some(Replica::new(
-                            self.cfg.guest.mem_mib,
-                            self.cfg.host.disk.as_deref(),
-                        )?);
-                    } else if let Some(r) = self.replica.as_mut() {
-                        r.reset();
+                    let followed = self.follower.take().is_some();
+                    match self.replica.as_mut() {
+                        Some(r) if !followed => r.reset(),
+                        // A lockstep guest ran on from its copy (or failed to start from
+                        // it, its standby spent): a new standby.
+                        _ => {
+                            self.replica = Some(Replica::new(
+                                self.cfg.guest.mem_mib,
+                                self.cfg.host.disk.as_deref(),
+                            )?)
+                        }
                     }
                 }
                 Action::DropReplica => {
