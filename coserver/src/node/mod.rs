@@ -684,11 +684,12 @@ impl Node {
         if let Some(p) = &self.cfg.host.disk {
             disks.push(DiskFile::open(p, false).map_err(|e| NodeError::Guest(e.to_string()))?);
         }
+        let out = self.out.clone();
         let follower = Follower::start(
             standby,
             disks,
             self.cfg.host.tap.is_some(),
-            self.out.clone(),
+            Box::new(move |m| out.send_small(m)),
         )?;
         self.follower = Some(follower);
         Ok(())

@@ -19,7 +19,6 @@ use ftvm_devices::world::{IdleRequest, Wake, World, WorldError};
 use ftvm_vmm::{RunLimits, RunStop, Standby, VcpuKick, Vm};
 
 use super::primary::{EpochLoop, EpochParts};
-use crate::link::Outbox;
 use crate::protocol::{DiskRange, ExitPoint, LogSegment, Message, Output};
 
 /// What the node hands the follower thread, in stream order.
@@ -75,6 +74,9 @@ pub struct FollowerStatus {
     pub diverged: Option<Divergence>,
 }
 
+/// How a follower tells the primary where its guest is (`Message::Executed`).
+pub type Report = Box<dyn Fn(Message) + Send>;
+
 /// The node's handle on the follower thread. Dropping it stops the thread.
 pub struct Follower {
     tx: Option<Sender<FollowInput>>,
@@ -89,12 +91,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Follower {
     /// Starts the replica's guest from `standby` (a full copy applied), replaying onto
-    /// `disks` (this host's replicas), reporting progress to the primary on `out`.
+    /// `disks` (this host's replicas), reporting progress to the primary with `report`.
     pub fn start(
         standby: Standby,
         disks: Vec<DiskFile>,
         has_network: bool,
-        out: Outbox,
+        report: Report,
     ) -> Result<Self, FollowerError> {
         let replay = ReplayWorld::new(Default::default(), has_network).with_disks(disks);
         let world = Arc::new(Mutex::new(Phase {
@@ -111,7 +113,7 @@ impl Follower {
         let thread = FollowerThread {
             vm,
             rx,
-            out,
+            report,
             world: world.clone(),
             status: status.clone(),
             unreleased: Vec::new(),
@@ -179,7 +181,7 @@ impl Drop for Follower {
 struct FollowerThread {
     vm: Vm,
     rx: Receiver<FollowInput>,
-    out: Outbox,
+    report: Report,
     world: Arc<Mutex<Phase>>,
     status: Arc<Mutex<FollowerStatus>>,
     /// Outputs of executed positions the primary has not said it released.
@@ -265,7 +267,7 @@ impl FollowerThread {
         };
         if self.reported != Some(position) {
             self.reported = Some(position);
-            self.out.send_small(Message::Executed { position, exit });
+            (self.report)(Message::Executed { position, exit });
         }
     }
 

@@ -4,6 +4,8 @@
 pub mod commit;
 pub mod garp;
 pub mod lockstep;
+#[cfg(test)]
+mod lockstep_tests;
 pub mod primary;
 pub mod record;
 pub mod secondary;
