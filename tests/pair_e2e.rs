@@ -15,9 +15,9 @@ use common::*;
 
 use ftvm_coserver::protocol::{Incomplete, Standing};
 use pair::{
-    field, get_keys, kv, kv_connect, protected_pair, set_keys, setup, solo_console, spec,
-    test_config, wait_until, write_config, ArbiterConfig, CoServer, Config, LinkConfig, COUNTER,
-    GUEST_IP, LIMIT,
+    field, protected_pair, sets_across_a_primary_kill, setup, solo_console, spec, test_config,
+    wait_until, write_config, ArbiterConfig, CoServer, Config, LinkConfig, COUNTER, GUEST_IP,
+    LIMIT,
 };
 
 /// A disk guest long enough to pause a node, fail over and copy again while it runs
@@ -63,27 +63,8 @@ fn a_tcp_client_keeps_its_connection_and_every_acknowledged_set_across_failover(
         return;
     };
     let guest = spec(&format!("workload=net ip={GUEST_IP}/24"), 8, true);
-    let (mut a, mut b) = protected_pair(&net, dir.path(), &guest);
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let client = std::thread::scope(|scope| {
-        let killer = scope.spawn(move || {
-            // Kill the primary once the client is well under way.
-            rx.recv().unwrap();
-            a.kill();
-            a
-        });
-        let client = net.in_lan(move || {
-            let mut c = kv_connect();
-            let worst = set_keys(&mut c, 300, 100, &tx);
-            get_keys(&mut c, 300);
-            assert_eq!(kv(&mut c, "SHUTDOWN").unwrap(), "BYE");
-            (300, worst)
-        });
-        let a = killer.join().unwrap();
-        (client, a)
-    });
-    let ((acked, worst), a_after) = client;
-    drop(a_after);
+    let (a, mut b) = protected_pair(&net, dir.path(), &guest);
+    let (acked, worst) = (300, sets_across_a_primary_kill(&net, a, 300, 100));
     let line = format!("primary SIGKILL: client outage across the failover (longest SET) {worst:?}; {acked} SETs acknowledged and read back");
     println!("{line}");
     report(&line);

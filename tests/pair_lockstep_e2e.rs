@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use common::*;
 use pair::{
-    get_keys, kv, kv_connect, lockstep, protected_pair, set_keys, setup, solo_console, wait_until,
-    CoServer, GuestSpec, PairNet, GUEST_IP, LIMIT,
+    get_keys, kv, kv_connect, lockstep, protected_pair, sets_across_a_primary_kill, setup,
+    solo_console, wait_until, CoServer, GuestSpec, PairNet, GUEST_IP, LIMIT,
 };
 
 #[test]
@@ -72,24 +72,8 @@ fn a_tcp_client_keeps_its_connection_and_every_acknowledged_set_across_a_lockste
         return;
     };
     let guest = lockstep(&format!("workload=net ip={GUEST_IP}/24"), 8, true);
-    let (mut a, mut b) = protected_pair(&net, dir.path(), &guest);
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let (worst, a_after) = std::thread::scope(|scope| {
-        let killer = scope.spawn(move || {
-            rx.recv().unwrap();
-            a.kill();
-            a
-        });
-        let worst = net.in_lan(move || {
-            let mut c = kv_connect();
-            let worst = set_keys(&mut c, 300, 100, &tx);
-            get_keys(&mut c, 300);
-            assert_eq!(kv(&mut c, "SHUTDOWN").unwrap(), "BYE");
-            worst
-        });
-        (worst, killer.join().unwrap())
-    });
-    drop(a_after);
+    let (a, mut b) = protected_pair(&net, dir.path(), &guest);
+    let worst = sets_across_a_primary_kill(&net, a, 300, 100);
     let line = format!("lockstep, primary SIGKILL: longest SET across the failover {worst:?}; 300 SETs acknowledged and read back");
     println!("{line}");
     report(&line);
@@ -109,9 +93,6 @@ fn a_guest_that_reads_the_host_tsc_diverges_is_repaired_and_still_fails_over_wit
     let guest = lockstep(&format!("workload=net ip={GUEST_IP}/24"), 8, true);
     let (mut a, mut b) = protected_pair(&net, dir.path(), &guest);
     let resyncs = |b: &pair::CoServer| b.typed().resyncs;
-    let protected = |a: &pair::CoServer, b: &pair::CoServer| {
-        a.typed().mode.as_deref() == Some("protected") && b.typed().mode.as_deref() == Some("ready")
-    };
     // A socket keeps the namespace it was made in: the test thread uses it after.
     let mut c = net.in_lan(kv_connect);
     for round in 0..3u32 {
@@ -127,7 +108,7 @@ fn a_guest_that_reads_the_host_tsc_diverges_is_repaired_and_still_fails_over_wit
             b.log()
         );
         assert!(
-            wait_until(LIMIT, || protected(&a, &b)),
+            wait_until(LIMIT, || pair::protected(&a, &b)),
             "round {round}: the pair is not protected again:\nA:\n{}\nB:\n{}",
             a.log(),
             b.log()
@@ -406,8 +387,7 @@ fn a_stopped_lockstep_secondary_is_dropped_not_waited_for_and_joins_again_after_
         a.log()
     );
     assert!(
-        wait_until(LIMIT, || a.typed().mode.as_deref() == Some("protected")
-            && b.typed().mode.as_deref() == Some("ready")),
+        wait_until(LIMIT, || pair::protected(&a, &b)),
         "protected again after SIGCONT:\nA:\n{}\nB:\n{}",
         a.log(),
         b.log()
@@ -473,8 +453,7 @@ fn a_guest_that_keeps_the_host_tsc_in_memory_only_is_found_by_the_memory_sweep()
         b.log()
     );
     assert!(
-        wait_until(LIMIT, || a.typed().mode.as_deref() == Some("protected")
-            && b.typed().mode.as_deref() == Some("ready")),
+        wait_until(LIMIT, || pair::protected(&a, &b)),
         "protected again:\nA:\n{}\nB:\n{}",
         a.log(),
         b.log()

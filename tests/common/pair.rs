@@ -618,6 +618,36 @@ pub fn solo_console(dir: &std::path::Path, cmdline: &str, disk_mib: u64) -> Stri
     solo.console
 }
 
+/// A key-value client in the LAN SETs `count` keys over one connection while the
+/// primary `primary` is SIGKILLed just before SET `at`; then it reads every key back
+/// over the same connection and powers the guest off. Returns the longest SET.
+pub fn sets_across_a_primary_kill(
+    net: &PairNet,
+    mut primary: CoServer,
+    count: u32,
+    at: u32,
+) -> Duration {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            rx.recv().expect("the client's signal");
+            primary.kill();
+        });
+        net.in_lan(move || {
+            let mut c = kv_connect();
+            let worst = set_keys(&mut c, count, at, &tx);
+            get_keys(&mut c, count);
+            assert_eq!(kv(&mut c, "SHUTDOWN").expect("SHUTDOWN"), "BYE");
+            worst
+        })
+    })
+}
+
+/// Whether `a` is a protected primary and `b` its ready secondary.
+pub fn protected(a: &CoServer, b: &CoServer) -> bool {
+    a.typed().mode.as_deref() == Some("protected") && b.typed().mode.as_deref() == Some("ready")
+}
+
 /// Polls `cond` every 20 ms until it holds or `limit` passes.
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();

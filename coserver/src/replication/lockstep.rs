@@ -98,7 +98,7 @@ impl Follower {
         has_network: bool,
         report: Report,
     ) -> Result<Self, FollowerError> {
-        let replay = ReplayWorld::new(Default::default(), has_network).with_disks(disks);
+        let replay = ReplayWorld::following(has_network, disks);
         let world = Arc::new(Mutex::new(Phase {
             replay,
             live: None,

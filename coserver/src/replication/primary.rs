@@ -199,7 +199,8 @@ impl EpochLoop {
                     (release, Some(id))
                 }
                 CutPlan::Copy { copy: id, release } => (release, Some(id)),
-                CutPlan::Checkpoint { outputs } if events.is_some() => {
+                // Its outputs are held by the session until the slice is acknowledged.
+                CutPlan::Checkpoint { .. } if events.is_some() => {
                     copy = None;
                     let events = events.unwrap_or_default();
                     let memory = self.memory_sample()?;
@@ -223,8 +224,6 @@ impl EpochLoop {
                     } else {
                         self.send(msg);
                     }
-                    // Held by the session until the slice is acknowledged.
-                    drop(outputs);
                     (Vec::new(), None)
                 }
                 CutPlan::Checkpoint { outputs } => {

@@ -154,14 +154,14 @@ pub struct Primary {
     /// Output-commit delays of released epochs (µs), recent.
     delays_us: Vec<u64>,
     /// Lockstep: how far the secondary's guest has come.
-    lockstep: Option<Box<Follower>>,
+    lockstep: Option<Box<SecondaryGuest>>,
     /// The next copy repairs a diverged replica: the disk ranges it sends.
     repair: Option<Vec<DiskRange>>,
 }
 
 /// A lockstep primary's view of its secondary's guest.
 #[derive(Debug, Clone)]
-struct Follower {
+struct SecondaryGuest {
     limits: LockstepLimits,
     /// This guest's exit at the last cut.
     cut_exit: u64,
@@ -178,7 +178,7 @@ struct Follower {
     behind: Duration,
 }
 
-impl Follower {
+impl SecondaryGuest {
     fn measure(&mut self, now: Instant) {
         self.behind = self
             .pending
@@ -203,7 +203,7 @@ impl Primary {
             rejected_acks: 0,
             delays_us: Vec::new(),
             lockstep: lockstep.map(|limits| {
-                Box::new(Follower {
+                Box::new(SecondaryGuest {
                     limits,
                     cut_exit: 0,
                     executed_exit: 0,

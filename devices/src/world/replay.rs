@@ -4,7 +4,7 @@
 //!
 //! `ftvm replay` gives it a whole recorded log. A lockstep secondary gives it the
 //! primary's log as it streams in ([`ReplayWorld::push`]) and its own replica of the
-//! disks ([`ReplayWorld::with_disks`]): the replayed guest's writes go to that replica,
+//! disks ([`ReplayWorld::following`]): the replayed guest's writes go to that replica,
 //! and reads logged by their digest are read from it and checked.
 
 use std::collections::VecDeque;
@@ -34,15 +34,23 @@ pub enum Emitted {
     Frame(Vec<u8>),
 }
 
+/// Where a replay's outputs go.
+enum Sink {
+    /// A whole recorded log: everything is collected for comparison with the run.
+    Collect(Arc<Mutex<ReplayOutputs>>),
+    /// A streamed log (a lockstep follower): console bytes and frames until taken
+    /// ([`ReplayWorld::take_emitted`]); disk writes go to the replay's own disks.
+    Follow {
+        emitted: Vec<Emitted>,
+        disks: Vec<DiskFile>,
+    },
+}
+
 /// A World that feeds a recorded log to a VM and collects its outputs.
 pub struct ReplayWorld {
     events: VecDeque<InputEvent>,
     has_network: bool,
-    outputs: Arc<Mutex<ReplayOutputs>>,
-    /// Console bytes and frames in order, when a follower takes them
-    /// ([`ReplayWorld::take_emitted`]).
-    emitted: Vec<Emitted>,
-    disks: Vec<DiskFile>,
+    sink: Sink,
 }
 
 impl ReplayWorld {
@@ -51,17 +59,22 @@ impl ReplayWorld {
         Self {
             events: log.events.into(),
             has_network,
-            outputs: Default::default(),
-            emitted: Vec::new(),
-            disks: Vec::new(),
+            sink: Sink::Collect(Default::default()),
         }
     }
 
-    /// Gives the replay its own replica of the recorded VM's disks, in World disk
-    /// order: writes are made on them, and reads logged by digest are read from them.
-    pub fn with_disks(mut self, disks: Vec<DiskFile>) -> Self {
-        self.disks = disks;
-        self
+    /// Replays a log that streams in ([`ReplayWorld::push`]) onto the replay's own
+    /// replica of the recorded VM's disks, in World disk order: writes are made on
+    /// them, and reads logged by digest are read from them and checked.
+    pub fn following(has_network: bool, disks: Vec<DiskFile>) -> Self {
+        Self {
+            events: VecDeque::new(),
+            has_network,
+            sink: Sink::Follow {
+                emitted: Vec::new(),
+                disks,
+            },
+        }
     }
 
     /// Appends events that arrived after the replay began (a streamed log).
@@ -69,14 +82,20 @@ impl ReplayWorld {
         self.events.extend(events);
     }
 
-    /// A handle on the collected outputs.
+    /// A handle on the collected outputs (empty for a follower).
     pub fn outputs(&self) -> Arc<Mutex<ReplayOutputs>> {
-        self.outputs.clone()
+        match &self.sink {
+            Sink::Collect(o) => o.clone(),
+            Sink::Follow { .. } => Default::default(),
+        }
     }
 
     /// Takes the console bytes and frames emitted since the last call, in order.
     pub fn take_emitted(&mut self) -> Vec<Emitted> {
-        std::mem::take(&mut self.emitted)
+        match &mut self.sink {
+            Sink::Follow { emitted, .. } => std::mem::take(emitted),
+            Sink::Collect(_) => Vec::new(),
+        }
     }
 
     /// Events not consumed yet.
@@ -84,9 +103,15 @@ impl ReplayWorld {
         self.events.len()
     }
 
-    fn record_output(&self, f: impl FnOnce(&mut ReplayOutputs)) {
-        if let Ok(mut o) = self.outputs.lock() {
-            f(&mut o);
+    /// Collects an output: `collect` for a whole log, `follow` for a streamed one.
+    fn output(&mut self, collect: impl FnOnce(&mut ReplayOutputs), follow: Emitted) {
+        match &mut self.sink {
+            Sink::Collect(o) => {
+                if let Ok(mut o) = o.lock() {
+                    collect(&mut o);
+                }
+            }
+            Sink::Follow { emitted, .. } => emitted.push(follow),
         }
     }
 
@@ -97,8 +122,12 @@ impl ReplayWorld {
         }
     }
 
+    /// The replay's own replica of disk `disk` (a follower's).
     fn disk(&self, disk: usize) -> Result<&DiskFile, WorldError> {
-        self.disks.get(disk).ok_or(WorldError::NoDisk(disk))
+        match &self.sink {
+            Sink::Follow { disks, .. } => disks.get(disk).ok_or(WorldError::NoDisk(disk)),
+            Sink::Collect(_) => Err(WorldError::NoDisk(disk)),
+        }
     }
 
     /// A read logged by digest: read from this replay's own replica and checked.
@@ -172,17 +201,17 @@ impl ReplayWorld {
 
 impl World for ReplayWorld {
     fn console_output(&mut self, bytes: &[u8]) {
-        self.emitted.push(Emitted::Console(bytes.to_vec()));
-        if self.disks.is_empty() {
-            self.record_output(|o| o.console.extend_from_slice(bytes));
-        }
+        self.output(
+            |o| o.console.extend_from_slice(bytes),
+            Emitted::Console(bytes.to_vec()),
+        );
     }
 
     fn transmit(&mut self, frame: &[u8]) {
-        self.emitted.push(Emitted::Frame(frame.to_vec()));
-        if self.disks.is_empty() {
-            self.record_output(|o| o.packets.push(frame.to_vec()));
-        }
+        self.output(
+            |o| o.packets.push(frame.to_vec()),
+            Emitted::Frame(frame.to_vec()),
+        );
     }
 
     fn receive(&mut self, exit: u64) -> Result<Option<Vec<u8>>, WorldError> {
@@ -235,8 +264,10 @@ impl World for ReplayWorld {
     }
 
     fn disk_write(&mut self, disk: usize, offset: u64, data: &[u8]) -> Result<(), WorldError> {
-        if self.disks.is_empty() {
-            self.record_output(|o| o.disk_writes.push((disk, offset, data.to_vec())));
+        if let Sink::Collect(o) = &self.sink {
+            if let Ok(mut o) = o.lock() {
+                o.disk_writes.push((disk, offset, data.to_vec()));
+            }
             return self.disk_status(disk, None);
         }
         let own = self.disk(disk)?.write_at(offset, data);
@@ -244,7 +275,7 @@ impl World for ReplayWorld {
     }
 
     fn disk_flush(&mut self, disk: usize) -> Result<(), WorldError> {
-        if self.disks.is_empty() {
+        if let Sink::Collect(_) = self.sink {
             return self.disk_status(disk, None);
         }
         let own = self.disk(disk)?.flush();
@@ -379,7 +410,7 @@ mod tests {
         let path = dir.path().join("replica.img");
         std::fs::write(&path, vec![7u8; 4096]).unwrap();
         let disk = || DiskFile::open(&path, false).unwrap();
-        let mut replay = ReplayWorld::new(InputLog::default(), false).with_disks(vec![disk()]);
+        let mut replay = ReplayWorld::following(false, vec![disk()]);
         replay.push([
             InputEvent::DiskReadDigest {
                 disk: 0,
