@@ -355,12 +355,21 @@ async fn read_loop(
                         if !dedup.fresh(session, seq) {
                             return Ok(());
                         }
-                        let msg = Message::decode(&payload)
+                        let mut msg = Message::decode(&payload)
                             .map_err(|e| ConnEnd::Protocol(e.to_string()))?;
+                        // Nothing queued before it is unfinished (and no other reader
+                        // queues while the order is held): the quick path overtakes
+                        // nothing.
+                        if let Some(quick) = inner.quick.get() {
+                            if inner.unfinished.load(Ordering::Acquire) == 0 {
+                                match quick.offer(msg) {
+                                    None => return Ok(()),
+                                    Some(m) => msg = m,
+                                }
+                            }
+                        }
                         // Queued while the order is held (push-back included).
-                        inner.events.send(Event::Message(msg)).await.map_err(|_| {
-                            ConnEnd::Protocol("the CoServer stopped taking events".into())
-                        })
+                        queue_event(inner, Event::Message(msg)).await
                     }
                     .await;
                     let mut l = lock(&inner.links[index]);
@@ -378,12 +387,29 @@ async fn read_loop(
 /// link counts as heard (the wait is this node's slowness, not the peer's silence).
 async fn deliver(inner: &Inner, index: usize, ev: Event) -> Result<(), ConnEnd> {
     lock(&inner.links[index]).blocked += 1;
-    let r = inner.events.send(ev).await;
+    let r = queue_event(inner, ev).await;
     let mut l = lock(&inner.links[index]);
     l.blocked -= 1;
     l.last_rx = Some(Instant::now());
     drop(l);
-    r.map_err(|_| ConnEnd::Protocol("the CoServer stopped taking events".into()))
+    r
+}
+
+/// Queues an event for the CoServer if there is room (dropped otherwise).
+fn try_queue_event(inner: &Inner, ev: Event) {
+    inner.unfinished.fetch_add(1, Ordering::AcqRel);
+    if inner.events.try_send(ev).is_err() {
+        inner.unfinished.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Queues an event for the CoServer, counted unfinished until it takes the next one.
+async fn queue_event(inner: &Inner, ev: Event) -> Result<(), ConnEnd> {
+    inner.unfinished.fetch_add(1, Ordering::AcqRel);
+    inner.events.send(ev).await.map_err(|_| {
+        inner.unfinished.fetch_sub(1, Ordering::AcqRel);
+        ConnEnd::Protocol("the CoServer stopped taking events".into())
+    })
 }
 
 async fn control_message(
@@ -428,9 +454,12 @@ async fn control_message(
                         reason: reason.clone(),
                     },
                 );
-                let _ = inner.events.try_send(Event::Refused {
-                    reason: reason.clone(),
-                });
+                try_queue_event(
+                    inner,
+                    Event::Refused {
+                        reason: reason.clone(),
+                    },
+                );
                 // Let the refusal leave before the connection closes.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 return Err(ConnEnd::Refused(reason));
@@ -454,9 +483,12 @@ async fn control_message(
         }
         Message::Refuse { reason } => {
             tracing::error!(link = index, "peer refused this node: {reason}");
-            let _ = inner.events.try_send(Event::Refused {
-                reason: format!("the peer refused this node: {reason}"),
-            });
+            try_queue_event(
+                inner,
+                Event::Refused {
+                    reason: format!("the peer refused this node: {reason}"),
+                },
+            );
             Err(ConnEnd::Refused(reason))
         }
         Message::Ping {

@@ -281,6 +281,20 @@ struct Inner {
     clock: Instant,
     stopped: AtomicBool,
     handle: Handle,
+    /// Events queued for the CoServer and not yet finished with (see [`Events`]).
+    unfinished: Arc<AtomicUsize>,
+    /// The CoServer's quick path, once it has one.
+    quick: std::sync::OnceLock<Arc<dyn QuickHandler>>,
+}
+
+/// Messages a link reader may hand to the CoServer directly, without its event queue:
+/// an acknowledgement on the primary, a slice of the log on a lockstep secondary. The
+/// reader offers a message only when every event queued before it is finished with, so
+/// a message handled this way overtakes nothing.
+pub trait QuickHandler: Send + Sync {
+    /// Handles `msg` now if it can; gives it back (untouched) otherwise, and it is
+    /// queued as usual.
+    fn offer(&self, msg: Message) -> Option<Message>;
 }
 
 /// The set of links to the peer.
@@ -291,9 +305,14 @@ pub struct Links {
 }
 
 /// The CoServer's end of the links' event queue.
+///
+/// An event counts as unfinished from when a reader queues it until the CoServer asks
+/// for the next one (it has finished with this one by then).
 pub struct Events {
     rx: mpsc::Receiver<Event>,
     handle: Handle,
+    unfinished: Arc<AtomicUsize>,
+    holds: bool,
 }
 
 /// Why no event was received.
@@ -308,20 +327,33 @@ pub enum RecvError {
 impl Events {
     /// The next event, waiting at most `limit`.
     pub fn recv_timeout(&mut self, limit: Duration) -> Result<Event, RecvError> {
+        self.finished();
         let rx = &mut self.rx;
-        match self
+        let got = match self
             .handle
             .block_on(async { tokio::time::timeout(limit, rx.recv()).await })
         {
             Ok(Some(ev)) => Ok(ev),
             Ok(None) => Err(RecvError::Closed),
             Err(_) => Err(RecvError::Timeout),
-        }
+        };
+        self.holds = got.is_ok();
+        got
     }
 
     /// The next event if one is queued.
     pub fn try_recv(&mut self) -> Option<Event> {
-        self.rx.try_recv().ok()
+        self.finished();
+        let got = self.rx.try_recv().ok();
+        self.holds = got.is_some();
+        got
+    }
+
+    /// The event taken last is finished with.
+    fn finished(&mut self) {
+        if std::mem::take(&mut self.holds) {
+            self.unfinished.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -346,6 +378,7 @@ impl Links {
             .map_err(LinkError::Runtime)?;
         let handle = runtime.handle().clone();
         let (tx, rx) = mpsc::channel(QUEUE_EVENTS);
+        let unfinished = Arc::new(AtomicUsize::new(0));
         let mut session = [0u8; 8];
         handshake::fill_random(&mut session);
         let encrypt = opts.encrypt;
@@ -380,6 +413,8 @@ impl Links {
             clock: Instant::now(),
             stopped: AtomicBool::new(false),
             handle: handle.clone(),
+            unfinished: unfinished.clone(),
+            quick: std::sync::OnceLock::new(),
         });
         for (index, c) in configs.iter().enumerate() {
             let dials = c.local.to_string() < c.peer.to_string();
@@ -407,7 +442,12 @@ impl Links {
                 inner,
                 runtime: Arc::new(Mutex::new(Some(runtime))),
             },
-            Events { rx, handle },
+            Events {
+                rx,
+                handle,
+                unfinished,
+                holds: false,
+            },
         ))
     }
 
@@ -422,6 +462,11 @@ impl Links {
         l.role = role;
         l.generation = generation;
         l.standing = standing;
+    }
+
+    /// Gives the links' readers the CoServer's quick path (once; a second is ignored).
+    pub fn set_quick(&self, quick: Arc<dyn QuickHandler>) {
+        let _ = self.inner.quick.set(quick);
     }
 
     /// Updates the arbiter identity hellos advertise.

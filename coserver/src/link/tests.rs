@@ -312,3 +312,77 @@ fn two_hundred_strangers_hold_a_few_connections_and_the_peer_still_connects() {
     x.shutdown();
     y.shutdown();
 }
+
+/// Takes the even `Released` positions it is offered, logging them; gives back the rest.
+struct EvenReleases(Arc<Mutex<Vec<(&'static str, u64)>>>);
+
+impl QuickHandler for EvenReleases {
+    fn offer(&self, msg: Message) -> Option<Message> {
+        match msg {
+            Message::Released { position } if position % 2 == 0 => {
+                lock(&self.0).push(("quick", position));
+                None
+            }
+            other => Some(other),
+        }
+    }
+}
+
+#[test]
+fn a_message_handled_quickly_overtakes_no_event_still_queued_or_being_handled() {
+    let ((x, _xrx), (y, mut yrx)) = connected(true);
+    let log = Arc::new(Mutex::new(Vec::new()));
+    y.set_quick(Arc::new(EvenReleases(log.clone())));
+    // Nothing taken from y's queue yet (hellos and heartbeats wait there): nothing is
+    // handled quickly.
+    x.send(&Message::Released { position: 0 }).unwrap();
+    std::thread::sleep(ms(200));
+    assert!(lock(&log).is_empty(), "{:?}", lock(&log));
+    // A consumer that takes a while over each event, logging the messages in the order
+    // it takes them.
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer = {
+        let (log, stop) = (log.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok(Event::Message(Message::Released { position })) = yrx.recv_timeout(ms(20))
+                {
+                    lock(&log).push(("queued", position));
+                    std::thread::sleep(Duration::from_micros(300));
+                }
+            }
+        })
+    };
+    const COUNT: u64 = 200;
+    for position in 1..=COUNT {
+        x.send(&Message::Released { position }).unwrap();
+        // Mostly spaced out (the consumer is done before the next arrives), sometimes
+        // in a burst (it is not).
+        if position % 16 != 0 {
+            std::thread::sleep(ms(1));
+        }
+    }
+    let end = Instant::now() + Duration::from_secs(10);
+    while lock(&log).len() < COUNT as usize + 1 && Instant::now() < end {
+        std::thread::sleep(ms(10));
+    }
+    stop.store(true, Ordering::SeqCst);
+    consumer.join().unwrap();
+    let log = lock(&log).clone();
+    let order: Vec<u64> = log.iter().map(|(_, p)| *p).collect();
+    assert_eq!(
+        order,
+        (0..=COUNT).collect::<Vec<_>>(),
+        "every message once, in order: {log:?}"
+    );
+    assert!(
+        log.iter()
+            .all(|(how, p)| *how == "queued" || (*p % 2 == 0 && *p > 0)),
+        "only what the handler takes goes quickly: {log:?}"
+    );
+    let quick = log.iter().filter(|(how, _)| *how == "quick").count();
+    assert!(quick > 0, "no message was handled quickly: {log:?}");
+    eprintln!("{quick} of {COUNT} messages handled quickly");
+    x.shutdown();
+    y.shutdown();
+}

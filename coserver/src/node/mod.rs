@@ -13,9 +13,11 @@ use ftvm_devices::backend::disk::DiskFile;
 use ftvm_devices::backend::tap::Tap;
 
 mod guest_start;
+mod quick;
 mod status;
 
 use guest_start::GuestFrom;
+use quick::QuickPath;
 
 use crate::arbiter::{Arbiter, KnownGeneration, UsedIdentity};
 use crate::config::{ArbiterConfig, Config};
@@ -87,6 +89,8 @@ struct Node {
     arbiter_id: UsedIdentity,
     peer_arbiter_id: Option<u64>,
     session: Arc<SharedSession>,
+    /// The link readers' way in, between this node's turns.
+    quick: Arc<QuickPath>,
     /// The guest this node stopped when it fenced, until its vCPU thread is done.
     fenced_guest: Option<Arc<Mutex<EpochStats>>>,
     started: Instant,
@@ -208,7 +212,10 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
         record.standing(),
         Instant::now(),
     ));
+    let quick = QuickPath::new(session.clone(), out.clone());
+    links.set_quick(quick.clone());
     let mut node = Node {
+        quick,
         held_tap,
         link_was_healthy: vec![false; cfg.links.len()],
         cfg,
@@ -281,6 +288,11 @@ impl Node {
                 Some(d) => self.events.recv_timeout(d - FINE_WAIT),
                 None => self.events.recv_timeout(tick),
             };
+            // This node's turn: the links' quick path waits for its end.
+            let quick = self.quick.clone();
+            let mut turn = quick.turn();
+            let deferred = std::mem::take(&mut turn.deferred);
+            self.execute(deferred)?;
             // The clock first: a stall is noticed before anything that queued up
             // meanwhile is believed.
             self.input(Input::Tick {
@@ -296,6 +308,9 @@ impl Node {
             let alive = self.peer_alive();
             self.watch_links(alive);
             self.publish_status(alive);
+            // What the quick path acts on until the next turn.
+            turn.commit = self.running.as_ref().map(|r| r.commit.clone());
+            turn.slices = self.follower.as_ref().and_then(Follower::inbox);
             let exit = self.session.lock().exit_code();
             // A guest that powered off here: its epoch loop sends the pair's end, so the
             // node waits for the loop to finish before letting the last messages leave.

@@ -85,6 +85,25 @@ pub struct Follower {
     kick: Arc<Mutex<Option<VcpuKick>>>,
 }
 
+/// A second way in to a follower thread, for slices only (see [`Follower::inbox`]).
+#[derive(Clone)]
+pub struct SliceInbox {
+    tx: Sender<FollowInput>,
+    status: Arc<Mutex<FollowerStatus>>,
+}
+
+impl SliceInbox {
+    /// Whether the follower's guest still retraces the primary's.
+    pub fn running(&self) -> bool {
+        lock(&self.status).diverged.is_none()
+    }
+
+    /// Hands a slice of the log to the guest. False if the follower has ended.
+    pub fn slice(&self, position: u64, slice: LogSegment) -> bool {
+        self.tx.send(FollowInput::Slice { position, slice }).is_ok()
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -131,6 +150,16 @@ impl Follower {
             status,
             world,
             kick,
+        })
+    }
+
+    /// Where slices can be handed to the follower thread from another thread (a link
+    /// reader's quick path); `None` once it has taken over. Drop it with the follower:
+    /// a follower thread ends when its last inbox is gone.
+    pub fn inbox(&self) -> Option<SliceInbox> {
+        self.tx.as_ref().map(|tx| SliceInbox {
+            tx: tx.clone(),
+            status: self.status.clone(),
         })
     }
 

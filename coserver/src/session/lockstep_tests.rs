@@ -243,3 +243,94 @@ fn a_lockstep_primary_waits_while_its_secondary_is_further_behind_than_the_time_
     assert_eq!(s.may_run(4), RunPermit::Run);
     assert_eq!(s.primary().and_then(|p| p.lag_time()), Some(Duration::ZERO));
 }
+
+#[test]
+fn the_quick_path_takes_only_plain_acknowledgements_and_leaves_the_rest_untouched() {
+    let c = Clock(Instant::now());
+    // The full copy's acknowledgement makes the pair protected (an alert): not quick.
+    let mut s = primary(&c);
+    tick(&mut s, c.at(400), true);
+    msg(&mut s, c.at(400), Message::Join);
+    s.cut(1, vec![], c.at(401));
+    assert!(s.full_cut(2, 1, c.at(402)));
+    assert_eq!(s.quick_ack(2, 1, c.at(403)), None);
+    let a = msg(
+        &mut s,
+        c.at(403),
+        Message::Ack {
+            position: 2,
+            copy: 1,
+        },
+    );
+    assert!(
+        a.iter().any(|x| matches!(x, Action::Alert(_))),
+        "left for the event loop: {a:?}"
+    );
+
+    // A plain acknowledgement: the outputs it releases and the `Released` to send.
+    assert!(matches!(
+        s.cut(3, vec![line("x")], c.at(410)),
+        CutPlan::Checkpoint { .. }
+    ));
+    assert_eq!(
+        s.quick_ack(3, 1, c.at(411)),
+        Some(vec![
+            Action::Release(vec![line("x")]),
+            Action::Send(Message::Released { position: 3 })
+        ])
+    );
+    // An acknowledgement after a stall this node has not noticed yet (no tick for
+    // longer than the stall limit): left for the event loop, which asks the arbiter
+    // before believing it.
+    s.cut(4, vec![line("y")], c.at(412));
+    assert_eq!(s.quick_ack(4, 1, c.at(530)), None);
+    assert!(has(&tick(&mut s, c.at(530), true), &Action::Claim));
+    // (The node answers the claim in the same turn, which the quick path waits for.)
+    s.on(won(2));
+    assert_eq!(s.quick_ack(4, 1, c.at(531)), None, "no longer protected");
+
+    // After the guest powered off, the acknowledgement ends the pair: not quick.
+    let mut s = protected(&c);
+    tick(&mut s, c.at(404), true);
+    s.cut(3, vec![line("z")], c.at(405));
+    assert!(
+        s.powered_off(3, 0).is_empty(),
+        "its output is not acknowledged yet"
+    );
+    assert_eq!(s.quick_ack(3, 1, c.at(406)), None);
+    let a = msg(
+        &mut s,
+        c.at(406),
+        Message::Ack {
+            position: 3,
+            copy: 1,
+        },
+    );
+    assert!(
+        has(&a, &Action::Send(Message::Stopped { exit_code: 0 })),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn the_quick_path_takes_only_the_slice_that_follows() {
+    let c = Clock(Instant::now());
+    let mut s = ready(&c);
+    assert_eq!(s.quick_slice(10), None, "already applied");
+    assert_eq!(
+        s.quick_slice(12),
+        None,
+        "a gap: the event loop asks for a copy"
+    );
+    assert_eq!(
+        s.quick_slice(11),
+        Some(vec![Action::Send(Message::Ack {
+            position: 11,
+            copy: 7
+        })])
+    );
+    assert_eq!(s.check_checkpoint(11, false, 0, 0), CopyCheck::Ignore);
+    assert_eq!(s.check_checkpoint(12, false, 0, 0), CopyCheck::Apply);
+    let mut p = protected(&c);
+    assert_eq!(p.quick_slice(3), None, "a primary follows no log");
+}

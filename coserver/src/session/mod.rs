@@ -29,6 +29,7 @@ mod arbitration;
 mod epoch_api;
 mod follow;
 mod primary;
+mod quick;
 mod replica;
 mod shared;
 mod standing;

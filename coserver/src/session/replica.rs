@@ -52,6 +52,12 @@ pub struct ReplicaProgress {
 }
 
 impl ReplicaProgress {
+    /// Whether the checkpoint (or slice) at `epoch` is the one to apply next: it
+    /// follows the last applied, and no copy is in progress.
+    pub(super) fn follows(&self, epoch: u64) -> bool {
+        self.copying.is_none() && self.applied.is_some_and(|(_, e)| epoch == e + 1)
+    }
+
     /// Whether a full copy is applied (the replica can take over).
     pub fn is_ready(&self) -> bool {
         self.applied.is_some() && self.copying.is_none()
