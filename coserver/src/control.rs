@@ -139,6 +139,12 @@ pub struct Status {
     /// replica diverged, or of a primary by its secondary.
     #[serde(default)]
     pub resyncs: u64,
+    /// What this host's tap hears of the guest's inbound frames while the guest runs
+    /// on the peer (`unicast_heard`: whether the LAN delivers the guest's frames here
+    /// too, which a takeover without a gap needs); `None` while the guest runs here or
+    /// without a tap.
+    #[serde(default)]
+    pub mirror: Option<crate::replication::inbound::MirrorCounts>,
     /// Alerts, oldest first.
     pub alerts: Vec<String>,
 }
@@ -281,6 +287,20 @@ pub fn render(s: &Status) -> String {
             out += &format!(", executed position {position} (exit {exit})");
         }
         out += &format!(", resyncs {}\n", s.resyncs);
+    }
+    if let Some(m) = &s.mirror {
+        out += &format!(
+            "guest's inbound frames heard here: {} ({} matched, {} missed, {} dropped) - {}\n",
+            m.heard,
+            m.matched,
+            m.missed,
+            m.overflowed,
+            match m.unicast_heard {
+                Some(true) => "the LAN delivers them here too: a takeover loses none",
+                Some(false) => "NOT delivered here by the LAN: frames in flight at a takeover wait for the client to resend",
+                None => "not known yet",
+            }
+        );
     }
     if let Some((pages, bytes)) = s.copy_left {
         out += &format!("copy to secondary: {pages} pages and {bytes} disk bytes left\n");

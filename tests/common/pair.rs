@@ -102,6 +102,8 @@ pub fn setup(test: &str, tag: &str) -> Option<(PairNet, tempfile::TempDir)> {
 
 /// The guest's address on the LAN.
 pub const GUEST_IP: &str = "10.0.99.2";
+/// The guest's MAC address.
+pub const GUEST_MAC: &str = "52:54:00:f7:00:01";
 
 /// The namespaces and links.
 pub struct PairNet {
@@ -208,6 +210,41 @@ impl PairNet {
         }
     }
 
+    /// Makes the LAN deliver the guest's frames to both hosts (docs/operations.md, "A
+    /// gap-free failover", on a Linux bridge): the LAN bridge learns no address on the
+    /// hosts' ports, so it floods frames to the guest to both, and each host's bridge
+    /// holds the guest's MAC on its tap for good. Call it before the guest runs.
+    pub fn mirror_lan(&self) {
+        for port in ["pa", "pb"] {
+            ip(&[
+                "-n",
+                &self.ns[2],
+                "link",
+                "set",
+                "dev",
+                port,
+                "type",
+                "bridge_slave",
+                "learning",
+                "off",
+            ])
+            .expect("learning off");
+        }
+        for host in &self.ns[..2] {
+            let out = Command::new("bridge")
+                .args([
+                    "-n", host, "fdb", "add", GUEST_MAC, "dev", "tap0", "master", "static",
+                ])
+                .output()
+                .expect("run bridge");
+            assert!(
+                out.status.success(),
+                "bridge fdb add: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     /// Runs `f` on a thread inside the client LAN namespace.
     pub fn in_lan<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         self.in_ns(2, f)
@@ -287,7 +324,7 @@ pub fn test_config(
             kernel: None,
             cmdline: String::new(),
             mem_mib: 64,
-            mac: "52:54:00:f7:00:01".into(),
+            mac: GUEST_MAC.into(),
             ip: None,
         },
         host: HostConfig {
@@ -557,6 +594,29 @@ pub fn kv(
         return Err(std::io::Error::other("connection closed"));
     }
     Ok(reply.trim_end().to_string())
+}
+
+/// Segments the kernel retransmitted on `stream` so far (`TCP_INFO`'s
+/// `tcpi_total_retrans`: retransmission timeouts, tail-loss probes and fast
+/// retransmissions alike).
+pub fn tcp_retransmits(stream: &std::net::TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain integers; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which lives for the
+    // call, and updates `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info.tcpi_total_retrans
 }
 
 /// A key-value client's connection to the guest (run in the LAN namespace): connected

@@ -21,8 +21,6 @@ use crate::replication::lockstep::{Follower, LockstepTakeover};
 use crate::replication::primary::{EpochLoop, EpochParts, EpochStats, LockstepLog};
 use crate::replication::secondary::Takeover;
 
-/// Frames at most discarded from a held tap at takeover (the kernel queues ~1000).
-const MAX_STALE_FRAMES: usize = 4096;
 /// Lockstep: the longest console output waits before the slice of the log holding it
 /// ends (it also ends as soon as the guest idles; a frame ends it at once).
 const LOCKSTEP_OUTPUT_WAIT: Duration = Duration::from_micros(200);
@@ -63,17 +61,21 @@ impl Node {
             live = live.with_disk(disk);
         }
         let mut tap_sender = None;
+        let mut tap_heard = None;
         if let Some(name) = &self.cfg.host.tap {
-            let mut tap = match self.held_tap.take() {
+            // Everything queued on the tap is read into the mirror's window first.
+            let (held, window) = match self.mirror.take() {
+                Some(m) => {
+                    let w = m.window();
+                    (m.stop(), Some(w))
+                }
+                None => (None, None),
+            };
+            let tap = match held {
                 Some(t) => t,
                 None => Tap::open(name).map_err(|e| guest(e.to_string()))?,
             };
-            // Frames that reached the tap while the guest ran elsewhere are stale.
-            let mut stale = 0;
-            while stale < MAX_STALE_FRAMES && matches!(tap.read_frame(), Ok(Some(_))) {
-                stale += 1;
-            }
-            tracing::debug!(stale, "discarded frames queued on the tap");
+            tap_heard = window;
             tap_sender = Some(
                 tap.sender()
                     .map_err(|e| guest(format!("tap {name}: {e}")))?,
@@ -95,27 +97,35 @@ impl Node {
         if takeover {
             commit.took_over(heard);
         }
-        let mut commit_world =
-            CommitWorld::new(Box::new(live), commit.clone(), self.session.clone());
+        let commit_world = CommitWorld::new(Box::new(live), commit.clone(), self.session.clone());
         let mut redo = Vec::new();
         let (standby, follower) = match from {
-            GuestFrom::Boot => (None, None),
+            GuestFrom::Boot => {
+                // A fresh guest: what reached the tap before is stale.
+                if let Some(w) = tap_heard.take() {
+                    w.clear();
+                }
+                (None, None)
+            }
             GuestFrom::Standby(t) => {
                 let Takeover {
                     standby,
                     outputs,
-                    frames,
+                    mut frames,
                 } = *t;
-                if !frames.is_empty() {
-                    tracing::info!(
-                        frames = frames.len(),
-                        "re-delivering frames received after the checkpoint"
-                    );
-                }
-                commit_world = commit_world.with_redelivery(frames);
+                // Received after the checkpoint by the old primary, then what this
+                // host's tap heard after the last of those.
+                frames.extend(
+                    tap_heard
+                        .take()
+                        .map(|w| w.take_untaken())
+                        .unwrap_or_default(),
+                );
+                commit.redeliver(frames);
                 redo = outputs;
                 (Some(standby), None)
             }
+            // Its log is executed first: the follower delivers what the tap heard.
             GuestFrom::Follower(f) => (None, Some(f)),
         };
         // The log records what the guest takes, outermost: everything the VM sees.
@@ -156,6 +166,7 @@ impl Node {
                 world,
                 parts,
                 release: Box::new(release),
+                heard: tap_heard,
             }) {
                 return Err(guest("the lockstep replica's guest had stopped".into()));
             }

@@ -26,6 +26,7 @@ use crate::link::{Event, Events, LinkOptions, Links, LocalInfo, Outbox, PeerInfo
 use crate::protocol::{GuestShape, Message, ReplicationMode, Role, Segment, Standing};
 use crate::replication::commit::Commit;
 use crate::replication::lockstep::{Divergence, Follower};
+use crate::replication::mirror::Mirror;
 use crate::replication::primary::EpochStats;
 use crate::replication::record::ReplicaRecord;
 use crate::replication::secondary::Replica;
@@ -60,6 +61,16 @@ pub enum NodeError {
     /// A lockstep replica's guest cannot start.
     #[error("the replica's guest cannot start: {0}")]
     Follower(#[from] crate::replication::lockstep::FollowerError),
+    /// The guest's tap cannot be read while the guest runs elsewhere.
+    #[error(transparent)]
+    Mirror(#[from] crate::replication::mirror::MirrorError),
+}
+
+/// Opens the guest's tap `name` and reads it for the guest at `mac`.
+fn mirror_tap(name: &str, mac: &str) -> Result<Mirror, NodeError> {
+    let tap = Tap::open(name).map_err(|e| NodeError::Guest(e.to_string()))?;
+    let mac = crate::attach::parse_mac(mac).map_err(|e| NodeError::Guest(e.to_string()))?;
+    Ok(Mirror::start(tap, mac)?)
 }
 
 /// What the operator asks of a starting CoServer.
@@ -95,10 +106,12 @@ struct Node {
     fenced_guest: Option<Arc<Mutex<EpochStats>>>,
     started: Instant,
     running: Option<Running>,
-    /// The guest's tap, held open (never written) while the guest runs elsewhere: the
-    /// tap is checked at startup, and its bridge port already forwards when this node
-    /// takes over (a port that has just gained carrier can drop the first frames).
-    held_tap: Option<Tap>,
+    /// The guest's tap while the guest runs elsewhere: held open and read, never
+    /// written (`replication::mirror`). The tap is checked at startup, its bridge port
+    /// already forwards when this node takes over (a port that has just gained carrier
+    /// can drop the first frames), and what it hears for the guest is delivered after a
+    /// takeover where the old primary's guest did not take it.
+    mirror: Option<Mirror>,
     replica: Option<Replica>,
     /// Lockstep: the replica's guest, running from the copy on.
     follower: Option<Follower>,
@@ -151,8 +164,8 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
         // The directory this node used before must still be the one it sees.
         arbiter.identify(&[id])?;
     }
-    let held_tap = match &cfg.host.tap {
-        Some(name) => Some(Tap::open(name).map_err(|e| NodeError::Guest(e.to_string()))?),
+    let mirror = match &cfg.host.tap {
+        Some(name) => Some(mirror_tap(name, &cfg.guest.mac)?),
         None => None,
     };
     let disk_bytes = match &cfg.host.disk {
@@ -216,7 +229,7 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
     links.set_quick(quick.clone());
     let mut node = Node {
         quick,
-        held_tap,
+        mirror,
         link_was_healthy: vec![false; cfg.links.len()],
         cfg,
         links,
@@ -537,6 +550,10 @@ impl Node {
                 if self.copy_part(check, |r| r.apply(epoch, cp))? {
                     if full {
                         tracing::info!(epoch, "full copy applied; ready to take over");
+                        // What the tap heard before belongs to the copied state.
+                        if let Some(m) = &self.mirror {
+                            m.window().clear();
+                        }
                         if self.cfg.replication.mode == ReplicationMode::Lockstep {
                             if let Err(e) = self.start_follower() {
                                 return self.input(Input::ApplyFailed(e.to_string()));
@@ -591,6 +608,9 @@ impl Node {
                 position: epoch,
                 frame,
             } if secondary => {
+                if let Some(m) = &self.mirror {
+                    m.window().taken(&frame);
+                }
                 if let Some(r) = self.replica.as_mut() {
                     r.note_inbound(epoch, frame);
                 }
@@ -644,10 +664,10 @@ impl Node {
 
     /// Becomes a secondary: the replica (standby VM, disk, marker) and the held tap.
     fn new_replica(&mut self) -> Result<(), NodeError> {
-        if let (None, Some(name)) = (&self.held_tap, &self.cfg.host.tap) {
+        if let (None, Some(name)) = (&self.mirror, &self.cfg.host.tap) {
             // Released when this node fenced; taken again for the next takeover.
-            match Tap::open(name) {
-                Ok(t) => self.held_tap = Some(t),
+            match mirror_tap(name, &self.cfg.guest.mac) {
+                Ok(m) => self.mirror = Some(m),
                 Err(e) => self.alert(format!("{e}; trying again at takeover")),
             }
         }
@@ -705,6 +725,7 @@ impl Node {
             disks,
             self.cfg.host.tap.is_some(),
             Box::new(move |m| out.send_small(m)),
+            self.mirror.as_ref().map(Mirror::window),
         )?;
         self.follower = Some(follower);
         Ok(())
@@ -721,7 +742,7 @@ impl Node {
         self.session.notify();
         self.replica = None;
         self.follower = None;
-        self.held_tap = None;
+        self.mirror = None;
     }
 
     /// Reports the end of a guest that ran here (fenced, failed, or powered off).

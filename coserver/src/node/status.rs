@@ -69,6 +69,7 @@ impl Node {
             replication: self.cfg.replication.mode.name().to_string(),
             resyncs: session.resyncs(),
             executed: self.follower.as_ref().and_then(|f| f.status().executed),
+            mirror: self.mirror.as_ref().map(|m| m.window().counts()),
             ..Status::default()
         };
         if let Some(p) = session.primary() {

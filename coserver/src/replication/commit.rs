@@ -57,6 +57,10 @@ struct State {
     /// Lockstep: the disk ranges the guest wrote in the running epoch (a repair of a
     /// diverged replica's disk sends them).
     ranges: Option<Vec<DiskRange>>,
+    /// Frames to deliver to the guest before the tap's: at a takeover, those the old
+    /// primary's guest never took (received after the checkpoint this VM resumed from,
+    /// or heard by this host's tap after what the old guest took).
+    redeliver: VecDeque<Vec<u8>>,
 }
 
 /// The World-side output state shared by the primary's World, its epoch loop and the
@@ -100,6 +104,7 @@ impl Commit {
             prompt: None,
             held_since: None,
             ranges: None,
+            redeliver: VecDeque::new(),
         })))
     }
 
@@ -110,6 +115,17 @@ impl Commit {
         let mut s = lock(&self.0);
         s.prompt = Some(wait);
         s.ranges = Some(Vec::new());
+    }
+
+    /// Delivers `frames` to the guest before anything its tap receives.
+    pub fn redeliver(&self, frames: Vec<Vec<u8>>) {
+        if !frames.is_empty() {
+            tracing::info!(
+                frames = frames.len(),
+                "delivering frames the old primary's guest never took"
+            );
+        }
+        lock(&self.0).redeliver.extend(frames);
     }
 
     /// Forwards the frames the guest receives to `out` while outputs are held.
@@ -263,9 +279,6 @@ pub struct CommitWorld {
     inner: Box<dyn World>,
     commit: Commit,
     session: Arc<SharedSession>,
-    /// Frames to deliver before the tap's (received by a dead primary after the
-    /// checkpoint this VM resumed from).
-    redeliver: VecDeque<Vec<u8>>,
 }
 
 impl CommitWorld {
@@ -276,18 +289,11 @@ impl CommitWorld {
             inner,
             commit,
             session,
-            redeliver: VecDeque::new(),
         }
     }
 
     fn policy(&self) -> OutputPolicy {
         self.session.lock().output_policy()
-    }
-
-    /// Delivers `frames` to the guest first.
-    pub fn with_redelivery(mut self, frames: Vec<Vec<u8>>) -> Self {
-        self.redeliver = frames.into();
-        self
     }
 }
 
@@ -303,7 +309,7 @@ impl World for CommitWorld {
     }
 
     fn receive(&mut self, exit: u64) -> Result<Option<Vec<u8>>, WorldError> {
-        if let Some(frame) = self.redeliver.pop_front() {
+        if let Some(frame) = lock(&self.commit.0).redeliver.pop_front() {
             return Ok(Some(frame));
         }
         let frame = self.inner.receive(exit)?;
@@ -357,7 +363,7 @@ impl World for CommitWorld {
     }
 
     fn idle(&mut self, request: &IdleRequest) -> Result<Wake, WorldError> {
-        if !self.redeliver.is_empty() {
+        if !lock(&self.commit.0).redeliver.is_empty() {
             return Ok(Wake {
                 at_ns: request.now_ns,
             });

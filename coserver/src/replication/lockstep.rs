@@ -14,10 +14,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ftvm_devices::backend::disk::DiskFile;
+use ftvm_devices::world::record::InputEvent;
 use ftvm_devices::world::replay::{Emitted, ReplayWorld};
 use ftvm_devices::world::{IdleRequest, Wake, World, WorldError};
 use ftvm_vmm::{RunLimits, RunStop, Standby, VcpuKick, Vm};
 
+use super::mirror::MirrorWindow;
 use super::primary::{EpochLoop, EpochParts};
 use crate::protocol::{DiskRange, ExitPoint, LogSegment, Message, Output};
 
@@ -41,6 +43,9 @@ pub struct LockstepTakeover {
     /// Releases the outputs the old primary may not have released, after the
     /// network identity is announced.
     pub release: Box<dyn FnOnce(Vec<Output>) + Send>,
+    /// What this host's tap heard for the guest: the frames the old primary's guest
+    /// never took are delivered first, once the log is executed.
+    pub heard: Option<MirrorWindow>,
 }
 
 /// Why a follower's guest stopped retracing the primary's.
@@ -111,11 +116,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Follower {
     /// Starts the replica's guest from `standby` (a full copy applied), replaying onto
     /// `disks` (this host's replicas), reporting progress to the primary with `report`.
+    /// Every frame the log gives the guest is noted taken in `heard` (this host's tap's
+    /// window), if it has one.
     pub fn start(
         standby: Standby,
         disks: Vec<DiskFile>,
         has_network: bool,
         report: Report,
+        heard: Option<MirrorWindow>,
     ) -> Result<Self, FollowerError> {
         let replay = ReplayWorld::following(has_network, disks);
         let world = Arc::new(Mutex::new(Phase {
@@ -139,6 +147,7 @@ impl Follower {
             powered_off: false,
             reported: None,
             reported_at: Instant::now(),
+            heard,
         };
         let k = kick.clone();
         std::thread::Builder::new()
@@ -219,6 +228,8 @@ struct FollowerThread {
     /// The last position reported to the primary, and when.
     reported: Option<u64>,
     reported_at: Instant,
+    /// This host's tap's window, told of every frame the log gives the guest.
+    heard: Option<MirrorWindow>,
 }
 
 /// A follower executing a steady stream reports its position at least this often.
@@ -304,6 +315,13 @@ impl FollowerThread {
     /// primary's stood.
     fn execute(&mut self, position: u64, slice: LogSegment) -> Result<(), String> {
         let end = slice.end;
+        if let Some(w) = &self.heard {
+            for e in &slice.events {
+                if let InputEvent::Packet { frame, .. } = e {
+                    w.taken(frame);
+                }
+            }
+        }
         lock(&self.world).replay.push(slice.events);
         if !self.powered_off {
             let limits = RunLimits {
@@ -374,6 +392,10 @@ impl FollowerThread {
         // the stream's order); a divergence in them ended the thread before.
         let mut world = t.world;
         world.set_virtual_now(self.vm.virtual_time_ns());
+        // What the old primary's guest never took goes to the guest first.
+        if let Some(heard) = &t.heard {
+            t.parts.commit.redeliver(heard.take_untaken());
+        }
         // Every slice executed took all its events (checked at its end).
         lock(&self.world).live = Some(world);
         let outputs: Vec<Output> = self.unreleased.drain(..).flat_map(|(_, o)| o).collect();

@@ -90,7 +90,7 @@ fn a_follower_retraces_the_primary_and_reports_a_slice_that_ends_elsewhere() {
     let reports = Arc::new(Mutex::new(Vec::new()));
     let sink = reports.clone();
     let report: Report = Box::new(move |m| sink.lock().unwrap().push(m));
-    let follower = Follower::start(standby, Vec::new(), false, report).expect("follower");
+    let follower = Follower::start(standby, Vec::new(), false, report, None).expect("follower");
 
     // Two slices that retrace the primary, the second with a whole-memory sample.
     let first = slice(&mut vm, &log, 900);

@@ -3,9 +3,11 @@
 
 pub mod commit;
 pub mod garp;
+pub mod inbound;
 pub mod lockstep;
 #[cfg(test)]
 mod lockstep_tests;
+pub mod mirror;
 pub mod primary;
 pub mod record;
 pub mod secondary;
