@@ -339,10 +339,10 @@ impl Config {
             }
         }
         let hb = &self.heartbeat;
-        if !(10..=1000).contains(&hb.interval_ms) {
+        if !(5..=1000).contains(&hb.interval_ms) {
             return Err(bad(
                 "heartbeat.interval_ms",
-                format!("{} is outside 10 to 1000", hb.interval_ms),
+                format!("{} is outside 5 to 1000", hb.interval_ms),
             ));
         }
         if !(1..=100).contains(&hb.misses) {
@@ -512,7 +512,7 @@ psk = "0123456789abcdef"
                 "two or more",
             ),
             (
-                GOOD.replace("[security]", "[heartbeat]\ninterval_ms = 5\n[security]"),
+                GOOD.replace("[security]", "[heartbeat]\ninterval_ms = 4\n[security]"),
                 "heartbeat.interval_ms",
             ),
             (

@@ -277,6 +277,9 @@ pub struct CheckpointSegment {
     pub copy_messages: u64,
     /// The epoch's outputs: a new primary releases those the old one may not have.
     pub outputs: Vec<Output>,
+    /// For a `full` checkpoint: the digest (xxh3) of the last frame the guest took
+    /// before it, if any: the secondary's window of what its tap heard starts after it.
+    pub last_frame: Option<u64>,
 }
 
 /// Where a guest stands after an exit: how a lockstep secondary checks that it retraces
@@ -554,6 +557,7 @@ mod tests {
                 copy: 7,
                 copy_messages: 3,
                 outputs: vec![Output::Console(b"hi".to_vec())],
+                last_frame: Some(0x1234_5678_9abc_def0),
             }),
         };
         assert_eq!(Message::decode(&m.encode().unwrap()).unwrap(), m);

@@ -233,13 +233,14 @@ impl PairNet {
         for host in &self.ns[..2] {
             let out = Command::new("bridge")
                 .args([
-                    "-n", host, "fdb", "add", GUEST_MAC, "dev", "tap0", "master", "static",
+                    "-n", host, "fdb", "replace", GUEST_MAC, "dev", "tap0", "master", "static",
+                    "sticky",
                 ])
                 .output()
                 .expect("run bridge");
             assert!(
                 out.status.success(),
-                "bridge fdb add: {}",
+                "bridge fdb replace: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }

@@ -94,8 +94,22 @@ impl Node {
         } else {
             commit.forward_inbound(self.out.clone());
         }
+        let garp = match (self.cfg.guest.ip, &self.cfg.host.tap) {
+            (Some(ip), Some(_)) => Some(crate::replication::garp::frame(mac, ip)),
+            _ => None,
+        };
         if takeover {
             commit.took_over(heard);
+            // The LAN learns where the guest is now before anything else is done: the
+            // guest's state, the rest of the log, the outputs follow.
+            if let Some(frame) = &garp {
+                commit.announce(frame);
+                tracing::info!(
+                    "takeover: gratuitous ARP sent {:.3} ms after the arbiter's answer",
+                    self.claim_answered
+                        .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0)
+                );
+            }
         }
         let commit_world = CommitWorld::new(Box::new(live), commit.clone(), self.session.clone());
         let mut redo = Vec::new();
@@ -150,10 +164,6 @@ impl Node {
                 verify_exits: self.cfg.replication.verify_exits,
                 verify_memory: Duration::from_millis(self.cfg.replication.verify_memory_ms),
             }),
-        };
-        let garp = match (self.cfg.guest.ip, &self.cfg.host.tap) {
-            (Some(ip), Some(_)) => Some(crate::replication::garp::frame(mac, ip)),
-            _ => None,
         };
         let announcer = commit.clone();
         let release = move |outputs: Vec<Output>| announce_and_release(announcer, garp, outputs);
@@ -211,10 +221,9 @@ impl Node {
     }
 }
 
-/// Releases the outputs the old primary may not have released: console bytes at once,
-/// frames right after the first announcement of the guest's network identity (so the
-/// LAN has learnt where the guest now is). The announcement is repeated a few times, in
-/// case a switch misses the first.
+/// Releases the outputs the old primary may not have released (the guest's network
+/// identity was announced when the takeover began), then repeats the announcement a few
+/// times, in case a switch missed the first.
 fn announce_and_release(commit: Commit, garp: Option<Vec<u8>>, outputs: Vec<Output>) {
     if !outputs.is_empty() {
         tracing::info!(
@@ -222,21 +231,14 @@ fn announce_and_release(commit: Commit, garp: Option<Vec<u8>>, outputs: Vec<Outp
             "releasing outputs the old primary may not have released"
         );
     }
-    let (console, mut frames): (Vec<_>, Vec<_>) = outputs
-        .into_iter()
-        .partition(|o| matches!(o, Output::Console(_)));
-    commit.release(console);
+    commit.release(outputs);
     let Some(frame) = garp else {
-        commit.release(frames);
         return;
     };
     std::thread::spawn(move || {
-        for delay_ms in [0, 20, 50, 100, 200] {
+        for delay_ms in [20, 50, 100, 200] {
             std::thread::sleep(Duration::from_millis(delay_ms));
             commit.announce(&frame);
-            if delay_ms == 0 {
-                commit.release(std::mem::take(&mut frames));
-            }
         }
     });
 }

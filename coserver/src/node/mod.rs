@@ -105,6 +105,9 @@ struct Node {
     /// The guest this node stopped when it fenced, until its vCPU thread is done.
     fenced_guest: Option<Arc<Mutex<EpochStats>>>,
     started: Instant,
+    /// When the arbiter last answered a claim (a takeover's announcement is timed from
+    /// it).
+    claim_answered: Option<Instant>,
     running: Option<Running>,
     /// The guest's tap while the guest runs elsewhere: held open and read, never
     /// written (`replication::mirror`). The tap is checked at startup, its bridge port
@@ -243,6 +246,7 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
         session,
         fenced_guest: None,
         started: Instant::now(),
+        claim_answered: None,
         running: None,
         replica: None,
         follower: None,
@@ -433,6 +437,7 @@ impl Node {
                     let generation = self.session.lock().generation();
                     let started = Instant::now();
                     let result = self.claim();
+                    self.claim_answered = Some(Instant::now());
                     tracing::info!(
                         "arbiter claim for generation {} answered in {:.3} ms",
                         generation + 1,
@@ -540,7 +545,7 @@ impl Node {
                 position: epoch,
                 segment: Segment::Checkpoint(cp),
             } if secondary => {
-                let (full, copy) = (cp.full, cp.copy);
+                let (full, copy, last_frame) = (cp.full, cp.copy, cp.last_frame);
                 let check =
                     self.session
                         .lock()
@@ -550,9 +555,10 @@ impl Node {
                 if self.copy_part(check, |r| r.apply(epoch, cp))? {
                     if full {
                         tracing::info!(epoch, "full copy applied; ready to take over");
-                        // What the tap heard before belongs to the copied state.
+                        // What the tap heard up to the copy's last frame is in the
+                        // copied state.
                         if let Some(m) = &self.mirror {
-                            m.window().clear();
+                            m.window().align(last_frame);
                         }
                         if self.cfg.replication.mode == ReplicationMode::Lockstep {
                             if let Err(e) = self.start_follower() {

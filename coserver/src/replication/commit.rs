@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ftvm_devices::world::{IdleRequest, Wake, World, WorldError};
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::protocol::{DiskRange, DiskWrite, Message, Output};
 use crate::session::{OutputPolicy, SharedSession};
@@ -61,6 +62,8 @@ struct State {
     /// primary's guest never took (received after the checkpoint this VM resumed from,
     /// or heard by this host's tap after what the old guest took).
     redeliver: VecDeque<Vec<u8>>,
+    /// The digest of the last frame the guest took.
+    last_frame: Option<u64>,
 }
 
 /// The World-side output state shared by the primary's World, its epoch loop and the
@@ -105,6 +108,7 @@ impl Commit {
             held_since: None,
             ranges: None,
             redeliver: VecDeque::new(),
+            last_frame: None,
         })))
     }
 
@@ -126,6 +130,11 @@ impl Commit {
             );
         }
         lock(&self.0).redeliver.extend(frames);
+    }
+
+    /// The digest (xxh3) of the last frame the guest took, if any.
+    pub fn last_frame(&self) -> Option<u64> {
+        lock(&self.0).last_frame
     }
 
     /// Forwards the frames the guest receives to `out` while outputs are held.
@@ -204,10 +213,10 @@ impl Commit {
         let _ = s.sinks.console.flush();
     }
 
-    /// Sends a frame of the VMM's own at once (a gratuitous ARP on takeover).
+    /// Sends a frame of the VMM's own at once (a gratuitous ARP on takeover); not the
+    /// guest's output.
     pub fn announce(&self, frame: &[u8]) {
         let mut s = lock(&self.0);
-        first_output(&mut s);
         if let Some(tap) = &mut s.sinks.tap {
             if let Err(e) = tap.write(frame) {
                 tracing::warn!("announcement not sent: {e}");
@@ -309,12 +318,23 @@ impl World for CommitWorld {
     }
 
     fn receive(&mut self, exit: u64) -> Result<Option<Vec<u8>>, WorldError> {
-        if let Some(frame) = lock(&self.commit.0).redeliver.pop_front() {
-            return Ok(Some(frame));
+        let redelivered = {
+            let mut s = lock(&self.commit.0);
+            let frame = s.redeliver.pop_front();
+            if let Some(f) = &frame {
+                s.last_frame = Some(xxh3_64(f));
+            }
+            frame
+        };
+        if redelivered.is_some() {
+            return Ok(redelivered);
         }
         let frame = self.inner.receive(exit)?;
-        if let (Some(f), OutputPolicy::Hold) = (&frame, self.policy()) {
-            self.commit.inbound(f);
+        if let Some(f) = &frame {
+            lock(&self.commit.0).last_frame = Some(xxh3_64(f));
+            if self.policy() == OutputPolicy::Hold {
+                self.commit.inbound(f);
+            }
         }
         Ok(frame)
     }

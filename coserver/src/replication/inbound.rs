@@ -149,6 +149,24 @@ impl InboundWindow {
         self.heard.drain(..).map(|h| h.frame).collect()
     }
 
+    /// A full copy's state is applied: the primary's guest had taken every frame up to
+    /// the one of digest `last` (none if `None`). Frames heard up to its first
+    /// occurrence are dropped; if it was never heard here (the LAN does not deliver the
+    /// guest's frames here, or the window overflowed), all are, since none can be
+    /// placed after it. What was waiting to be heard is forgotten: it is in the state.
+    pub fn align(&mut self, last: Option<u64>) {
+        self.waiting.clear();
+        let Some(last) = last else {
+            return;
+        };
+        let upto = self
+            .heard
+            .iter()
+            .position(|h| h.hash == last)
+            .map_or(self.heard.len(), |i| i + 1);
+        self.drop_heard(upto);
+    }
+
     /// Forgets everything held (a guest that starts afresh).
     pub fn clear(&mut self) {
         self.heard.clear();

@@ -257,3 +257,25 @@ fn a_taken_frame_waits_at_most_miss_after() {
     w.heard(broadcast(8), t0 + MISS_AFTER);
     assert_eq!(w.counts().missed, 1);
 }
+
+#[test]
+fn a_full_copy_aligns_the_window_after_the_last_frame_its_state_took() {
+    let now = Instant::now();
+    let digest = |id| xxhash_rust::xxh3::xxh3_64(&frame(id));
+    let mut w = window(&[1, 2, 3, 4], &[9], now);
+    w.align(Some(digest(2)));
+    assert_eq!(
+        w.counts().missed,
+        0,
+        "what waited is in the state, not missed"
+    );
+    assert_eq!(untaken(&mut w), frames(&[3, 4]));
+    // Never heard here: nothing can be placed after it.
+    let mut w = window(&[1, 2], &[], now);
+    w.align(Some(digest(7)));
+    assert_eq!(untaken(&mut w), Vec::<Vec<u8>>::new());
+    // The guest never took a frame: everything heard is owed.
+    let mut w = window(&[1, 2], &[], now);
+    w.align(None);
+    assert_eq!(untaken(&mut w), frames(&[1, 2]));
+}

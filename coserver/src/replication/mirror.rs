@@ -47,10 +47,22 @@ impl MirrorWindow {
     /// The frames heard that the old primary's guest never took (see
     /// [`InboundWindow::take_untaken`]).
     pub fn take_untaken(&self) -> Vec<Vec<u8>> {
-        self.lock().take_untaken()
+        let mut w = self.lock();
+        let untaken = w.take_untaken();
+        tracing::info!(
+            untaken = untaken.len(),
+            counts = ?w.counts(),
+            "takeover: frames this host's tap heard that the old primary's guest never took"
+        );
+        untaken
     }
 
-    /// Forgets the frames held: the primary's guest took them, or a new guest starts.
+    /// A full copy was applied (see [`InboundWindow::align`]).
+    pub fn align(&self, last_frame: Option<u64>) {
+        self.lock().align(last_frame);
+    }
+
+    /// Forgets the frames held: a new guest starts.
     pub fn clear(&self) {
         self.lock().clear();
     }

@@ -241,6 +241,7 @@ impl EpochLoop {
                             copy: 0,
                             copy_messages: 0,
                             outputs,
+                            last_frame: None,
                         }),
                     });
                     (Vec::new(), None)
@@ -396,6 +397,7 @@ impl EpochLoop {
                 copy_messages: c.sent,
                 // Outputs of the copy's epochs were released at once (degraded).
                 outputs: Vec::new(),
+                last_frame: self.parts.commit.last_frame(),
             }),
         });
         tracing::info!(

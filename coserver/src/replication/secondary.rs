@@ -296,6 +296,7 @@ mod tests {
             flushes: vec![1],
             copy_messages: 1,
             outputs: vec![Output::Console(b"x".to_vec())],
+            last_frame: None,
         };
         assert!(
             r.apply(4, staged(true)).is_err(),

@@ -410,6 +410,7 @@ impl World {
                                 copy,
                                 copy_messages: sent,
                                 outputs: vec![],
+                                last_frame: None,
                             }),
                         },
                     );
@@ -461,6 +462,7 @@ impl World {
                         copy: 0,
                         copy_messages: 0,
                         outputs,
+                        last_frame: None,
                     }),
                 },
             ),

@@ -31,9 +31,9 @@ use crate::virtio::{self, noinit_zeroed, DEVICE_BLK, DEVICE_NET};
 const TCP_SOCKETS: usize = 8;
 /// Bytes of each TCP receive and transmit buffer.
 const TCP_BUF: usize = 4096;
-/// Datagrams and bytes of each UDP buffer.
-const UDP_PACKETS: usize = 8;
-const UDP_BUF: usize = 8192;
+/// Datagrams and bytes of each UDP buffer (room for the burst a takeover delivers).
+const UDP_PACKETS: usize = 64;
+const UDP_BUF: usize = 16384;
 /// How long a `SHUTDOWN` waits for its `BYE` to be acknowledged.
 const SHUTDOWN_GRACE_NS: u64 = 1_000_000_000;
 
