@@ -65,7 +65,7 @@ fn main() {
 fn gap_rows() {
     let kills = kills();
     println!(
-        "| {kills} SIGKILLs of the primary under a TCP and a UDP client | longest SET (min / median / max of the runs' longest) | runs with a TCP retransmission | SETs lost | datagrams not echoed (of sent) |\n|---|---|---|---|---|"
+        "| {kills} SIGKILLs of the primary under a TCP and a UDP client | longest SET (min / median / max of the runs' longest) | runs with a TCP retransmission | SETs lost | datagrams not echoed (of sent) | gratuitous ARP after the arbiter's answer (max) |\n|---|---|---|---|---|---|"
     );
     for mirrored in [true, false] {
         let Ok(net) = PairNet::try_create(if mirrored { "gm" } else { "gu" }) else {
@@ -76,8 +76,16 @@ fn gap_rows() {
             net.mirror_lan();
         }
         for mode in [ReplicationMode::Checkpoint, ReplicationMode::Lockstep] {
-            for heartbeat in [(10u64, 3u32)] {
+            // The mirrored LAN at both settings the detection rows compare; without it,
+            // the one its gap is known at.
+            let heartbeats: &[(u64, u32)] = if mirrored {
+                &[(5, 3), (10, 3)]
+            } else {
+                &[(10, 3)]
+            };
+            for &heartbeat in heartbeats {
                 let mut worst = Vec::new();
+                let mut garp = Duration::ZERO;
                 let (mut retransmitted, mut sets_lost, mut sent, mut lost) = (0, 0, 0, 0);
                 for run in 0..kills {
                     let r = kill_run(&net, mode, heartbeat, KILL_SPREAD * run);
@@ -86,9 +94,10 @@ fn gap_rows() {
                     sets_lost += r.sets_lost;
                     sent += r.datagrams_sent;
                     lost += r.datagrams_lost;
+                    garp = garp.max(r.garp);
                 }
                 println!(
-                    "| {}, heartbeat {} ms x {}, LAN {} | {} | {retransmitted} of {kills} | {sets_lost} | {lost} of {sent} |",
+                    "| {}, heartbeat {} ms x {}, LAN {} | {} | {retransmitted} of {kills} | {sets_lost} | {lost} of {sent} | {:.2} ms |",
                     mode.name(),
                     heartbeat.0,
                     heartbeat.1,
@@ -97,7 +106,8 @@ fn gap_rows() {
                     } else {
                         "not mirrored (the bridge learns where the guest is)"
                     },
-                    spread(&mut worst)
+                    spread(&mut worst),
+                    garp.as_secs_f64() * 1000.0
                 );
             }
         }
@@ -112,6 +122,8 @@ struct KillRun {
     sets_lost: u32,
     datagrams_sent: u64,
     datagrams_lost: u64,
+    /// The survivor's gratuitous ARP after the arbiter's answer (its log).
+    garp: Duration,
 }
 
 /// A UDP client of the guest's echo port: one numbered datagram every [`UDP_EVERY`]
@@ -269,13 +281,24 @@ fn kill_run(
             eprintln!("{l}");
         }
     }
+    let garp =
+        garp_from_log(&b.log()).unwrap_or_else(|| panic!("no gratuitous ARP line:\n{}", b.log()));
     KillRun {
+        garp,
         worst_set,
         retransmits,
         sets_lost,
         datagrams_sent,
         datagrams_lost,
     }
+}
+
+/// The new primary's own figure ("takeover: gratuitous ARP sent X ms after ...").
+fn garp_from_log(log: &str) -> Option<Duration> {
+    const LINE: &str = "takeover: gratuitous ARP sent ";
+    let at = log.find(LINE)?;
+    let ms: f64 = log[at + LINE.len()..].split(' ').next()?.parse().ok()?;
+    Some(Duration::from_secs_f64(ms / 1000.0))
 }
 
 /// Waits for the survivor to end with its guest.

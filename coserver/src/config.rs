@@ -112,12 +112,16 @@ pub struct LinkConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatConfig {
-    /// Interval in milliseconds (10 to 1000).
+    /// Interval in milliseconds (5 to 1000).
     #[serde(default = "default_interval")]
     pub interval_ms: u64,
     /// Intervals without any message before the peer (or a link) counts as lost.
     #[serde(default = "default_misses")]
     pub misses: u32,
+    /// Run the node's event loop and the links' threads at real-time priority
+    /// (`crate::priority`), so a busy host does not delay heartbeats.
+    #[serde(default = "default_realtime")]
+    pub realtime: bool,
 }
 
 impl Default for HeartbeatConfig {
@@ -125,6 +129,7 @@ impl Default for HeartbeatConfig {
         Self {
             interval_ms: default_interval(),
             misses: default_misses(),
+            realtime: default_realtime(),
         }
     }
 }
@@ -215,9 +220,10 @@ impl Config {
     /// How long a primary waits for an acknowledgement before it treats the secondary
     /// as lost.
     pub fn ack_timeout(&self) -> Duration {
-        self.replication
-            .ack_timeout_ms
-            .map_or(self.heartbeat.timeout(), Duration::from_millis)
+        self.replication.ack_timeout_ms.map_or(
+            self.heartbeat.timeout().max(MIN_DEFAULT_ACK_TIMEOUT),
+            Duration::from_millis,
+        )
     }
 }
 
@@ -285,12 +291,20 @@ fn default_interval() -> u64 {
 fn default_misses() -> u32 {
     3
 }
+fn default_realtime() -> bool {
+    false
+}
 fn default_epoch() -> u64 {
     20
 }
 fn default_control() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7200))
 }
+
+/// The default acknowledgement timeout is the peer timeout, but not shorter than this:
+/// a secondary's `fdatasync` on a busy host took up to 39 ms (docs/PERFORMANCE.md,
+/// "False failovers"), and a fast heartbeat must not make that a failover.
+const MIN_DEFAULT_ACK_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Shortest pre-shared key accepted.
 const MIN_PSK: usize = 16;
@@ -497,6 +511,17 @@ psk = "0123456789abcdef"
         assert!(matches!(c.arbiter, ArbiterConfig::SharedStorage { .. }));
         assert!(c.security.encrypt, "encrypted by default");
         assert_eq!(c.ack_timeout(), Duration::from_millis(150));
+        assert!(!c.heartbeat.realtime, "normal priority unless asked");
+        let fast = parse(&GOOD.replace(
+            "[security]",
+            "[heartbeat]\ninterval_ms = 5\nmisses = 3\n[security]",
+        ))
+        .unwrap();
+        assert_eq!(
+            fast.ack_timeout(),
+            Duration::from_millis(100),
+            "a fast heartbeat does not make the acknowledgement timeout as short"
+        );
         let plain = parse(&GOOD.replace("[security]", "[security]\nencrypt = false")).unwrap();
         assert!(!plain.security.encrypt);
     }

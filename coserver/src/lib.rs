@@ -13,6 +13,7 @@ pub mod durable;
 pub mod link;
 pub mod netns;
 pub mod node;
+pub mod priority;
 pub mod protocol;
 pub mod recording;
 pub mod replication;

@@ -337,6 +337,7 @@ pub fn test_config(
         heartbeat: HeartbeatConfig {
             interval_ms: 50,
             misses: 3,
+            ..HeartbeatConfig::default()
         },
         replication: ReplicationConfig::default(),
         arbiter,
@@ -391,6 +392,7 @@ pub fn write_config(dir: &Path, index: usize, guest: &GuestSpec) -> PathBuf {
     config.heartbeat = HeartbeatConfig {
         interval_ms: guest.heartbeat.0,
         misses: guest.heartbeat.1,
+        ..HeartbeatConfig::default()
     };
     config.replication.epoch_ms = guest.epoch_ms;
     config.replication.mode = guest.mode;

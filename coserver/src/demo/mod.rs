@@ -98,6 +98,7 @@ fn config(
         heartbeat: HeartbeatConfig {
             interval_ms: 20,
             misses: 5,
+            ..HeartbeatConfig::default()
         },
         replication: ReplicationConfig {
             mode,

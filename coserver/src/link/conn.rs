@@ -128,9 +128,14 @@ async fn connection(
     let (control_tx, control_rx) = mpsc::channel(QUEUE_CONTROL);
     let (bulk_tx, bulk_rx) = mpsc::channel(QUEUE_MESSAGES);
     let queued = Arc::new(AtomicUsize::new(0));
-    let writer = inner
-        .handle
-        .spawn(write_loop(wr, sealer, control_rx, bulk_rx, queued.clone()));
+    let writer = inner.handle.spawn(write_loop(
+        inner.clone(),
+        wr,
+        sealer,
+        control_rx,
+        bulk_rx,
+        queued.clone(),
+    ));
     let hello = {
         let l = lock(&inner.local);
         Message::Hello {
@@ -280,6 +285,7 @@ async fn check_confirm(
 }
 
 async fn write_loop(
+    inner: Arc<Inner>,
     mut wr: OwnedWriteHalf,
     mut sealer: Sealer,
     mut control: mpsc::Receiver<Vec<u8>>,
@@ -292,6 +298,7 @@ async fn write_loop(
             c = control.recv() => match c {
                 Some(m) => {
                     wr.write_all(&sealer.seal(&Plain::Control(m))).await?;
+                    inner.note_sent();
                     continue;
                 }
                 None => return Ok(()),
@@ -307,6 +314,7 @@ async fn write_loop(
                 wr.write_all(&sealer.seal(&Plain::Control(m))).await?;
             }
             wr.write_all(&sealer.seal(&chunk)).await?;
+            inner.note_sent();
         }
         queued.fetch_sub(1, Ordering::Relaxed);
     }

@@ -251,6 +251,8 @@ pub struct LinkOptions {
     pub interval: Duration,
     /// Silence after which a link (or the peer) is lost.
     pub timeout: Duration,
+    /// Run the links' threads at real-time priority (`crate::priority`).
+    pub realtime: bool,
 }
 
 impl std::fmt::Debug for LinkOptions {
@@ -283,8 +285,29 @@ struct Inner {
     handle: Handle,
     /// Events queued for the CoServer and not yet finished with (see [`Events`]).
     unfinished: Arc<AtomicUsize>,
+    /// When a frame was last written to the peer or the heartbeat task last ran, and
+    /// the longest gap since the CoServer last asked ([`Links::take_silence`]).
+    sent: Mutex<SendClock>,
     /// The CoServer's quick path, once it has one.
     quick: std::sync::OnceLock<Arc<dyn QuickHandler>>,
+}
+
+#[derive(Default)]
+struct SendClock {
+    last: Option<Instant>,
+    longest: Duration,
+}
+
+impl Inner {
+    /// A frame left for the peer, or the heartbeat task ran.
+    fn note_sent(&self) {
+        let now = Instant::now();
+        let mut c = lock(&self.sent);
+        if let Some(last) = c.last {
+            c.longest = c.longest.max(now.saturating_duration_since(last));
+        }
+        c.last = Some(now);
+    }
 }
 
 /// Messages a link reader may hand to the CoServer directly, without its event queue:
@@ -370,9 +393,17 @@ impl Links {
         opts: LinkOptions,
         local: LocalInfo,
     ) -> Result<(Self, Events), LinkError> {
+        let realtime = opts.realtime;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("ftvm-link")
+            .on_thread_start(move || {
+                if realtime {
+                    if let Err(e) = crate::priority::raise_current_thread() {
+                        tracing::warn!("link thread: {e}; a busy host may delay heartbeats");
+                    }
+                }
+            })
             .enable_all()
             .build()
             .map_err(LinkError::Runtime)?;
@@ -415,6 +446,7 @@ impl Links {
             handle: handle.clone(),
             unfinished: unfinished.clone(),
             quick: std::sync::OnceLock::new(),
+            sent: Mutex::new(SendClock::default()),
         });
         for (index, c) in configs.iter().enumerate() {
             let dials = c.local.to_string() < c.peer.to_string();
@@ -462,6 +494,18 @@ impl Links {
         l.role = role;
         l.generation = generation;
         l.standing = standing;
+    }
+
+    /// The longest this node's links went without writing a frame to the peer and
+    /// without their heartbeat task running, since the last call, up to `now`: a
+    /// frozen or starved process is silent (the peer may lose it); one whose event loop
+    /// was merely busy is not, nor one writing a long chunk the peer is reading.
+    pub fn take_silence(&self, now: Instant) -> Duration {
+        let mut p = lock(&self.inner.sent);
+        let since_last = p
+            .last
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        std::mem::take(&mut p.longest).max(since_last)
     }
 
     /// Gives the links' readers the CoServer's quick path (once; a second is ignored).
@@ -598,6 +642,19 @@ impl Outbox {
         }
     }
 
+    /// [`Outbox::send_small`] when nothing is on its way before it; otherwise gives
+    /// `msg` back rather than wait for room in the outbox (a thread of real-time
+    /// priority must not wait for the sender thread).
+    pub fn try_send_small(&self, msg: Message) -> Result<(), Box<Message>> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Err(Box::new(msg));
+        }
+        if let Err(e) = self.links.send(&msg) {
+            tracing::error!("not sent: {e}");
+        }
+        Ok(())
+    }
+
     /// Queues `msg` for the links (waiting while the outbox is full).
     pub fn send(&self, msg: Message) {
         self.in_flight.fetch_add(1, Ordering::Acquire);
@@ -645,13 +702,17 @@ fn queue_bulk(inner: &Inner, i: usize, out: &Arc<Outgoing>) -> bool {
 
 /// Queues a small unsequenced message on link `i` (dropped if its queue is full: a
 /// heartbeat that cannot be queued would be late anyway).
-fn queue_control(inner: &Inner, i: usize, msg: &Message) {
-    let Ok(bytes) = msg.encode() else { return };
+fn queue_control(inner: &Inner, i: usize, msg: &Message) -> bool {
+    let Ok(bytes) = msg.encode() else {
+        return false;
+    };
     let mut l = lock(&inner.links[i]);
-    let Some(c) = &l.conn else { return };
-    if c.control.try_send(bytes).is_ok() {
+    let Some(c) = &l.conn else { return false };
+    let queued = c.control.try_send(bytes).is_ok();
+    if queued {
         l.status.frames_out += 1;
     }
+    queued
 }
 
 async fn heartbeat_loop(inner: Arc<Inner>) {
@@ -672,6 +733,9 @@ async fn heartbeat_loop(inner: Arc<Inner>) {
         for i in 0..inner.links.len() {
             queue_control(&inner, i, &ping);
         }
+        // The process runs: its heartbeat goes out after the chunk being written, if
+        // any (and with no link up, the peer is lost by the links, not by this node).
+        inner.note_sent();
     }
 }
 
@@ -712,6 +776,7 @@ pub mod test_support {
             encrypt,
             interval: Duration::from_millis(10),
             timeout: Duration::from_millis(500),
+            realtime: false,
         }
     }
 

@@ -184,6 +184,7 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
             encrypt: cfg.security.encrypt,
             interval: cfg.heartbeat.interval(),
             timeout: cfg.heartbeat.timeout(),
+            realtime: cfg.heartbeat.realtime,
         },
         LocalInfo {
             node: cfg.node.clone(),
@@ -217,6 +218,9 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
             // Give a running primary time to be heard before claiming the guest.
             start_wait: timeout * 2 + Duration::from_millis(200),
             stall_limit: tick(&cfg) + timeout,
+            // The peer loses this node after `timeout` without a frame from it; half
+            // an interval less, so a freeze is noticed as the peer may act on it.
+            silence_limit: timeout.saturating_sub(cfg.heartbeat.interval() / 2),
             lockstep: (cfg.replication.mode == ReplicationMode::Lockstep).then_some(
                 LockstepLimits {
                     max_lag_exits: cfg.replication.max_lag_exits,
@@ -285,6 +289,13 @@ impl Node {
     }
 
     fn event_loop_inner(&mut self) -> Result<i32, NodeError> {
+        if self.cfg.heartbeat.realtime {
+            if let Err(e) = crate::priority::raise_current_thread() {
+                self.alert(format!(
+                    "event loop: {e}; a busy host may delay failure detection (heartbeat.realtime)"
+                ));
+            }
+        }
         let tick = tick(&self.cfg);
         let timeout = self.cfg.heartbeat.timeout();
         loop {
@@ -312,9 +323,11 @@ impl Node {
             self.execute(deferred)?;
             // The clock first: a stall is noticed before anything that queued up
             // meanwhile is believed.
+            let now = Instant::now();
             self.input(Input::Tick {
-                now: Instant::now(),
+                now,
                 peer_alive: self.peer_alive(),
+                silent: self.links.take_silence(now),
             })?;
             match ev {
                 Ok(ev) => self.link_event(ev)?,
@@ -584,6 +597,20 @@ impl Node {
                             .as_ref()
                             .is_some_and(|f| f.status().diverged.is_none());
                         if !running {
+                            // A guest that diverged is repaired (its divergence reported
+                            // now, ahead of the event loop's own look at it).
+                            let diverged = self.follower.as_ref().and_then(|f| f.status().diverged);
+                            if let Some(Divergence {
+                                why,
+                                position,
+                                written,
+                            }) = diverged
+                            {
+                                return self.input(Input::Diverged {
+                                    why,
+                                    at: Some((position, written)),
+                                });
+                            }
                             return self.input(Input::ApplyFailed(
                                 "a slice of the log arrived but the replica's guest is not running"
                                     .into(),

@@ -23,8 +23,9 @@ pub(super) struct Turn {
     pub commit: Option<Commit>,
     /// The replica's running guest (lockstep secondary).
     pub slices: Option<SliceInbox>,
-    /// Actions the quick path could not carry out itself, for the node's next turn
-    /// (none expected: the session hands out only sends and releases).
+    /// Actions the quick path could not carry out at once (the commit or the outbox
+    /// busy), in order, for the node's next turn; no message is handled quickly while
+    /// any wait.
     pub deferred: Vec<Action>,
 }
 
@@ -49,13 +50,26 @@ impl QuickPath {
         self.turn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Carries out the session's actions without waiting for a thread of normal
+    /// priority: what cannot be done at once (the commit or the outbox busy), and
+    /// everything after it, is left to the node's next turn, in order.
     fn carry_out(&self, turn: &mut Turn, actions: Vec<Action>) {
         for action in actions {
+            if !turn.deferred.is_empty() {
+                turn.deferred.push(action);
+                continue;
+            }
             match action {
-                Action::Send(m) => self.out.send_small(m),
+                Action::Send(m) => {
+                    if let Err(m) = self.out.try_send_small(m) {
+                        turn.deferred.push(Action::Send(*m));
+                    }
+                }
                 Action::Release(outputs) => {
                     if let Some(c) = &turn.commit {
-                        c.release(outputs);
+                        if let Err(outputs) = c.try_release(outputs) {
+                            turn.deferred.push(Action::Release(outputs));
+                        }
                     }
                 }
                 other => turn.deferred.push(other),
@@ -66,16 +80,21 @@ impl QuickPath {
 
 impl QuickHandler for QuickPath {
     fn offer(&self, msg: Message) -> Option<Message> {
-        // A node in its turn (or one that panicked in it) gets the message queued.
+        // A node in its turn (or one that panicked in it) gets the message queued, and
+        // so does every message while actions wait for the node's next turn.
         let Ok(mut turn) = self.turn.try_lock() else {
             return Some(msg);
         };
+        if !turn.deferred.is_empty() {
+            return Some(msg);
+        }
         match msg {
             Message::Ack { position, copy } if turn.commit.is_some() => {
+                // Never waits for the session (the vCPU thread may hold it).
                 let quick = self
                     .session
-                    .lock()
-                    .quick_ack(position, copy, Instant::now());
+                    .try_lock()
+                    .and_then(|mut s| s.quick_ack(position, copy, Instant::now()));
                 let Some(actions) = quick else {
                     return Some(Message::Ack { position, copy });
                 };
@@ -91,7 +110,7 @@ impl QuickHandler for QuickPath {
                 let inbox = turn.slices.clone().filter(SliceInbox::running);
                 let quick = inbox
                     .as_ref()
-                    .and_then(|_| self.session.lock().quick_slice(position));
+                    .and_then(|_| self.session.try_lock()?.quick_slice(position));
                 let (Some(inbox), Some(actions)) = (inbox, quick) else {
                     return Some(Message::Segment {
                         position,

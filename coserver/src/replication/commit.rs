@@ -201,16 +201,25 @@ impl Commit {
 
     /// Lets outputs leave (those the session released).
     pub fn release(&self, outputs: Vec<Output>) {
-        let mut s = lock(&self.0);
-        if s.discarded || outputs.is_empty() {
-            return;
+        let s = lock(&self.0);
+        released(s, outputs);
+    }
+
+    /// [`Commit::release`] unless another thread holds the commit (the vCPU thread,
+    /// perhaps descheduled): then the outputs are given back. For a thread of real-time
+    /// priority, which must not wait for one of normal priority.
+    pub fn try_release(&self, outputs: Vec<Output>) -> Result<(), Vec<Output>> {
+        match self.0.try_lock() {
+            Ok(s) => {
+                released(s, outputs);
+                Ok(())
+            }
+            Err(std::sync::TryLockError::Poisoned(e)) => {
+                released(e.into_inner(), outputs);
+                Ok(())
+            }
+            Err(std::sync::TryLockError::WouldBlock) => Err(outputs),
         }
-        first_output(&mut s);
-        release(&mut s.sinks, outputs);
-        // Out of this process before the secondary is told they left (`Released`):
-        // a line's start buffered here would die with it, and the secondary would not
-        // emit it again.
-        let _ = s.sinks.console.flush();
     }
 
     /// Sends a frame of the VMM's own at once (a gratuitous ARP on takeover); not the
@@ -249,6 +258,19 @@ impl Commit {
 }
 
 /// Logs the first output after a takeover.
+/// Writes released outputs to their sinks (see [`Commit::release`]).
+fn released(mut s: MutexGuard<'_, State>, outputs: Vec<Output>) {
+    if s.discarded || outputs.is_empty() {
+        return;
+    }
+    first_output(&mut s);
+    release(&mut s.sinks, outputs);
+    // Out of this process before the secondary is told they left (`Released`): a
+    // line's start buffered here would die with it, and the secondary would not emit
+    // it again.
+    let _ = s.sinks.console.flush();
+}
+
 fn first_output(s: &mut State) {
     if let Some(heard) = s.takeover_heard.take() {
         let ms = heard.elapsed().as_secs_f64() * 1000.0;

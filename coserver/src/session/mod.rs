@@ -67,8 +67,12 @@ pub struct SessionConfig {
     pub ack_timeout: Duration,
     /// How long a starting node listens for a primary before it claims the guest.
     pub start_wait: Duration,
-    /// A gap between two ticks longer than this means this process did not run.
+    /// A gap between two ticks longer than this means the event loop did not run: an
+    /// acknowledgement offered to the quick path then waits for the loop's next tick.
     pub stall_limit: Duration,
+    /// This node's links sending nothing for longer than this means this process did
+    /// not run (a paused or starved process): the peer may have taken over.
+    pub silence_limit: Duration,
     /// Lockstep mode's bound on the secondary's lag; `None` in checkpoint mode.
     pub lockstep: Option<LockstepLimits>,
 }
@@ -105,6 +109,10 @@ pub enum Input {
         now: Instant,
         /// Whether the peer is heard.
         peer_alive: bool,
+        /// The longest this node's links went without sending a heartbeat since the
+        /// last tick (a frozen process sends nothing; an event loop kept busy, or
+        /// waiting for a lock, does not silence the links).
+        silent: Duration,
     },
     /// The peer introduced itself or sent a heartbeat.
     PeerSays {
@@ -437,7 +445,11 @@ impl Session {
     pub fn on(&mut self, input: Input) -> Vec<Action> {
         let mut out = Vec::new();
         match input {
-            Input::Tick { now, peer_alive } => self.tick(&mut out, now, peer_alive),
+            Input::Tick {
+                now,
+                peer_alive,
+                silent,
+            } => self.tick(&mut out, now, peer_alive, silent),
             Input::PeerSays {
                 node,
                 session,
@@ -480,19 +492,19 @@ impl Session {
         out
     }
 
-    fn tick(&mut self, out: &mut Vec<Action>, now: Instant, alive: bool) {
-        let gap = self.last_tick.map(|t| now.saturating_duration_since(t));
+    fn tick(&mut self, out: &mut Vec<Action>, now: Instant, alive: bool, silent: Duration) {
         self.last_tick = Some(now);
         self.peer.alive = alive;
-        if let (Some(gap), State::Primary(p)) = (gap, &self.state) {
-            if gap > self.cfg.stall_limit && p.mode() != Mode::Degraded {
-                // This process did not run: the peer may have taken over meanwhile, and
-                // an acknowledgement queued before that must not release output now.
+        if let State::Primary(p) = &self.state {
+            if silent > self.cfg.silence_limit && p.mode() != Mode::Degraded {
+                // This process did not run: the peer may have lost it and taken over
+                // meanwhile, and an acknowledgement queued before that must not release
+                // output now.
                 self.alert(
                     out,
                     format!(
-                        "this node did not run for {} ms, longer than the peer timeout: asking the arbiter",
-                        gap.as_millis()
+                        "this node did not run (its links sent nothing) for {} ms, about the peer timeout: asking the arbiter",
+                        silent.as_millis()
                     ),
                 );
                 out.push(Action::Claim);

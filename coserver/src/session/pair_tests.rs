@@ -127,6 +127,7 @@ fn cfg(n: usize) -> SessionConfig {
         ack_timeout: Duration::from_millis(TIMEOUT_MS),
         start_wait: Duration::from_millis(2 * TIMEOUT_MS + 50),
         stall_limit: Duration::from_millis(TIMEOUT_MS + 20),
+        silence_limit: Duration::from_millis(TIMEOUT_MS - 10),
         lockstep: None,
     }
 }
@@ -487,9 +488,20 @@ impl World {
                 .last_heard
                 .is_some_and(|t| self.now_ms - t < TIMEOUT_MS);
             let now = self.now();
+            // The model's hosts freeze whole: a tick gap is the links' silence too.
+            let session = &self.hosts[n].session;
+            let gap = session
+                .last_tick
+                .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+            let silent = if gap > session.cfg.stall_limit {
+                gap
+            } else {
+                Duration::ZERO
+            };
             let a = self.hosts[n].session.on(Input::Tick {
                 now,
                 peer_alive: alive,
+                silent,
             });
             self.execute(n, a)?;
             let other = &self.hosts[1 - n];

@@ -25,6 +25,16 @@ impl SharedSession {
         self.session.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The session if no other thread holds it (a thread of real-time priority must
+    /// not wait for the vCPU thread, which may be descheduled holding it).
+    pub fn try_lock(&self) -> Option<std::sync::MutexGuard<'_, Session>> {
+        match self.session.try_lock() {
+            Ok(s) => Some(s),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// Feeds one input and wakes the epoch loop.
     pub fn on(&self, input: Input) -> Vec<Action> {
         let actions = self.lock().on(input);

@@ -13,6 +13,7 @@ pub(super) fn cfg(arbiter: ArbiterKind) -> SessionConfig {
         ack_timeout: TIMEOUT,
         start_wait: Duration::from_millis(300),
         stall_limit: Duration::from_millis(120),
+        silence_limit: Duration::from_millis(80),
         lockstep: None,
     }
 }
@@ -25,8 +26,22 @@ impl Clock {
     }
 }
 
+/// A tick at `now`; the links were silent since the last one if this process did not
+/// run (a gap longer than the stall limit stands for a frozen process here).
 pub(super) fn tick(s: &mut Session, now: Instant, peer_alive: bool) -> Vec<Action> {
-    s.on(Input::Tick { now, peer_alive })
+    let gap = s
+        .last_tick
+        .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+    let silent = if gap > s.cfg.stall_limit {
+        gap
+    } else {
+        Duration::ZERO
+    };
+    s.on(Input::Tick {
+        now,
+        peer_alive,
+        silent,
+    })
 }
 
 /// The pair's data in these tests.
@@ -343,6 +358,16 @@ fn an_acknowledgement_that_never_comes_or_a_stall_sends_the_primary_to_the_arbit
         matches!(&a[..], [Action::Alert(t), Action::Claim] if t.contains("did not run")),
         "{a:?}"
     );
+    // An event loop that was busy (or waited for a lock) while the links kept sending:
+    // the peer heard this node all along, nothing to ask.
+    let mut q = protected(&c);
+    tick(&mut q, c.at(410), true);
+    let a = q.on(Input::Tick {
+        now: c.at(600),
+        peer_alive: true,
+        silent: Duration::from_millis(10),
+    });
+    assert!(!has(&a, &Action::Claim), "{a:?}");
 }
 
 #[test]
