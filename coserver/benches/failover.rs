@@ -209,12 +209,7 @@ impl Echoes {
 }
 
 fn kv(c: &mut BufReader<TcpStream>, req: &str) -> String {
-    c.get_mut()
-        .write_all(format!("{req}\n").as_bytes())
-        .expect("send");
-    let mut r = String::new();
-    c.read_line(&mut r).expect("reply");
-    r.trim_end().to_string()
+    pair::kv(c, req).expect("a reply from the guest")
 }
 
 /// One failover: SIGKILL of the primary `delay` after the TCP client's 50th SET.

@@ -599,17 +599,8 @@ impl Node {
                         if !running {
                             // A guest that diverged is repaired (its divergence reported
                             // now, ahead of the event loop's own look at it).
-                            let diverged = self.follower.as_ref().and_then(|f| f.status().diverged);
-                            if let Some(Divergence {
-                                why,
-                                position,
-                                written,
-                            }) = diverged
-                            {
-                                return self.input(Input::Diverged {
-                                    why,
-                                    at: Some((position, written)),
-                                });
+                            if self.report_divergence()? {
+                                return Ok(());
                             }
                             return self.input(Input::ApplyFailed(
                                 "a slice of the log arrived but the replica's guest is not running"
@@ -778,20 +769,28 @@ impl Node {
         self.mirror = None;
     }
 
-    /// Reports the end of a guest that ran here (fenced, failed, or powered off).
-    fn watch_guest(&mut self) -> Result<(), NodeError> {
+    /// Lockstep: tells the session if the replica's guest diverged (it is repaired);
+    /// whether it had.
+    fn report_divergence(&mut self) -> Result<bool, NodeError> {
         let diverged = self.follower.as_ref().and_then(|f| f.status().diverged);
-        if let Some(Divergence {
+        let Some(Divergence {
             why,
             position,
             written,
         }) = diverged
-        {
-            self.input(Input::Diverged {
-                why,
-                at: Some((position, written)),
-            })?;
-        }
+        else {
+            return Ok(false);
+        };
+        self.input(Input::Diverged {
+            why,
+            at: Some((position, written)),
+        })?;
+        Ok(true)
+    }
+
+    /// Reports the end of a guest that ran here (fenced, failed, or powered off).
+    fn watch_guest(&mut self) -> Result<(), NodeError> {
+        self.report_divergence()?;
         if let Some(stats) = &self.fenced_guest {
             let done = stats.lock().map(|s| s.finished.is_some()).unwrap_or(true);
             if done {
