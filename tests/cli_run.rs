@@ -277,3 +277,37 @@ fn missing_dev_kvm_is_a_clear_error() {
     let o = outcome(&out);
     assert_clean_error(&o, "/dev/kvm");
 }
+
+#[test]
+fn kernel_mode_instructions_the_host_may_not_emulate_run_exactly() {
+    if !kvm_available("cpl0_fallback") {
+        return;
+    }
+    // INT3, FWAIT, POPCNT, STMXCSR and LDMXCSR at CPL0: on a host whose KVM cannot
+    // emulate them in guest kernel mode they go through the VMM's fallback, elsewhere
+    // the CPU runs them; the guest checks the results either way.
+    let args = ["run", "--cmdline", "workload=cpl0", "--report"];
+    let a = ftvm_outcome(&args);
+    assert_eq!(a.code, 0, "console:\n{}\nstderr:\n{}", a.console, a.stderr);
+    assert!(a.console.contains("cpl0: ok"), "console:\n{}", a.console);
+    let fallbacks = &a.report["fallbacks"];
+    eprintln!("fallbacks on this host: {fallbacks}");
+    let (total, detail) = fallbacks.split_once(' ').unwrap_or((fallbacks, ""));
+    let total: u64 = total.parse().expect("a count");
+    let mut sum = 0;
+    for part in detail
+        .trim_matches(|c| c == '(' || c == ')')
+        .split(", ")
+        .filter(|p| !p.is_empty())
+    {
+        let (mnemonic, n) = part.split_once(' ').expect("mnemonic and count");
+        assert!(
+            ["int3", "wait", "popcnt", "stmxcsr", "ldmxcsr"].contains(&mnemonic),
+            "unexpected fallback {mnemonic} in {fallbacks}"
+        );
+        sum += n.parse::<u64>().expect("a count");
+    }
+    assert_eq!(sum, total, "{fallbacks}");
+    let b = ftvm_outcome(&args);
+    assert_eq!(a.report, b.report, "fallbacks are deterministic");
+}

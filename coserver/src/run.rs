@@ -286,6 +286,7 @@ fn print_report(vm: &Vm, exit_code: Option<u32>) -> Result<(), RunError> {
         vm.memory_hash()?,
         vm.output_digest()
     );
+    lines.push_str(&format!("fallbacks: {}\n", vm.fallback_counts()));
     if let Some(code) = exit_code {
         lines.push_str(&format!("exit-code: {code}\n"));
     }

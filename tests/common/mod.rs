@@ -29,17 +29,19 @@ pub struct Outcome {
     pub code: i32,
     /// stdout: the guest's console bytes.
     pub console: String,
-    /// Report fields (exits, exit-trace, memory-hash, exit-code) from stderr.
+    /// Report fields (exits, exit-trace, memory-hash, output-digest, fallbacks,
+    /// exit-code) from stderr.
     pub report: BTreeMap<String, String>,
     /// stderr.
     pub stderr: String,
 }
 
-const REPORT_KEYS: [&str; 5] = [
+const REPORT_KEYS: [&str; 6] = [
     "exits",
     "exit-trace",
     "memory-hash",
     "output-digest",
+    "fallbacks",
     "exit-code",
 ];
 

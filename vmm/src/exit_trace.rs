@@ -16,6 +16,9 @@ pub enum ExitKind {
     MmioRead = 3,
     /// MMIO write.
     MmioWrite = 4,
+    /// An instruction KVM could not emulate, executed by the VMM's fallback
+    /// ([`crate::fallback`]); the data are its first bytes.
+    Fallback = 5,
 }
 
 /// A running xxh3 digest of the exit sequence.

@@ -8,6 +8,7 @@
 
 pub mod boot;
 pub mod exit_trace;
+pub mod fallback;
 pub mod kick;
 pub mod layout;
 pub mod memory;

@@ -21,6 +21,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::boot::{self, cpu, BootError, BootImage};
 use crate::exit_trace::{ExitKind, ExitTrace};
+use crate::fallback::{self, FallbackCounts, FallbackError};
 use crate::layout;
 use crate::memory::{self, MemoryError, PageSet};
 use crate::output_digest::OutputDigestWorld;
@@ -85,6 +86,9 @@ pub enum VmError {
     /// KVM could not enter the guest.
     #[error("KVM could not enter the guest: {0}")]
     EntryFailed(String),
+    /// KVM failed to emulate an instruction, and so did the fallback.
+    #[error(transparent)]
+    Fallback(#[from] FallbackError),
     /// An exit ftvm does not handle.
     #[error("unhandled VM exit: {0}")]
     UnhandledExit(String),
@@ -183,6 +187,8 @@ pub struct Vm {
     /// The last KVM_RUN returned without an exit (a kick or a signal): the guest has run
     /// on past the last exit.
     interrupted: bool,
+    /// Instructions executed by the fallback since this VM was created.
+    fallbacks: FallbackCounts,
 }
 
 impl Drop for Vm {
@@ -295,6 +301,7 @@ impl Vm {
             attachments: config.attachments.clone(),
             kick: None,
             interrupted: false,
+            fallbacks: FallbackCounts::default(),
             caps,
             cpuid,
             sync_regs: parts.sync_regs,
@@ -349,6 +356,7 @@ impl Vm {
             attachments: state.attachments.clone(),
             kick: None,
             interrupted: false,
+            fallbacks: FallbackCounts::default(),
             caps,
             cpuid: state.vcpu.cpuid.clone(),
             sync_regs: parts.sync_regs,
@@ -544,9 +552,10 @@ impl Vm {
                 )))
             }
             VcpuExit::InternalError => {
-                return Err(VmError::EntryFailed(
-                    "KVM internal error (emulation failure)".into(),
-                ))
+                let done = self.run_fallback()?;
+                rec.kind = ExitKind::Fallback;
+                rec.addr = done.rip;
+                copy(&mut rec, &done.head);
             }
             VcpuExit::Intr => {
                 self.interrupted = true;
@@ -555,6 +564,38 @@ impl Vm {
             other => return Err(VmError::UnhandledExit(format!("{other:?}"))),
         }
         Ok(Some(rec))
+    }
+
+    /// Instructions executed by the fallback since this VM was created or restored.
+    pub fn fallback_counts(&self) -> &FallbackCounts {
+        &self.fallbacks
+    }
+
+    /// Executes the instruction KVM reported it could not emulate (see
+    /// [`crate::fallback`]).
+    fn run_fallback(&mut self) -> Result<fallback::Executed, VmError> {
+        const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+        // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit the `internal` member of the
+        // run area's exit union is the one KVM filled in.
+        let suberror = unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        if suberror != KVM_INTERNAL_ERROR_EMULATION {
+            return Err(VmError::EntryFailed(format!(
+                "KVM internal error, suberror {suberror}"
+            )));
+        }
+        let smap = self
+            .cpuid
+            .as_slice()
+            .iter()
+            .any(|e| e.function == 7 && e.index == 0 && e.ebx & (1 << 20) != 0);
+        let (done, regs) = fallback::execute_at_rip(&self.vcpu, &self.mem, smap, self.caps.xsave)?;
+        if self.sync_regs {
+            // The register copy in the run area is what `rip` reads; KVM does not take
+            // it back unless marked dirty.
+            self.vcpu.sync_regs_mut().regs = regs;
+        }
+        self.fallbacks.note(done.mnemonic);
+        Ok(done)
     }
 
     fn rip(&self) -> Result<u64, VmError> {

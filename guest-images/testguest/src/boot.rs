@@ -230,6 +230,9 @@ extern "C" fn cpl0_init(boot_params: u64) {
         for v in 0..32 {
             set_gate(idt.add(v), exc.add(v).read());
         }
+        // #BP may be raised from CPL3 (DPL3 gate): the `cpl0` workload's way in.
+        let bp = idt.add(3) as *mut u64;
+        bp.write_volatile(bp.read_volatile() | (3 << 45));
         let irq = addr_of!(ftvm_irq_stubs) as *const u64;
         for i in 0..IRQ_VECTORS {
             set_gate(idt.add(IRQ_BASE_VECTOR + i), irq.add(i).read());
@@ -313,7 +316,7 @@ global_asm!(
     // Exception stubs: [RSP] = vector, error code (0 pushed here if the CPU pushes none),
     // RIP, CS, RFLAGS, RSP, SS; the vector goes to GUEST_PANIC.
     ".section .text.ftvm_stubs, \"ax\"",
-    ".irp v, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31",
+    ".irp v, 0,1,2,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31",
     "ftvm_exc_\\v:",
     "    push 0",
     "    push \\v",
@@ -332,6 +335,43 @@ global_asm!(
     "    cli",
     "    hlt",
     "    jmp 2b",
+    // #BP. From CPL3 (the `cpl0` workload's INT3): run INT3, FWAIT, POPCNT, STMXCSR and
+    // LDMXCSR at CPL0 on CPL0_RESULTS (see workloads/cpl0.rs) and return. From CPL0 (the
+    // self-test's own INT3): record the return address and return.
+    "ftvm_exc_3:",
+    "    test byte ptr [rsp + 8], 3",
+    "    jz 3f",
+    "    push rax",
+    "    push rcx",
+    "    push rdx",
+    "    lea rdx, [rip + CPL0_RESULTS]",
+    "    lea rax, [rip + 4f]",
+    "    mov [rdx], rax",
+    "    int3",
+    "4:",
+    "    fwait",
+    "    mov rax, [rdx + 48]",
+    "    popcnt rcx, rax",
+    "    mov [rdx + 16], rcx",
+    "    pushfq",
+    "    pop rax",
+    "    mov [rdx + 24], rax",
+    "    popcnt rcx, qword ptr [rdx + 48]",
+    "    mov [rdx + 32], rcx",
+    "    stmxcsr dword ptr [rdx + 40]",
+    "    ldmxcsr dword ptr [rdx + 56]",
+    "    stmxcsr dword ptr [rdx + 44]",
+    "    ldmxcsr dword ptr [rdx + 40]",
+    "    pop rdx",
+    "    pop rcx",
+    "    pop rax",
+    "    iretq",
+    "3:",
+    "    push rax",
+    "    mov rax, [rsp + 8]",
+    "    mov [rip + CPL0_RESULTS + 8], rax",
+    "    pop rax",
+    "    iretq",
     // Interrupt stubs for vectors 0x30-0x3f: count, EOI, return. No SSE, only RAX.
     ".irp i, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
     "ftvm_irq_\\i:",

@@ -9,8 +9,10 @@
 //! - `net` (`ip`, `udp`, `kv`): ARP, ICMP echo, UDP echo and a TCP key-value service
 //!   stored on the virtio disk, over virtio-net with smoltcp.
 //! - `echo`: echoes console input lines until `quit`.
+//! - `cpl0`: runs INT3, FWAIT, POPCNT, STMXCSR and LDMXCSR at CPL0 and checks them.
 
 mod counter;
+pub mod cpl0;
 mod dirty;
 mod disk;
 mod echo;
@@ -35,8 +37,9 @@ pub fn run(cmdline: &mut Cmdline, ram_end: u64) -> ! {
         "net" => net::run(cmdline),
         "echo" => echo::run(cmdline),
         "spin" => spin::run(cmdline),
+        "cpl0" => cpl0::run(cmdline),
         other => {
-            fatal!("unknown workload {other:?} (known: counter, dirty, fault, disk, net, echo)")
+            fatal!("unknown workload {other:?} (known: counter, dirty, fault, disk, net, echo, spin, cpl0)")
         }
     }
 }
