@@ -311,3 +311,31 @@ fn kernel_mode_instructions_the_host_may_not_emulate_run_exactly() {
     let b = ftvm_outcome(&args);
     assert_eq!(a.report, b.report, "fallbacks are deterministic");
 }
+
+#[test]
+fn the_cpu_template_is_chosen_on_the_command_line_or_refused_by_name() {
+    if !kvm_available("cpu_template_cli") {
+        return;
+    }
+    let host = run_counter(&[]);
+    for template in ["emulated-kernel", "baseline"] {
+        let o = run_counter(&["--cpu-template", template]);
+        if o.code == 0 {
+            // The test guest runs its work at CPL3, where it does not depend on CPUID.
+            assert_eq!(o.console, host.console, "{template}");
+        } else {
+            assert_clean_error(
+                &o,
+                &format!("cannot offer CPU template {template}: its KVM lacks"),
+            );
+            eprintln!("{template}: {}", o.stderr.trim());
+        }
+    }
+    let o = ftvm_outcome(&["run", "--cpu-template", "skylake"]);
+    assert_eq!(o.code, 2, "a usage error; stderr:\n{}", o.stderr);
+    assert!(
+        o.stderr.contains("host, baseline, emulated-kernel"),
+        "{}",
+        o.stderr
+    );
+}

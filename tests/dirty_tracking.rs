@@ -12,6 +12,7 @@ use ftvm_vmm::{RunLimits, RunStop, Vm, VmConfig};
 fn boot(cmdline: &str) -> (Vm, SharedBuffer) {
     let console = SharedBuffer::default();
     let config = VmConfig {
+        cpu_template: Default::default(),
         mem_mib: 64,
         kernel: TEST_GUEST_ELF.to_vec(),
         cmdline: cmdline.to_string(),

@@ -47,6 +47,7 @@ fn a_kick_ends_a_guest_that_computes_without_exits_at_once() {
     let console = SharedBuffer::default();
     let stop = Arc::new(AtomicBool::new(false));
     let config = VmConfig {
+        cpu_template: Default::default(),
         mem_mib: 64,
         kernel: TEST_GUEST_ELF.to_vec(),
         // Seconds of SplitMix64 steps with no VM exit (bounded, should the kick fail).

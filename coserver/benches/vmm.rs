@@ -12,6 +12,7 @@ use ftvm_vmm::{RunLimits, RunStop, Vm, VmConfig};
 
 fn boot(mem_mib: u64, cmdline: &str) -> Vm {
     let config = VmConfig {
+        cpu_template: Default::default(),
         mem_mib,
         kernel: TEST_GUEST_ELF.to_vec(),
         cmdline: cmdline.to_string(),

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ftvm_vmm::cpu_template::CpuTemplate;
 
 /// ftvm — a fault-tolerant virtual machine runner on KVM.
 #[derive(Debug, Parser)]
@@ -188,6 +189,10 @@ pub struct RunArgs {
     /// Seed of the guest's entropy stream (runs with the same seed are identical).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub entropy_seed: u64,
+    /// The CPUID the guest sees: host (what this host's KVM supports), baseline
+    /// (x86-64-v2) or emulated-kernel (for hosts whose KVM emulates guest kernel mode).
+    #[arg(long, value_name = "NAME", default_value_t = CpuTemplate::Host)]
+    pub cpu_template: CpuTemplate,
     /// Disk and tap.
     #[command(flatten)]
     pub attach: AttachArgs,

@@ -1,6 +1,7 @@
 //! The CoServer configuration file (TOML): parsing and validation with errors that name
 //! the offending key.
 
+use ftvm_vmm::cpu_template::CpuTemplate;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -83,6 +84,10 @@ pub struct GuestConfig {
     pub mac: String,
     /// The guest's IPv4 address (announced by gratuitous ARP on takeover).
     pub ip: Option<Ipv4Addr>,
+    /// The CPUID the guest sees (`host`, `baseline` or `emulated-kernel`); both
+    /// CoServers must name the same.
+    #[serde(default)]
+    pub cpu_template: CpuTemplate,
 }
 
 /// This host's replica of the guest's devices.
@@ -524,6 +529,13 @@ psk = "0123456789abcdef"
         );
         let plain = parse(&GOOD.replace("[security]", "[security]\nencrypt = false")).unwrap();
         assert!(!plain.security.encrypt);
+        assert_eq!(c.guest.cpu_template, CpuTemplate::Host);
+        let emulated = parse(&GOOD.replace(
+            "cmdline = \"workload=counter\"",
+            "cmdline = \"workload=counter\"\ncpu_template = \"emulated-kernel\"",
+        ))
+        .unwrap();
+        assert_eq!(emulated.guest.cpu_template, CpuTemplate::EmulatedKernel);
     }
 
     #[test]
@@ -553,6 +565,10 @@ psk = "0123456789abcdef"
                 "unknown variant",
             ),
             (GOOD.replace("[host]", "[host]\ntap = \"tap0\""), "guest.ip"),
+            (
+                GOOD.replace("[host]", "cpu_template = \"skylake\"\n[host]"),
+                "expected one of `host`, `baseline`, `emulated-kernel`",
+            ),
             (
                 GOOD.replace("[security]", "[replication]\nmode = \"mirror\"\n[security]"),
                 "unknown variant",

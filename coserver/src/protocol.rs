@@ -2,6 +2,7 @@
 //! link frames.
 
 use bincode::Options;
+use ftvm_vmm::cpu_template::CpuTemplate;
 use ftvm_vmm::PageBatch;
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +43,8 @@ pub struct GuestShape {
     pub disk_bytes: Vec<u64>,
     /// The replication mode.
     pub mode: ReplicationMode,
+    /// The CPU template the guest boots with.
+    pub cpu_template: CpuTemplate,
 }
 
 impl GuestShape {
@@ -65,6 +68,12 @@ impl GuestShape {
                 "replication modes differ: peer replication.mode = {}, this node {}",
                 peer.mode.name(),
                 self.mode.name()
+            ));
+        }
+        if self.cpu_template != peer.cpu_template {
+            return Some(format!(
+                "CPU templates differ: peer guest.cpu_template = {}, this node {}",
+                peer.cpu_template, self.cpu_template
             ));
         }
         None
@@ -521,6 +530,51 @@ impl Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_shapes_that_differ_say_in_what() {
+        let a = GuestShape {
+            mem_mib: 64,
+            disk_bytes: vec![1 << 20],
+            mode: ReplicationMode::Checkpoint,
+            cpu_template: CpuTemplate::Host,
+        };
+        assert_eq!(a.mismatch(&a.clone()), None);
+        let cases = [
+            (
+                GuestShape {
+                    mem_mib: 128,
+                    ..a.clone()
+                },
+                "guest.mem_mib = 128",
+            ),
+            (
+                GuestShape {
+                    disk_bytes: vec![],
+                    ..a.clone()
+                },
+                "host.disk",
+            ),
+            (
+                GuestShape {
+                    mode: ReplicationMode::Lockstep,
+                    ..a.clone()
+                },
+                "replication.mode = lockstep",
+            ),
+            (
+                GuestShape {
+                    cpu_template: CpuTemplate::EmulatedKernel,
+                    ..a.clone()
+                },
+                "guest.cpu_template = emulated-kernel, this node host",
+            ),
+        ];
+        for (peer, needle) in cases {
+            let what = a.mismatch(&peer).expect("differs");
+            assert!(what.contains(needle), "{what}");
+        }
+    }
 
     #[test]
     fn disk_ranges_merge_where_they_overlap_or_touch() {

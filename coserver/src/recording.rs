@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use bincode::Options;
 use ftvm_devices::virtio::DeviceConfig;
 use ftvm_devices::world::record::InputLog;
+use ftvm_vmm::cpu_template::CpuTemplate;
 use serde::{Deserialize, Serialize};
 
 const MAGIC: [u8; 8] = *b"FTVMLOG1";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const HEADER_LEN: usize = 24;
 /// Largest recording accepted.
 const MAX_PAYLOAD: u64 = 4 << 30;
@@ -76,6 +77,8 @@ pub struct Recording {
     pub mem_mib: u64,
     /// Entropy seed.
     pub entropy_seed: u64,
+    /// The CPU template (the replay gives the guest the same CPUID).
+    pub cpu_template: CpuTemplate,
     /// Virtio devices.
     pub devices: Vec<DeviceConfig>,
     /// Whether the run had a network.

@@ -119,6 +119,7 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
         cmdline: cmdline.clone(),
         initrd,
         entropy_seed: args.entropy_seed,
+        cpu_template: args.cpu_template,
         devices: devices.clone(),
         attachments: attachments.clone(),
     };
@@ -161,6 +162,7 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
                 cmdline,
                 mem_mib: args.mem,
                 entropy_seed: args.entropy_seed,
+                cpu_template: args.cpu_template,
                 devices,
                 has_network,
                 log,
@@ -232,6 +234,7 @@ pub fn replay(args: &ReplayArgs) -> Result<i32, RunError> {
         cmdline: rec.cmdline.clone(),
         initrd: None,
         entropy_seed: rec.entropy_seed,
+        cpu_template: rec.cpu_template,
         devices: rec.devices.clone(),
         attachments: Attachments::default(),
     };

@@ -327,6 +327,7 @@ pub fn test_config(
             mem_mib: 64,
             mac: GUEST_MAC.into(),
             ip: None,
+            cpu_template: Default::default(),
         },
         host: HostConfig {
             disk: None,

@@ -7,6 +7,7 @@
 //! crate builds the pair on top of it.
 
 pub mod boot;
+pub mod cpu_template;
 pub mod exit_trace;
 pub mod fallback;
 pub mod kick;

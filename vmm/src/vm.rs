@@ -20,6 +20,7 @@ use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::boot::{self, cpu, BootError, BootImage};
+use crate::cpu_template::{self, CpuTemplate, TemplateError};
 use crate::exit_trace::{ExitKind, ExitTrace};
 use crate::fallback::{self, FallbackCounts, FallbackError};
 use crate::layout;
@@ -86,6 +87,9 @@ pub enum VmError {
     /// KVM could not enter the guest.
     #[error("KVM could not enter the guest: {0}")]
     EntryFailed(String),
+    /// The CPU template cannot be offered here.
+    #[error(transparent)]
+    CpuTemplate(#[from] TemplateError),
     /// KVM failed to emulate an instruction, and so did the fallback.
     #[error(transparent)]
     Fallback(#[from] FallbackError),
@@ -117,6 +121,8 @@ pub struct VmConfig {
     pub initrd: Option<Vec<u8>>,
     /// Seed of the platform entropy stream.
     pub entropy_seed: u64,
+    /// The CPUID the guest sees.
+    pub cpu_template: CpuTemplate,
     /// Virtio devices, in MMIO slot order; their backends live in the World.
     pub devices: Vec<DeviceConfig>,
     /// The host resources the World attaches them to (kept in snapshots so a restore
@@ -255,6 +261,20 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     kvm(what)
 }
 
+/// The CPUID this host's KVM can give a guest.
+fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, VmError> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
+}
+
+/// Refuses saved state whose CPUID this host's KVM cannot offer.
+fn check_cpuid_offered(kvm: &Kvm, state: &SnapshotState) -> Result<(), VmError> {
+    Ok(cpu_template::check_offered(
+        &state.vcpu.cpuid,
+        &supported_cpuid(kvm)?,
+    )?)
+}
+
 impl Vm {
     /// Creates a VM, loads the kernel and prepares the vCPU to enter it.
     pub fn boot(config: &VmConfig, world: Box<dyn World>) -> Result<Self, VmError> {
@@ -277,10 +297,8 @@ impl Vm {
             },
         )?;
         let parts = create_kvm(&mem)?;
-        let cpuid = parts
-            .kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let supported = supported_cpuid(&parts.kvm)?;
+        let cpuid = cpu_template::build(config.cpu_template, &supported)?;
         parts
             .vcpu
             .set_cpuid2(&cpuid)
@@ -336,6 +354,7 @@ impl Vm {
         touched: PageSet,
         mut world: Box<dyn World>,
     ) -> Result<Self, VmError> {
+        check_cpuid_offered(&parts.kvm, &state)?;
         vcpu_state::restore_vm(&parts.vm, &state.vm)?;
         vcpu_state::restore_vcpu(&parts.vcpu, &state.vcpu)?;
         let caps = StateCaps::probe(&parts.kvm, &parts.vcpu)?;

@@ -82,6 +82,7 @@ fn config(
             mem_mib: 64,
             mac: "52:54:00:f7:00:01".into(),
             ip: tap.as_ref().and_then(|_| network::GUEST_IP.parse().ok()),
+            cpu_template: Default::default(),
         },
         host: HostConfig {
             disk: Some(dir.join(format!("disk-{name}.img"))),

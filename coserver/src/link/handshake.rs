@@ -24,7 +24,7 @@ use sha2::Sha256;
 /// First bytes of an opening.
 pub const MAGIC: [u8; 4] = *b"FTVH";
 /// The link protocol this build speaks (openings, frames and messages together).
-pub const LINK_VERSION: u16 = 6;
+pub const LINK_VERSION: u16 = 7;
 /// Length of an opening.
 pub const OPENING_LEN: usize = 48;
 /// Opening flag: link traffic is encrypted (else only authenticated).
@@ -183,7 +183,7 @@ pub fn derive_keys(
     let hk = Hkdf::<Sha256>::new(Some(&salt), psk);
     let mut okm = [0u8; 64];
     // 64 bytes is far below HKDF-SHA256's limit of 255 * 32: expand cannot fail.
-    if hk.expand(b"ftvm link keys v6", &mut okm).is_err() {
+    if hk.expand(b"ftvm link keys v7", &mut okm).is_err() {
         unreachable!("HKDF-SHA256 expands to 64 bytes");
     }
     let dialer_key = ChaCha20Poly1305::new((&okm[..32]).into());

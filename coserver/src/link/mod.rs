@@ -792,6 +792,7 @@ pub mod test_support {
                 mem_mib,
                 disk_bytes: vec![],
                 mode: Default::default(),
+                cpu_template: Default::default(),
             },
         }
     }

@@ -196,6 +196,7 @@ impl Node {
                     cmdline: self.cfg.guest.cmdline.clone(),
                     initrd: None,
                     entropy_seed: 0,
+                    cpu_template: self.cfg.guest.cpu_template,
                     devices,
                     attachments: Attachments {
                         disks: self

@@ -196,6 +196,7 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
                 mem_mib: cfg.guest.mem_mib,
                 disk_bytes,
                 mode: cfg.replication.mode,
+                cpu_template: cfg.guest.cpu_template,
             },
         },
     )?;

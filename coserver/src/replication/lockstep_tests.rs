@@ -21,6 +21,7 @@ fn primary() -> Option<(Vm, Arc<Mutex<InputLog>>)> {
             .digest_disk_reads();
     let log = world.log_handle();
     let config = VmConfig {
+        cpu_template: Default::default(),
         mem_mib: 64,
         kernel: ftvm_guest_images::TEST_GUEST_ELF.to_vec(),
         cmdline: "workload=counter pages=800 steps=400 tick_ms=1".into(),

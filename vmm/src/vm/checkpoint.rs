@@ -161,6 +161,15 @@ impl Standby {
                 state.mem_mib, self.mem_mib
             )));
         }
+        // A guest's CPUID is set at boot and never changes: checked at the first state,
+        // so a secondary on a host that cannot run the guest refuses the copy at once.
+        let same_cpuid = self
+            .state
+            .as_ref()
+            .is_some_and(|s| s.vcpu.cpuid.as_slice() == state.vcpu.cpuid.as_slice());
+        if !same_cpuid {
+            super::check_cpuid_offered(&self.parts.kvm, &state)?;
+        }
         self.state = Some(state);
         Ok(())
     }
