@@ -264,6 +264,12 @@ pub fn replay(args: &ReplayArgs) -> Result<i32, RunError> {
 fn exit_code(stop: RunStop) -> u32 {
     match stop {
         RunStop::PowerOff(code) => code,
+        RunStop::Reset => {
+            eprintln!(
+                "ftvm: the guest asked to reboot; ftvm run ends here (as QEMU's -no-reboot does)"
+            );
+            0
+        }
         // Without limits (and no replication World) the loop only returns on power-off.
         RunStop::ExitLimit | RunStop::Marker(_) | RunStop::Paused => 0,
     }

@@ -49,6 +49,17 @@ pub mod reg {
     pub const GUEST_PANIC: u64 = 0x30;
     /// W: progress marker.
     pub const MARKER: u64 = 0x34;
+    /// W (8 bits): ACPI sleep control (the FADT's SLEEP_CONTROL_REG): SLP_EN (bit 5)
+    /// with SLP_TYP (bits 2-4) 5, soft off, powers off with exit code 0.
+    pub const SLEEP_CONTROL: u64 = 0x38;
+    /// R (8 bits): ACPI sleep status (the FADT's SLEEP_STATUS_REG): always 0.
+    pub const SLEEP_STATUS: u64 = 0x39;
+    /// W (8 bits): ACPI reset register (the FADT's RESET_REG): 1 resets the machine.
+    pub const RESET: u64 = 0x3a;
+    /// SLP_EN in SLEEP_CONTROL.
+    pub const SLP_EN: u32 = 1 << 5;
+    /// SLP_TYP of soft off (S5), as the DSDT's `\_S5_` names it.
+    pub const SLP_TYP_S5: u32 = 5;
 }
 
 /// What the VMM must do after a platform register access.
@@ -64,6 +75,8 @@ pub enum PlatformAction {
     GuestPanic(u32),
     /// The guest passed a progress marker.
     Marker(u32),
+    /// The guest asked for a reset (reboot) through the ACPI reset register.
+    Reset,
 }
 
 /// The saveable state of the platform device.
@@ -188,6 +201,7 @@ impl Platform {
             reg::TIME_HI => self.state.time_hi_latch,
             reg::ENTROPY => self.state.rng.next_u32(),
             reg::FILL_STATUS => self.state.fill_status,
+            reg::SLEEP_STATUS => 0,
             _ => u32::MAX,
         }
     }
@@ -213,6 +227,14 @@ impl Platform {
             reg::ENTROPY_FILL => self.state.fill_status = self.entropy_fill(value, mem),
             reg::GUEST_PANIC => return PlatformAction::GuestPanic(value),
             reg::MARKER => return PlatformAction::Marker(value),
+            reg::SLEEP_CONTROL => {
+                let value = value & 0xff;
+                if value & reg::SLP_EN != 0 && (value >> 2) & 7 == reg::SLP_TYP_S5 {
+                    return PlatformAction::PowerOff(0);
+                }
+                tracing::debug!("platform: sleep control {value:#x} (only S5 is supported)");
+            }
+            reg::RESET if value & 0xff == 1 => return PlatformAction::Reset,
             _ => tracing::debug!("platform: write {value:#x} to unknown register {offset:#x}"),
         }
         PlatformAction::None
@@ -337,5 +359,28 @@ mod tests {
         );
         assert_eq!(p.write(0x3c, 1, &m), PlatformAction::None);
         assert_eq!(p.read(0x3c), u32::MAX);
+    }
+
+    #[test]
+    fn acpi_sleep_to_s5_powers_off_and_the_reset_register_resets() {
+        let m = mem();
+        let mut p = Platform::new(0);
+        // What Linux writes for S5 on hardware-reduced ACPI: SLP_TYP 5 << 2 | SLP_EN.
+        assert_eq!(
+            p.write(reg::SLEEP_CONTROL, (5 << 2) | (1 << 5), &m),
+            PlatformAction::PowerOff(0)
+        );
+        // Other sleep states and SLP_TYP without SLP_EN do nothing.
+        assert_eq!(
+            p.write(reg::SLEEP_CONTROL, (3 << 2) | (1 << 5), &m),
+            PlatformAction::None
+        );
+        assert_eq!(
+            p.write(reg::SLEEP_CONTROL, 5 << 2, &m),
+            PlatformAction::None
+        );
+        assert_eq!(p.read(reg::SLEEP_STATUS), 0);
+        assert_eq!(p.write(reg::RESET, 1, &m), PlatformAction::Reset);
+        assert_eq!(p.write(reg::RESET, 2, &m), PlatformAction::None);
     }
 }

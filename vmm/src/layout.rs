@@ -23,6 +23,11 @@ pub const PD: u64 = 0xb000;
 pub const CMDLINE: u64 = 0x20000;
 /// Longest command line accepted, including its NUL (Linux x86 `COMMAND_LINE_SIZE`).
 pub const CMDLINE_MAX: usize = 2048;
+/// The ACPI RSDP, followed by the other ACPI tables (in the legacy BIOS area, where a
+/// kernel scans for the RSDP).
+pub const ACPI_RSDP: u64 = 0xe0000;
+/// End of the ACPI tables' area.
+pub const ACPI_END: u64 = 0x10_0000;
 /// End of low conventional memory reported to the guest (start of the EBDA).
 pub const EBDA_START: u64 = 0x9fc00;
 /// Start of high memory; kernels load at or above it.

@@ -159,6 +159,8 @@ pub enum RunStop {
     Marker(u32),
     /// The World asked for the VM back (the end of a replication epoch).
     Paused,
+    /// The guest asked to be reset (a reboot, through the ACPI reset register).
+    Reset,
 }
 
 /// One VM exit, copied out of the kvm_run area.
@@ -294,6 +296,9 @@ impl Vm {
                 kernel: &config.kernel,
                 cmdline: &cmdline,
                 initrd: config.initrd.as_deref(),
+                acpi: Some(boot::acpi::Machine {
+                    virtio_devices: config.devices.len(),
+                }),
             },
         )?;
         let parts = create_kvm(&mem)?;
@@ -492,6 +497,7 @@ impl Vm {
             match exit.action {
                 PlatformAction::None => {}
                 PlatformAction::PowerOff(code) => return Ok(RunStop::PowerOff(code)),
+                PlatformAction::Reset => return Ok(RunStop::Reset),
                 PlatformAction::Wait => self.idle()?,
                 PlatformAction::GuestPanic(code) => return Err(self.guest_crash(code)),
                 PlatformAction::Marker(m) => {

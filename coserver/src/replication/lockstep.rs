@@ -329,7 +329,8 @@ impl FollowerThread {
                 ..Default::default()
             };
             match self.vm.run(&limits).map_err(|e| e.to_string())? {
-                RunStop::PowerOff(_) => self.powered_off = true,
+                // A reset stops the guest as on the primary (see `primary.rs`).
+                RunStop::PowerOff(_) | RunStop::Reset => self.powered_off = true,
                 RunStop::ExitLimit => {}
                 RunStop::Paused | RunStop::Marker(_) => {
                     return Err("the follower was stopped".into());

@@ -275,7 +275,15 @@ impl EpochLoop {
                 .commit
                 .set_recording(self.parts.session.lock().records_disk_writes());
             self.record_pause(started.elapsed());
-            if let RunStop::PowerOff(code) = stop {
+            let powered_off = match stop {
+                RunStop::PowerOff(code) => Some(code),
+                RunStop::Reset => {
+                    tracing::warn!("the guest asked to reboot; the pair does not restart a guest, so it stops as at a power-off (exit code 0)");
+                    Some(0)
+                }
+                _ => None,
+            };
+            if let Some(code) = powered_off {
                 let actions = self.parts.session.lock().powered_off(epoch, code);
                 self.parts.session.notify();
                 for a in actions {

@@ -51,6 +51,7 @@ pub fn write_boot_params(
     header: Option<setup_header>,
     cmdline_len: u32,
     initrd: Option<(u64, u64)>,
+    acpi_rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     let mut params = boot_params::default();
     if let Some(h) = header {
@@ -67,6 +68,9 @@ pub fn write_boot_params(
     if let Some((addr, size)) = initrd {
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
+    }
+    if let Some(rsdp) = acpi_rsdp {
+        params.acpi_rsdp_addr = rsdp;
     }
     let map = e820_map(mem);
     params.e820_entries = map.len() as u8;
@@ -159,6 +163,7 @@ mod tests {
                 kernel: &fake_bzimage(),
                 cmdline: "console=ttyS0 panic=1",
                 initrd: Some(&initrd),
+                acpi: None,
             },
         )
         .unwrap();
@@ -242,6 +247,7 @@ mod tests {
                 kernel: &img,
                 cmdline: "",
                 initrd: None,
+                acpi: None,
             },
         )
         .unwrap_err();
@@ -259,6 +265,7 @@ mod tests {
                 kernel: &fake_bzimage(),
                 cmdline: "",
                 initrd: Some(&initrd),
+                acpi: None,
             },
         )
         .unwrap_err();
@@ -277,6 +284,7 @@ mod tests {
                 kernel: guest,
                 cmdline: "",
                 initrd: None,
+                acpi: None,
             },
         )
         .unwrap();
@@ -290,6 +298,7 @@ mod tests {
                 kernel: truncated,
                 cmdline: "",
                 initrd: None,
+                acpi: None,
             },
         )
         .unwrap_err();
@@ -309,6 +318,7 @@ mod tests {
                 kernel: b"#!/bin/sh\necho hi\n",
                 cmdline: "",
                 initrd: None,
+                acpi: None,
             },
         )
         .unwrap_err();
@@ -321,6 +331,7 @@ mod tests {
                 kernel: &fake_bzimage(),
                 cmdline: &long,
                 initrd: None,
+                acpi: None,
             },
         )
         .unwrap_err();
@@ -334,6 +345,7 @@ mod tests {
                 kernel: &truncated_elf,
                 cmdline: "",
                 initrd: None,
+                acpi: None,
             },
         )
         .unwrap_err();

@@ -2,6 +2,7 @@
 //! guest) or a bzImage, entered in 64-bit mode through the Linux 64-bit boot protocol
 //! with a command line and an optional initrd.
 
+pub mod acpi;
 pub mod cpu;
 pub mod linux;
 
@@ -60,6 +61,14 @@ pub enum BootError {
         /// What was being written.
         what: &'static str,
     },
+    /// The ACPI tables do not fit in their area.
+    #[error("the ACPI tables end at {end:#x}, beyond their area's end {limit:#x}")]
+    AcpiTooLarge {
+        /// End of the tables.
+        end: u64,
+        /// End of the area.
+        limit: u64,
+    },
     /// The initrd does not fit.
     #[error("the initrd ({size} bytes) does not fit in guest memory between the kernel end {kernel_end:#x} and {limit:#x}")]
     InitrdTooLarge {
@@ -81,6 +90,9 @@ pub struct BootImage<'a> {
     pub cmdline: &'a str,
     /// An optional initial ramdisk.
     pub initrd: Option<&'a [u8]>,
+    /// The machine to describe in ACPI tables (written from [`layout::ACPI_RSDP`]), or
+    /// `None` for none.
+    pub acpi: Option<acpi::Machine>,
 }
 
 /// The kind of kernel that was loaded.
@@ -169,7 +181,11 @@ pub fn load(mem: &GuestMem, mem_mib: u64, image: &BootImage) -> Result<BootEntry
         None => None,
     };
     let cmdline_len = image.cmdline.len() as u32 + 1;
-    linux::write_boot_params(mem, loaded.setup_header, cmdline_len, initrd)?;
+    let rsdp = match &image.acpi {
+        Some(machine) => Some(acpi::write(mem, machine)?),
+        None => None,
+    };
+    linux::write_boot_params(mem, loaded.setup_header, cmdline_len, initrd, rsdp)?;
     cpu::write_boot_tables(mem)?;
     Ok(BootEntry { entry, kind })
 }
