@@ -9,9 +9,8 @@ mod netns;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdout, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use common::*;
 
@@ -174,58 +173,6 @@ fn snapshot_in_the_middle_of_disk_io_restores_and_completes() {
             std::fs::read(&img).unwrap() == full_disk,
             "disk content after a save at {n}"
         );
-    }
-}
-
-/// Waits for `needle` on a child's stdout, returning everything read.
-/// The guest's console lines, read on a thread so that waiting for one has a time limit
-/// even when the guest has gone quiet.
-struct ConsoleLines(mpsc::Receiver<String>);
-
-impl ConsoleLines {
-    fn new(out: ChildStdout) -> Self {
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line + "\n").is_err() {
-                    break;
-                }
-            }
-        });
-        Self(rx)
-    }
-
-    /// Lines up to and including the first that contains `needle`.
-    fn wait_for(&self, needle: &str, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        let mut seen = String::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.0.recv_timeout(left) {
-                Ok(line) => {
-                    seen.push_str(&line);
-                    if line.contains(needle) {
-                        return seen;
-                    }
-                }
-                Err(e) => panic!("did not see {needle:?} ({e}); console so far:\n{seen}"),
-            }
-        }
-    }
-
-    /// Every remaining line, until the guest's console closes.
-    fn rest(self, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        let mut seen = String::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.0.recv_timeout(left) {
-                Ok(line) => seen.push_str(&line),
-                Err(mpsc::RecvTimeoutError::Disconnected) => return seen,
-                Err(e) => panic!("console did not close ({e}); so far:\n{seen}"),
-            }
-        }
     }
 }
 

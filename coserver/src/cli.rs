@@ -145,6 +145,17 @@ pub enum Idle {
     Skip,
 }
 
+/// When frames and console input reach the guest.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Inputs {
+    /// Only at VM exits: runs are deterministic (recordable, replayable, lockstep);
+    /// the built-in test guest's default.
+    AtExits,
+    /// As they arrive, kicking the vCPU out of KVM: for guests that idle inside KVM,
+    /// such as Linux (the default with --kernel).
+    Async,
+}
+
 /// Where the guest's console input comes from.
 #[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
 pub enum ConsoleIn {
@@ -220,6 +231,20 @@ pub struct RunArgs {
     /// How an idle guest waits for its timer.
     #[arg(long, value_enum, default_value_t = Idle::Sleep)]
     pub idle: Idle,
+    /// When inputs reach the guest (default: async with --kernel, at-exits for the
+    /// built-in test guest).
+    #[arg(long, value_enum)]
+    pub inputs: Option<Inputs>,
+}
+
+impl RunArgs {
+    /// When inputs reach the guest, defaults applied.
+    pub fn inputs(&self) -> Inputs {
+        self.inputs.unwrap_or(match self.kernel {
+            Some(_) => Inputs::Async,
+            None => Inputs::AtExits,
+        })
+    }
 }
 
 /// Options of `ftvm restore`.

@@ -9,7 +9,7 @@ use ftvm_devices::world::World;
 use ftvm_vmm::{snapshot, Attachments, RunLimits, RunStop, Vm, VmConfig, VmError};
 
 use crate::attach::{self, AttachError};
-use crate::cli::{ReplayArgs, RestoreArgs, RunArgs};
+use crate::cli::{Inputs, ReplayArgs, RestoreArgs, RunArgs};
 use crate::recording::{self, KernelSource, Recording, RecordingError, Summary};
 
 /// Default command line for a kernel given with --kernel.
@@ -53,6 +53,9 @@ pub enum RunError {
     /// --record together with --save.
     #[error("--record records a whole run; it cannot be combined with --save-at-exit")]
     RecordWithSave,
+    /// Recording needs deterministic input delivery.
+    #[error("--record needs inputs delivered at exits (--inputs at-exits): asynchronous inputs are not replayable")]
+    RecordAsync,
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, RunError> {
@@ -80,6 +83,9 @@ fn attachments(args: &crate::cli::AttachArgs) -> Result<Attachments, RunError> {
 pub fn run(args: &RunArgs) -> Result<i32, RunError> {
     if args.record.is_some() && args.save.is_some() {
         return Err(RunError::RecordWithSave);
+    }
+    if args.record.is_some() && args.inputs() == Inputs::Async {
+        return Err(RunError::RecordAsync);
     }
     let (kernel, source, default_cmdline) = match &args.kernel {
         Some(path) => {
@@ -133,6 +139,9 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
         None => (Box::new(live), None),
     };
     let mut vm = Vm::boot(&config, world)?;
+    if args.inputs() == Inputs::Async {
+        vm.deliver_inputs_asynchronously();
+    }
     let limits = RunLimits {
         max_exits: args.save_at_exit,
         stop_at_marker: None,

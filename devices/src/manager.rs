@@ -157,25 +157,29 @@ impl DeviceManager {
     }
 
     /// Delivers waiting frames from the World into network devices that have receive
-    /// buffers, at exit `exit`.
+    /// buffers, at exit `exit`; returns how many.
     pub fn receive_packets(
         &mut self,
         exit: u64,
         mem: &GuestMem,
         world: &mut dyn World,
-    ) -> Result<(), WorldError> {
+    ) -> Result<usize, WorldError> {
+        let mut delivered = 0;
         for dev in &mut self.virtio {
             for _ in 0..MAX_RX_PER_EXIT {
                 if !dev.can_receive(mem) {
                     break;
                 }
                 match world.receive(exit)? {
-                    Some(frame) => dev.deliver(&frame, mem),
+                    Some(frame) => {
+                        dev.deliver(&frame, mem);
+                        delivered += 1;
+                    }
                     None => break,
                 }
             }
         }
-        Ok(())
+        Ok(delivered)
     }
 
     /// Room in the UART's receive FIFO for console input.
@@ -183,19 +187,21 @@ impl DeviceManager {
         self.serial.input_room()
     }
 
-    /// Moves waiting console input from the World into the UART, as much as it has room
+    /// Moves waiting console input from the World into the UART (returning how many
+    /// bytes it took), as much as it has room
     /// for, at exit `exit`.
     pub fn receive_console_input(
         &mut self,
         exit: u64,
         world: &mut dyn World,
-    ) -> Result<(), WorldError> {
+    ) -> Result<usize, WorldError> {
         let room = self.serial.input_room();
         if room == 0 {
-            return Ok(());
+            return Ok(0);
         }
+        let mut taken = 0;
         if let Some(bytes) = world.console_input(exit, room)? {
-            let taken = self.serial.enqueue_input(&bytes);
+            taken = self.serial.enqueue_input(&bytes);
             if taken < bytes.len() {
                 tracing::warn!(
                     dropped = bytes.len() - taken,
@@ -203,7 +209,7 @@ impl DeviceManager {
                 );
             }
         }
-        Ok(())
+        Ok(taken)
     }
 
     /// The saveable state of every device.

@@ -34,6 +34,8 @@
 
 #![warn(missing_docs)]
 
+pub mod initramfs;
+
 /// The test guest kernel: a static, non-PIE x86-64 ELF executable whose PT_LOAD segments
 /// (physical = virtual addresses) lie in [1 MiB, 4 MiB); entry point `_start` at 1 MiB.
 pub const TEST_GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ftvm-testguest"));

@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output};
 
+mod console;
 mod kvm;
+#[allow(unused_imports)]
+pub use console::ConsoleLines;
 pub use kvm::*;
 
 /// A command running the `ftvm` binary under test. Its stdin (the guest's console input)

@@ -10,6 +10,7 @@ pub mod boot;
 pub mod cpu_template;
 pub mod exit_trace;
 pub mod fallback;
+pub mod input_watch;
 pub mod kick;
 pub mod layout;
 pub mod memory;

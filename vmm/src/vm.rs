@@ -13,9 +13,9 @@ use std::path::Path;
 use ftvm_devices::manager::{DeviceManager, DevicesError};
 use ftvm_devices::platform::PlatformAction;
 use ftvm_devices::virtio::DeviceConfig;
-use ftvm_devices::world::{IdleRequest, World, WorldError};
+use ftvm_devices::world::{World, WorldError};
 use ftvm_devices::GuestMem;
-use kvm_bindings::{kvm_msi, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -23,6 +23,7 @@ use crate::boot::{self, cpu, BootError, BootImage};
 use crate::cpu_template::{self, CpuTemplate, TemplateError};
 use crate::exit_trace::{ExitKind, ExitTrace};
 use crate::fallback::{self, FallbackCounts, FallbackError};
+use crate::input_watch::InputWatcher;
 use crate::layout;
 use crate::memory::{self, MemoryError, PageSet};
 use crate::output_digest::OutputDigestWorld;
@@ -192,6 +193,13 @@ pub struct Vm {
     attachments: Attachments,
     /// Kicks armed on the thread that runs the VM.
     kick: Option<crate::kick::Armed>,
+    /// The handle of the armed kick.
+    kick_handle: Option<crate::kick::VcpuKick>,
+    /// Inputs are delivered as they arrive, not only at exits (see
+    /// [`crate::input_watch`]).
+    async_inputs: bool,
+    /// The thread kicking the vCPU when input arrives, while `async_inputs` and running.
+    watcher: Option<InputWatcher>,
     /// The last KVM_RUN returned without an exit (a kick or a signal): the guest has run
     /// on past the last exit.
     interrupted: bool,
@@ -201,8 +209,10 @@ pub struct Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        // Disarm kicks before the vCPU's run area is unmapped with the vCPU: a kick
-        // arriving after that would write into memory that is gone.
+        // Stop the input watcher, then disarm kicks before the vCPU's run area is
+        // unmapped with the vCPU: a kick arriving after that would write into memory
+        // that is gone.
+        self.watcher.take();
         self.kick.take();
     }
 }
@@ -217,6 +227,7 @@ impl std::fmt::Debug for Vm {
 }
 
 mod checkpoint;
+mod inputs;
 pub use checkpoint::{PageBatch, Standby};
 
 /// The KVM objects of a VM before a guest is put into it.
@@ -323,6 +334,9 @@ impl Vm {
             world: OutputDigestWorld::new(world, 0),
             attachments: config.attachments.clone(),
             kick: None,
+            kick_handle: None,
+            async_inputs: false,
+            watcher: None,
             interrupted: false,
             fallbacks: FallbackCounts::default(),
             caps,
@@ -379,6 +393,9 @@ impl Vm {
             world: OutputDigestWorld::new(world, state.output_digest),
             attachments: state.attachments.clone(),
             kick: None,
+            kick_handle: None,
+            async_inputs: false,
+            watcher: None,
             interrupted: false,
             fallbacks: FallbackCounts::default(),
             caps,
@@ -447,19 +464,6 @@ impl Vm {
         self.devices.platform().now_ns()
     }
 
-    /// A handle that ends this VM's `KVM_RUN` at once from any thread (see
-    /// [`crate::kick`]); the run loop then asks the World whether to stop. Call it on
-    /// the thread that runs the VM, and run and drop the VM on that thread.
-    pub fn arm_kick(&mut self) -> Result<crate::kick::VcpuKick, VmError> {
-        let run = self.vcpu.get_kvm_run() as *mut kvm_bindings::kvm_run;
-        // Armed again (a follower that becomes primary): the old arming is undone
-        // first, or dropping it after would disarm the new one.
-        self.kick.take();
-        let (kick, armed) = crate::kick::arm(run).map_err(VmError::Kick)?;
-        self.kick = Some(armed);
-        Ok(kick)
-    }
-
     /// Runs the guest until it powers off or a limit is reached.
     pub fn run(&mut self, limits: &RunLimits) -> Result<RunStop, VmError> {
         let stop = self.run_loop(limits);
@@ -468,6 +472,7 @@ impl Vm {
     }
 
     fn run_loop(&mut self, limits: &RunLimits) -> Result<RunStop, VmError> {
+        self.start_watcher()?;
         loop {
             if limits.max_exits.is_some_and(|n| self.exits >= n) {
                 return Ok(RunStop::ExitLimit);
@@ -477,6 +482,11 @@ impl Vm {
             }
             self.inject_pending_irqs()?;
             let Some(exit) = self.run_vcpu_once()? else {
+                if self.watcher.is_some() {
+                    // Kicked for input, or interrupted otherwise: either way the
+                    // input waiting now goes in before the guest runs again.
+                    self.service_inputs()?;
+                }
                 continue;
             };
             self.exits += 1;
@@ -488,12 +498,7 @@ impl Vm {
             if !out.is_empty() {
                 self.world.console_output(&out);
             }
-            if self.world.has_network() {
-                self.devices
-                    .receive_packets(self.exits, &self.mem, &mut self.world)?;
-            }
-            self.devices
-                .receive_console_input(self.exits, &mut self.world)?;
+            self.service_inputs()?;
             match exit.action {
                 PlatformAction::None => {}
                 PlatformAction::PowerOff(code) => return Ok(RunStop::PowerOff(code)),
@@ -629,56 +634,6 @@ impl Vm {
         } else {
             Ok(self.vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?.rip)
         }
-    }
-
-    /// Delivers the interrupts the devices raised, at this exit boundary.
-    fn inject_pending_irqs(&mut self) -> Result<(), VmError> {
-        let irqs = self.devices.take_pending_irqs();
-        if !irqs.msi_vectors.is_empty() || !irqs.gsi_pulses.is_empty() {
-            self.devices.platform().note_interrupt_delivered();
-        }
-        for vector in irqs.msi_vectors {
-            let msi = kvm_msi {
-                address_lo: MSI_ADDRESS,
-                address_hi: 0,
-                data: vector.into(),
-                ..Default::default()
-            };
-            self.vm.signal_msi(msi).map_err(kvm("KVM_SIGNAL_MSI"))?;
-        }
-        for gsi in irqs.gsi_pulses {
-            self.vm
-                .set_irq_line(gsi, true)
-                .and_then(|_| self.vm.set_irq_line(gsi, false))
-                .map_err(kvm("KVM_IRQ_LINE"))?;
-        }
-        Ok(())
-    }
-
-    /// The guest idles: the World decides when it resumes (its timer deadline, or a
-    /// packet), virtual time advances to that point, and a due timer fires so its
-    /// interrupt is injected before the guest runs again.
-    fn idle(&mut self) -> Result<(), VmError> {
-        // An interrupt delivered since the previous WAIT may have come after the guest
-        // last looked for work (its handler ran just before this WAIT), and one raised at
-        // this very exit (a frame, a completion, the timer) is the event the guest waits
-        // for: either way it resumes at once and looks again.
-        let woken = self.devices.platform().take_wake_latch();
-        if woken || self.devices.has_pending_irq() {
-            return Ok(());
-        }
-        let console_room = self.devices.console_input_room() > 0;
-        let platform = self.devices.platform();
-        let request = IdleRequest {
-            exit: self.exits,
-            now_ns: platform.now_ns(),
-            deadline_ns: platform.timer_deadline(),
-            console_room,
-            give_up_at: None,
-        };
-        let wake = self.world.idle(&request)?;
-        self.devices.platform().advance_to(wake.at_ns);
-        Ok(())
     }
 
     fn guest_crash(&mut self, code: u32) -> VmError {

@@ -127,6 +127,13 @@ impl<W: Write + Send> World for LiveWorld<W> {
         self.tap.is_some()
     }
 
+    fn input_fds(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        let tap = self.tap.as_ref().map(|t| t.as_raw_fd());
+        let console = self.console_in.as_ref().and_then(|c| c.poll_fd());
+        tap.into_iter().chain(console).collect()
+    }
+
     fn disk_read(&mut self, disk: usize, offset: u64, buf: &mut [u8]) -> Result<(), WorldError> {
         self.disk(disk)?
             .read_at(offset, buf)

@@ -96,6 +96,13 @@ pub trait World: Send {
         Ok(None)
     }
 
+    /// Descriptors that become readable when input (a frame, console bytes) is waiting,
+    /// for asynchronous delivery to a guest that idles inside KVM (`ftvm_vmm`'s
+    /// input watcher). Empty for Worlds whose inputs come only at exits.
+    fn input_fds(&self) -> Vec<std::os::fd::RawFd> {
+        Vec::new()
+    }
+
     /// Whether this World can deliver packets (an idle guest may wait for one).
     fn has_network(&self) -> bool {
         false

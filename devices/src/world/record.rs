@@ -148,6 +148,10 @@ impl<W: World> World for RecordingWorld<W> {
         self.inner.has_network()
     }
 
+    fn input_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.inner.input_fds()
+    }
+
     fn disk_read(&mut self, disk: usize, offset: u64, buf: &mut [u8]) -> Result<(), WorldError> {
         let r = self.inner.disk_read(disk, offset, buf);
         let event = if self.digest_reads {

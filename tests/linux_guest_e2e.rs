@@ -1,0 +1,151 @@
+//! An unmodified Linux kernel under `ftvm run`: the small kernel built from Debian's
+//! linux-source-6.1 finds its virtio disk and network through the machine ftvm presents
+//! (ACPI tables, the command-line announcement) and answers pings, and Debian's cloud
+//! kernel finds the machine through ACPI. Kernels come from Debian packages
+//! (guest-images/linux/), built or extracted once into target/linux.
+//!
+//! On our development hosts guest kernel mode is emulated, the emulator lacks
+//! instructions Linux uses, and the CPUID a guest kernel reads there need not be its CPU
+//! template's (HOST.md): the kernel command line also clears those features, and the
+//! VMM's instruction fallback covers what no CPUID bit avoids. On a host that runs
+//! guest kernel code natively neither is needed, and both are harmless.
+
+mod common;
+#[path = "common/linux.rs"]
+mod linux;
+#[path = "common/netns.rs"]
+mod netns;
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Kernel command-line flags for hosts whose emulated guest kernel mode lacks XSAVE,
+/// SSE3-4.2, AES, PCLMUL, AVX, F16C, FMA, CMPXCHG16B, POPCNT and SMAP (feature numbers of
+/// Linux's `cpufeatures.h`).
+const EMULATED_KERNEL_FLAGS: &str =
+    "noxsave clearcpuid=128,129,137,140,141,147,148,151,153,154,156,157,308";
+
+/// Kills the VM when the test ends, however it ends.
+struct Vm(Child);
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_small_kernel_finds_its_disk_and_network_and_answers_pings() {
+    if !kvm_available("linux_small") {
+        return;
+    }
+    let Some(ns) = netns::NetNs::create("linux_small") else {
+        return;
+    };
+    let kernel = linux::small_kernel();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let disk = dir.path().join("disk.img");
+    linux::partitioned_disk(&disk, 16);
+    let initrd = dir.path().join("initrd.cpio");
+    std::fs::write(&initrd, ftvm_guest_images::initramfs::idle_initramfs()).expect("initrd");
+    let cmdline = format!(
+        "console=ttyS0 {EMULATED_KERNEL_FLAGS} ip={}::{}:255.255.255.0::eth0:off panic=-1",
+        netns::GUEST_IP,
+        netns::HOST_IP
+    );
+    let started = Instant::now();
+    let mut vm = Vm(ns
+        .command(env!("CARGO_BIN_EXE_ftvm"))
+        .args(["run", "--kernel"])
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .arg("--disk")
+        .arg(&disk)
+        .args([
+            "--tap",
+            &ns.tap,
+            "--mem",
+            "128",
+            "--cpu-template",
+            "emulated-kernel",
+        ])
+        .args(["--cmdline", &cmdline])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn ftvm"));
+    let console = ConsoleLines::new(vm.0.stdout.take().expect("stdout"));
+    let log = console.wait_for("Run /init as init process", Duration::from_secs(300));
+    let booted = started.elapsed();
+    for needle in [
+        "ACPI: Using ACPI (MADT) for SMP configuration information",
+        "[vda] 32768 512-byte logical blocks",
+        " vda: vda1 vda2",
+        "IP-Config: Complete",
+    ] {
+        assert!(
+            log.contains(needle),
+            "{needle:?} missing from the boot log:\n{log}"
+        );
+    }
+    let ping = ns
+        .command("ping")
+        .args(["-c", "20", "-i", "0.2", "-W", "5", netns::GUEST_IP])
+        .output()
+        .expect("run ping");
+    let report = String::from_utf8_lossy(&ping.stdout);
+    eprintln!(
+        "booted to /init in {:.1} s; ping:\n{report}",
+        booted.as_secs_f64()
+    );
+    assert!(
+        report.contains("20 packets transmitted, 20 received"),
+        "ping:\n{report}\nboot log:\n{log}"
+    );
+}
+
+#[test]
+fn debian_cloud_kernel_finds_the_machine_through_acpi() {
+    if !kvm_available("linux_debian") {
+        return;
+    }
+    let kernel = linux::debian_cloud_kernel();
+    let started = Instant::now();
+    let mut vm = Vm(ftvm()
+        .args(["run", "--kernel"])
+        .arg(&kernel)
+        .args(["--mem", "256", "--cpu-template", "emulated-kernel"])
+        .args([
+            "--cmdline",
+            &format!("console=ttyS0 earlyprintk=serial,ttyS0,115200 {EMULATED_KERNEL_FLAGS}"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn ftvm"));
+    let console = ConsoleLines::new(vm.0.stdout.take().expect("stdout"));
+    let log = console.wait_for(
+        "ACPI: Using ACPI (MADT) for SMP configuration information",
+        Duration::from_secs(180),
+    );
+    eprintln!(
+        "Debian's kernel found the MADT after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    for needle in [
+        "ACPI: RSDP 0x00000000000E0000",
+        "ACPI: FACP",
+        "ACPI: DSDT",
+        "IOAPIC[0]: apic_id 0, version 17, address 0xfec00000, GSI 0-23",
+        "ACPI: INT_SRC_OVR (bus 0 bus_irq 0 global_irq 2 dfl dfl)",
+    ] {
+        assert!(
+            log.contains(needle),
+            "{needle:?} missing from the boot log:\n{log}"
+        );
+    }
+}
