@@ -15,6 +15,8 @@ mod common;
 mod linux;
 #[path = "common/netns.rs"]
 mod netns;
+#[path = "common/pair.rs"]
+mod pair;
 
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -148,4 +150,108 @@ fn debian_cloud_kernel_finds_the_machine_through_acpi() {
             "{needle:?} missing from the boot log:\n{log}"
         );
     }
+}
+
+#[test]
+fn a_checkpoint_pair_keeps_the_small_kernel_running_across_a_primary_kill() {
+    let Some((net, dir)) = pair::setup("linux_pair", "l") else {
+        return;
+    };
+    let initrd = dir.path().join("initrd.cpio");
+    std::fs::write(&initrd, ftvm_guest_images::initramfs::idle_initramfs()).expect("initrd");
+    let cmdline = format!(
+        "console=ttyS0 {EMULATED_KERNEL_FLAGS} ip={}::10.0.99.1:255.255.255.0::eth0:off panic=-1",
+        pair::GUEST_IP
+    );
+    let guest = pair::GuestSpec {
+        linux: Some(pair::LinuxGuest {
+            kernel: linux::small_kernel(),
+            initrd,
+            mem_mib: 128,
+            cpu_template: ftvm_vmm::cpu_template::CpuTemplate::EmulatedKernel,
+        }),
+        ..pair::spec(&cmdline, 16, true)
+    };
+    let (mut a, mut b) = pair::protected_pair(&net, dir.path(), &guest);
+    assert!(
+        pair::wait_until(Duration::from_secs(300), || a
+            .console()
+            .contains("Run /init as init process")),
+        "the kernel did not reach /init on the primary:\n{}\nA:\n{}",
+        a.console(),
+        a.log()
+    );
+    let lan = |args: &[&str]| {
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", &net.ns[2], "ping"]).args(args);
+        c
+    };
+    let warm = lan(&["-c", "3", "-W", "5", pair::GUEST_IP])
+        .output()
+        .expect("ping");
+    assert!(
+        warm.status.success(),
+        "{}",
+        String::from_utf8_lossy(&warm.stdout)
+    );
+    // A ping every 10 ms for 12 s (ping -D stamps each reply with the wall clock); the
+    // primary is killed 3 s in.
+    let stream = lan(&["-D", "-i", "0.01", "-w", "12", "-W", "1", pair::GUEST_IP])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("ping stream");
+    std::thread::sleep(Duration::from_secs(3));
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs_f64()
+    };
+    let killed_at = unix_now();
+    a.kill();
+    let out = stream.wait_with_output().expect("ping stream output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "[1764700000.123456] 64 bytes from 10.0.99.2: icmp_seq=5 ttl=64 time=9.80 ms"
+    let replies: Vec<f64> = text
+        .lines()
+        .filter(|l| l.contains("icmp_seq="))
+        .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+        .collect();
+    let summary = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or("no summary")
+        .to_string();
+    let silence = replies
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .fold(0.0f64, f64::max);
+    let after_kill = replies.iter().filter(|&&t| t > killed_at + 1.0).count();
+    let line = format!(
+        "Linux guest, checkpoint pair, SIGKILL of the primary under a ping every 10 ms: {summary}; longest time without a reply {:.0} ms; {after_kill} replies more than 1 s after the kill",
+        silence * 1000.0
+    );
+    eprintln!("{line}");
+    report(&line);
+    assert_eq!(
+        b.wait(Duration::ZERO),
+        None,
+        "the survivor runs:\n{}",
+        b.log()
+    );
+    assert!(
+        pair::wait_until(pair::LIMIT, || b.typed().role == "primary"),
+        "B did not take over:\n{}",
+        b.log()
+    );
+    assert!(
+        after_kill > 100,
+        "the survivor did not go on answering: {line}\n{text}\nB:\n{}",
+        b.log()
+    );
+    assert!(
+        !b.console().contains("Linux version"),
+        "the survivor's guest booted again:\n{}",
+        b.console()
+    );
 }

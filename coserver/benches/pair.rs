@@ -96,6 +96,7 @@ fn spec_in(
         b_disk_dir: None,
         arbiter: pair::TestArbiter::Shared,
         mode,
+        linux: None,
     }
 }
 

@@ -2,6 +2,7 @@
 //! the offending key.
 
 use ftvm_vmm::cpu_template::CpuTemplate;
+use ftvm_vmm::input_watch::InputDelivery;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -88,6 +89,19 @@ pub struct GuestConfig {
     /// CoServers must name the same.
     #[serde(default)]
     pub cpu_template: CpuTemplate,
+    /// An initial ramdisk for the kernel.
+    pub initrd: Option<PathBuf>,
+    /// When frames and console input reach the guest (`at-exits` or `async`); default
+    /// `async` with `kernel`, `at-exits` for the built-in test guest.
+    pub inputs: Option<InputDelivery>,
+}
+
+impl GuestConfig {
+    /// When inputs reach the guest, the default applied.
+    pub fn inputs(&self) -> InputDelivery {
+        self.inputs
+            .unwrap_or(InputDelivery::default_for(self.kernel.is_some()))
+    }
 }
 
 /// This host's replica of the guest's devices.
@@ -412,6 +426,14 @@ impl Config {
                 ));
             }
         }
+        if self.replication.mode == crate::protocol::ReplicationMode::Lockstep
+            && self.guest.inputs() == InputDelivery::Async
+        {
+            return Err(bad(
+                "guest.inputs",
+                "lockstep replays inputs at exits; a guest given inputs asynchronously (the default with guest.kernel) cannot be replayed exactly: set guest.inputs = \"at-exits\" or use replication.mode = \"checkpoint\"".into(),
+            ));
+        }
         if !(16..=65536).contains(&self.guest.mem_mib) {
             return Err(bad(
                 "guest.mem_mib",
@@ -536,6 +558,17 @@ psk = "0123456789abcdef"
         ))
         .unwrap();
         assert_eq!(emulated.guest.cpu_template, CpuTemplate::EmulatedKernel);
+        assert_eq!(
+            c.guest.inputs(),
+            InputDelivery::AtExits,
+            "the built-in guest"
+        );
+        let linux = parse(&GOOD.replace("[guest]", "[guest]\nkernel = \"/srv/vmlinux\"")).unwrap();
+        assert_eq!(
+            linux.guest.inputs(),
+            InputDelivery::Async,
+            "a kernel of the user's"
+        );
     }
 
     #[test]
@@ -565,6 +598,14 @@ psk = "0123456789abcdef"
                 "unknown variant",
             ),
             (GOOD.replace("[host]", "[host]\ntap = \"tap0\""), "guest.ip"),
+            (
+                GOOD.replace("[guest]", "[guest]\nkernel = \"/srv/vmlinux\"")
+                    .replace(
+                        "[security]",
+                        "[replication]\nmode = \"lockstep\"\n[security]",
+                    ),
+                "guest.inputs",
+            ),
             (
                 GOOD.replace("[host]", "cpu_template = \"skylake\"\n[host]"),
                 "expected one of `host`, `baseline`, `emulated-kernel`",

@@ -6,15 +6,25 @@
 //! loop) and `/dev/console`: the kernel finishes booting, runs it, and keeps serving its
 //! devices and network (ARP, ICMP) from interrupts.
 
-/// The `/init` program: a static x86-64 ELF executable whose code is `pause; jmp
+/// The idle `/init`'s code: `pause; jmp pause`.
+const IDLE: &[u8] = &[0xf3, 0x90, 0xeb, 0xfc];
+/// The exiting `/init`'s code: `mov eax, 60; xor edi, edi; syscall; ud2` (exit(0); on a
+/// host where its system call faults, the fault kills it just the same).
+const EXIT: &[u8] = &[0xb8, 0x3c, 0, 0, 0, 0x31, 0xff, 0x0f, 0x05, 0x0f, 0x0b];
+
+/// The idle `/init` program: a static x86-64 ELF executable whose code is `pause; jmp
 /// pause`.
 pub fn idle_init_elf() -> Vec<u8> {
+    init_elf(IDLE)
+}
+
+/// A static x86-64 ELF executable running `code`.
+fn init_elf(code: &[u8]) -> Vec<u8> {
     const BASE: u64 = 0x40_0000;
     const EHDR: u64 = 64;
     const PHDR: u64 = 56;
-    const CODE: [u8; 4] = [0xf3, 0x90, 0xeb, 0xfc]; // pause; jmp -4
     let entry = BASE + EHDR + PHDR;
-    let total = EHDR + PHDR + CODE.len() as u64;
+    let total = EHDR + PHDR + code.len() as u64;
     let mut elf = Vec::with_capacity(total as usize);
     // ELF header: 64-bit, little endian, version 1, System V ABI; ET_EXEC, x86-64.
     elf.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0]);
@@ -39,7 +49,7 @@ pub fn idle_init_elf() -> Vec<u8> {
     elf.extend_from_slice(&total.to_le_bytes()); // p_filesz
     elf.extend_from_slice(&total.to_le_bytes()); // p_memsz
     elf.extend_from_slice(&0x1000u64.to_le_bytes()); // p_align
-    elf.extend_from_slice(&CODE);
+    elf.extend_from_slice(code);
     elf
 }
 
@@ -77,13 +87,23 @@ fn cpio_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u3
 
 /// A `newc` cpio initramfs holding `/dev`, `/dev/console` and the idle `/init`.
 pub fn idle_initramfs() -> Vec<u8> {
+    initramfs(&idle_init_elf())
+}
+
+/// An initramfs whose `/init` exits at once: the kernel then panics ("Attempted to kill
+/// init"), and with `panic=-1` reboots, which ends `ftvm run` (boot benchmarks use it).
+pub fn exiting_initramfs() -> Vec<u8> {
+    initramfs(&init_elf(EXIT))
+}
+
+fn initramfs(init: &[u8]) -> Vec<u8> {
     const DIR: u32 = 0o040_755;
     const CHAR_DEVICE: u32 = 0o020_600;
     const EXECUTABLE: u32 = 0o100_755;
     let mut out = Vec::new();
     cpio_entry(&mut out, 1, "dev", DIR, (0, 0), &[]);
     cpio_entry(&mut out, 2, "dev/console", CHAR_DEVICE, (5, 1), &[]);
-    cpio_entry(&mut out, 3, "init", EXECUTABLE, (0, 0), &idle_init_elf());
+    cpio_entry(&mut out, 3, "init", EXECUTABLE, (0, 0), init);
     cpio_entry(&mut out, 0, "TRAILER!!!", 0, (0, 0), &[]);
     out
 }
@@ -111,6 +131,19 @@ mod tests {
         );
         child.kill().expect("kill");
         child.wait().expect("reap");
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn the_exiting_init_exits_with_status_0_on_the_host() {
+        let dir = std::env::temp_dir().join(format!("ftvm-exit-init-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("init");
+        std::fs::write(&path, init_elf(EXIT)).expect("write");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        let status = std::process::Command::new(&path).status().expect("exec");
+        assert_eq!(status.code(), Some(0));
         std::fs::remove_dir_all(&dir).expect("clean up");
     }
 

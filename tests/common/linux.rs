@@ -2,6 +2,8 @@
 //! `guest-images/linux/` and cached under `target/linux` (built once per machine; the
 //! scripts skip what is up to date).
 
+#![allow(dead_code)]
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;

@@ -63,6 +63,7 @@ pub fn spec(cmdline: &str, disk_mib: u64, network: bool) -> GuestSpec {
         b_disk_dir: None,
         arbiter: TestArbiter::Shared,
         mode: ReplicationMode::Checkpoint,
+        linux: None,
     }
 }
 
@@ -297,6 +298,22 @@ pub struct GuestSpec {
     pub arbiter: TestArbiter,
     /// The replication mode.
     pub mode: ReplicationMode,
+    /// A kernel of the test's (default: the built-in test guest), its initrd, memory
+    /// (MiB) and CPU template.
+    pub linux: Option<LinuxGuest>,
+}
+
+/// A Linux kernel for a test pair's guest.
+#[derive(Debug, Clone)]
+pub struct LinuxGuest {
+    /// The kernel (ELF vmlinux).
+    pub kernel: PathBuf,
+    /// Its initrd.
+    pub initrd: PathBuf,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// The CPU template.
+    pub cpu_template: ftvm_vmm::cpu_template::CpuTemplate,
 }
 
 /// The arbiter of a test pair.
@@ -328,6 +345,8 @@ pub fn test_config(
             mac: GUEST_MAC.into(),
             ip: None,
             cpu_template: Default::default(),
+            initrd: None,
+            inputs: None,
         },
         host: HostConfig {
             disk: None,
@@ -387,6 +406,12 @@ pub fn write_config(dir: &Path, index: usize, guest: &GuestSpec) -> PathBuf {
         },
     );
     config.guest.cmdline = guest.cmdline.clone();
+    if let Some(linux) = &guest.linux {
+        config.guest.kernel = Some(linux.kernel.clone());
+        config.guest.initrd = Some(linux.initrd.clone());
+        config.guest.mem_mib = linux.mem_mib;
+        config.guest.cpu_template = linux.cpu_template;
+    }
     config.guest.ip = GUEST_IP.parse().ok();
     config.host.disk = (guest.disk_mib > 0).then_some(disk);
     config.host.tap = guest.network.then(|| "tap0".to_string());

@@ -22,6 +22,38 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::kick::VcpuKick;
 
+/// When frames and console input reach a guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InputDelivery {
+    /// Only at VM exits: runs are deterministic (recordable, replayable, lockstep).
+    #[default]
+    AtExits,
+    /// As they arrive, kicking the vCPU out of KVM: for guests that idle inside KVM,
+    /// such as Linux.
+    Async,
+}
+
+impl InputDelivery {
+    /// Its name in configurations.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AtExits => "at-exits",
+            Self::Async => "async",
+        }
+    }
+
+    /// The default for a guest: asynchronous for a kernel of the user's, at exits for
+    /// the built-in test guest.
+    pub fn default_for(own_kernel: bool) -> Self {
+        if own_kernel {
+            Self::Async
+        } else {
+            Self::AtExits
+        }
+    }
+}
+
 /// How long the watcher waits before kicking again when the last service moved nothing.
 pub const RETRY_AFTER: Duration = Duration::from_millis(20);
 

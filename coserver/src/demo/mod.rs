@@ -83,6 +83,8 @@ fn config(
             mac: "52:54:00:f7:00:01".into(),
             ip: tap.as_ref().and_then(|_| network::GUEST_IP.parse().ok()),
             cpu_template: Default::default(),
+            initrd: None,
+            inputs: None,
         },
         host: HostConfig {
             disk: Some(dir.join(format!("disk-{name}.img"))),

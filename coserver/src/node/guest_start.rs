@@ -2,6 +2,7 @@
 //! the standby replica at a takeover, with the outputs and frames the old primary left
 //! and the announcements that move the guest's network identity here.
 
+use ftvm_vmm::input_watch::InputDelivery;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -182,7 +183,7 @@ impl Node {
             }
             return Ok(());
         }
-        let vm = match standby {
+        let mut vm = match standby {
             Some(standby) => standby.activate(world).map_err(|e| guest(e.to_string()))?,
             None => {
                 let kernel = match &self.cfg.guest.kernel {
@@ -194,7 +195,13 @@ impl Node {
                     mem_mib: self.cfg.guest.mem_mib,
                     kernel,
                     cmdline: self.cfg.guest.cmdline.clone(),
-                    initrd: None,
+                    initrd: match &self.cfg.guest.initrd {
+                        Some(p) => Some(
+                            std::fs::read(p)
+                                .map_err(|e| guest(format!("initrd {}: {e}", p.display())))?,
+                        ),
+                        None => None,
+                    },
                     entropy_seed: 0,
                     cpu_template: self.cfg.guest.cpu_template,
                     devices,
@@ -212,6 +219,9 @@ impl Node {
                 Vm::boot(&config, world).map_err(|e| guest(e.to_string()))?
             }
         };
+        if self.cfg.guest.inputs() == InputDelivery::Async {
+            vm.deliver_inputs_asynchronously();
+        }
         release(redo);
         let epoch_loop = EpochLoop::new(vm, parts);
         std::thread::Builder::new()

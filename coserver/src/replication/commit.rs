@@ -369,6 +369,10 @@ impl World for CommitWorld {
         self.inner.has_network()
     }
 
+    fn input_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.inner.input_fds()
+    }
+
     fn disk_read(&mut self, disk: usize, offset: u64, buf: &mut [u8]) -> Result<(), WorldError> {
         self.inner.disk_read(disk, offset, buf)
     }

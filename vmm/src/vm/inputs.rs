@@ -32,11 +32,14 @@ impl Vm {
         self.async_inputs = true;
     }
 
-    /// Starts the input watcher if inputs are asynchronous and it is not running.
+    /// Starts the input watcher if inputs are asynchronous and it is not running, after
+    /// moving in what input already waits (frames a takeover redelivers, which no
+    /// descriptor announces).
     pub(super) fn start_watcher(&mut self) -> Result<(), VmError> {
         if !self.async_inputs || self.watcher.is_some() {
             return Ok(());
         }
+        self.service_inputs()?;
         let fds = self.world.input_fds();
         if fds.is_empty() {
             return Ok(());
