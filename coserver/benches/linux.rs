@@ -72,6 +72,15 @@ fn boot_to_the_end(kernel: &Path, dir: &Path, mem: &str) -> Boot {
             .unwrap_or("?")
             .to_string()
     };
+    if field("exits") == "?" {
+        // No report: the run ended with an error; show how.
+        eprintln!(
+            "{} ended without a report (status {:?}):\n{}",
+            kernel.display(),
+            out.status.code(),
+            stderr.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+        );
+    }
     Boot {
         to_init,
         total,
