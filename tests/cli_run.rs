@@ -253,8 +253,11 @@ fn guest_crashes_are_reported() {
     if !kvm_available("guest_crash") {
         return;
     }
-    let o = ftvm_outcome(&["run", "--cmdline", "workload=fault kind=ud"]);
+    let o = ftvm_outcome(&["run", "--cmdline", "workload=fault kind=ud", "--report"]);
     assert_clean_error(&o, "#UD");
+    // The report comes before the error, without an exit code.
+    assert!(o.report.contains_key("exits"), "{}", o.stderr);
+    assert!(!o.report.contains_key("exit-code"), "{}", o.stderr);
     let o = ftvm_outcome(&["run", "--cmdline", "workload=fault kind=pf"]);
     assert_clean_error(&o, "#PF");
     let o = ftvm_outcome(&["run", "--cmdline", "workload=fault kind=panic"]);

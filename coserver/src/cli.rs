@@ -256,6 +256,10 @@ pub struct RestoreArgs {
     /// Reattach to another disk or tap than the snapshot names.
     #[command(flatten)]
     pub attach: AttachArgs,
+    /// When inputs reach the guest (async for a guest that idles inside KVM, such as
+    /// Linux; the snapshot does not say which it was run with).
+    #[arg(long, value_enum, default_value_t = Inputs::AtExits)]
+    pub inputs: Inputs,
     /// Print exits, exit-trace, memory-hash, output-digest and exit-code at the end
     /// (on stderr).
     #[arg(long)]

@@ -146,7 +146,7 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
         max_exits: args.save_at_exit,
         stop_at_marker: None,
     };
-    let stop = vm.run(&limits)?;
+    let stop = run_reporting(&mut vm, &limits, args.report)?;
     if let (RunStop::ExitLimit, Some(dir)) = (stop, &args.save) {
         vm.save(dir)?;
         if args.report {
@@ -213,7 +213,10 @@ pub fn restore(args: &RestoreArgs) -> Result<i32, RunError> {
         attach::live_world(&attachments, mac, args.idle, args.attach.console_input)?;
     attach::check_matches(&saved_devices, &devices)?;
     let mut vm = Vm::restore(&args.dir, Box::new(live))?;
-    let stop = vm.run(&RunLimits::default())?;
+    if args.inputs == Inputs::Async {
+        vm.deliver_inputs_asynchronously();
+    }
+    let stop = run_reporting(&mut vm, &RunLimits::default(), args.report)?;
     let code = exit_code(stop);
     if args.report {
         print_report(&vm, Some(code))?;
@@ -292,6 +295,20 @@ fn summary(vm: &Vm, exit_code: u32) -> Result<Summary, RunError> {
         output_digest: vm.output_digest(),
         exit_code,
     })
+}
+
+/// Runs `vm`; if the run fails and a report was asked for, prints what the report can
+/// say (without an exit code) before the error.
+fn run_reporting(vm: &mut Vm, limits: &RunLimits, report: bool) -> Result<RunStop, RunError> {
+    match vm.run(limits) {
+        Ok(stop) => Ok(stop),
+        Err(e) => {
+            if report {
+                print_report(vm, None)?;
+            }
+            Err(e.into())
+        }
+    }
 }
 
 /// Prints the report on stderr, so that stdout stays exactly the guest's console bytes
