@@ -22,12 +22,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// Kernel command-line flags for hosts whose emulated guest kernel mode lacks XSAVE,
-/// SSE3-4.2, AES, PCLMUL, AVX, F16C, FMA, CMPXCHG16B, POPCNT and SMAP (feature numbers of
-/// Linux's `cpufeatures.h`).
-const EMULATED_KERNEL_FLAGS: &str =
-    "noxsave clearcpuid=128,129,137,140,141,147,148,151,153,154,156,157,308";
+use linux::EMULATED_KERNEL_FLAGS;
 
 /// Kills the VM when the test ends, however it ends.
 struct Vm(Child);

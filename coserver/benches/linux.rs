@@ -19,12 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::ConsoleLines;
-
-/// The kernel command-line flags for hosts whose emulated guest kernel mode lacks
-/// XSAVE, SSE3-4.2, AES, PCLMUL, AVX, F16C, FMA, CMPXCHG16B, POPCNT and SMAP (as in
-/// tests/linux_guest_e2e.rs).
-const EMULATED_KERNEL_FLAGS: &str =
-    "noxsave clearcpuid=128,129,137,140,141,147,148,151,153,154,156,157,308";
+use linux::EMULATED_KERNEL_FLAGS;
 
 struct Boot {
     to_init: Duration,

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ftvm_vmm::cpu_template::CpuTemplate;
+use ftvm_vmm::input_watch::InputDelivery;
 
 /// ftvm — a fault-tolerant virtual machine runner on KVM.
 #[derive(Debug, Parser)]
@@ -238,12 +239,20 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// When inputs reach the guest, defaults applied.
-    pub fn inputs(&self) -> Inputs {
-        self.inputs.unwrap_or(match self.kernel {
-            Some(_) => Inputs::Async,
-            None => Inputs::AtExits,
-        })
+    /// When inputs reach the guest, defaults applied (as for a pair's `guest.inputs`).
+    pub fn inputs(&self) -> InputDelivery {
+        self.inputs
+            .map(InputDelivery::from)
+            .unwrap_or(InputDelivery::default_for(self.kernel.is_some()))
+    }
+}
+
+impl From<Inputs> for InputDelivery {
+    fn from(i: Inputs) -> Self {
+        match i {
+            Inputs::AtExits => InputDelivery::AtExits,
+            Inputs::Async => InputDelivery::Async,
+        }
     }
 }
 

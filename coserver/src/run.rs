@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use ftvm_devices::world::record::RecordingWorld;
 use ftvm_devices::world::replay::ReplayWorld;
 use ftvm_devices::world::World;
+use ftvm_vmm::input_watch::InputDelivery;
 use ftvm_vmm::{snapshot, Attachments, RunLimits, RunStop, Vm, VmConfig, VmError};
 
 use crate::attach::{self, AttachError};
-use crate::cli::{Inputs, ReplayArgs, RestoreArgs, RunArgs};
+use crate::cli::{ReplayArgs, RestoreArgs, RunArgs};
 use crate::recording::{self, KernelSource, Recording, RecordingError, Summary};
 
 /// Default command line for a kernel given with --kernel.
@@ -84,7 +85,7 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
     if args.record.is_some() && args.save.is_some() {
         return Err(RunError::RecordWithSave);
     }
-    if args.record.is_some() && args.inputs() == Inputs::Async {
+    if args.record.is_some() && args.inputs() == InputDelivery::Async {
         return Err(RunError::RecordAsync);
     }
     let (kernel, source, default_cmdline) = match &args.kernel {
@@ -139,7 +140,7 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
         None => (Box::new(live), None),
     };
     let mut vm = Vm::boot(&config, world)?;
-    if args.inputs() == Inputs::Async {
+    if args.inputs() == InputDelivery::Async {
         vm.deliver_inputs_asynchronously();
     }
     let limits = RunLimits {
@@ -213,7 +214,7 @@ pub fn restore(args: &RestoreArgs) -> Result<i32, RunError> {
         attach::live_world(&attachments, mac, args.idle, args.attach.console_input)?;
     attach::check_matches(&saved_devices, &devices)?;
     let mut vm = Vm::restore(&args.dir, Box::new(live))?;
-    if args.inputs == Inputs::Async {
+    if InputDelivery::from(args.inputs) == InputDelivery::Async {
         vm.deliver_inputs_asynchronously();
     }
     let stop = run_reporting(&mut vm, &RunLimits::default(), args.report)?;

@@ -112,39 +112,42 @@ fn initramfs(init: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_init_is_an_executable_the_host_can_run() {
-        // The host kernel loads and starts it: it then spins, so it is killed.
-        let dir = std::env::temp_dir().join(format!("ftvm-idle-init-{}", std::process::id()));
+    /// Writes `elf` as an executable file in a fresh temporary directory and runs
+    /// `check` on its path; the directory is removed after.
+    fn with_executable(name: &str, elf: &[u8], check: impl FnOnce(&std::path::Path)) {
+        let dir = std::env::temp_dir().join(format!("ftvm-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("init");
-        std::fs::write(&path, idle_init_elf()).expect("write");
+        std::fs::write(&path, elf).expect("write");
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .expect("chmod");
-        let mut child = std::process::Command::new(&path)
-            .spawn()
-            .expect("exec the init");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        assert!(
-            child.try_wait().expect("wait").is_none(),
-            "it keeps running"
-        );
-        child.kill().expect("kill");
-        child.wait().expect("reap");
+        check(&path);
         std::fs::remove_dir_all(&dir).expect("clean up");
     }
 
     #[test]
+    fn the_init_is_an_executable_the_host_can_run() {
+        // The host kernel loads and starts it: it then spins, so it is killed.
+        with_executable("idle-init", &idle_init_elf(), |path| {
+            let mut child = std::process::Command::new(path)
+                .spawn()
+                .expect("exec the init");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            assert!(
+                child.try_wait().expect("wait").is_none(),
+                "it keeps running"
+            );
+            child.kill().expect("kill");
+            child.wait().expect("reap");
+        });
+    }
+
+    #[test]
     fn the_exiting_init_exits_with_status_0_on_the_host() {
-        let dir = std::env::temp_dir().join(format!("ftvm-exit-init-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("init");
-        std::fs::write(&path, init_elf(EXIT)).expect("write");
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .expect("chmod");
-        let status = std::process::Command::new(&path).status().expect("exec");
-        assert_eq!(status.code(), Some(0));
-        std::fs::remove_dir_all(&dir).expect("clean up");
+        with_executable("exit-init", &init_elf(EXIT), |path| {
+            let status = std::process::Command::new(path).status().expect("exec");
+            assert_eq!(status.code(), Some(0));
+        });
     }
 
     #[test]

@@ -8,6 +8,13 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
+/// Kernel command-line flags for hosts whose emulated guest kernel mode lacks XSAVE,
+/// SSE3-4.2, AES, PCLMUL, AVX, F16C, FMA, CMPXCHG16B, POPCNT and SMAP (feature numbers of
+/// Linux's `cpufeatures.h`): there the CPUID a guest kernel reads need not be its CPU
+/// template's (HOST.md). Harmless on a host that runs guest kernel code natively.
+pub const EMULATED_KERNEL_FLAGS: &str =
+    "noxsave clearcpuid=128,129,137,140,141,147,148,151,153,154,156,157,308";
+
 /// The workspace root.
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -47,13 +47,18 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// The KVM segment register form of GDT entry `index`.
 fn segment(index: usize) -> kvm_segment {
-    let e = BOOT_GDT_ENTRIES[index];
+    segment_from_descriptor(BOOT_GDT_ENTRIES[index], (index * 8) as u16)
+}
+
+/// The KVM segment register form of the 8-byte code or data segment descriptor `e`,
+/// loaded with `selector`.
+pub fn segment_from_descriptor(e: u64, selector: u16) -> kvm_segment {
     let limit = ((e & 0xffff) | ((e >> 32) & 0xf_0000)) as u32;
     let g = ((e >> 55) & 1) as u8;
     kvm_segment {
         base: ((e >> 16) & 0xff_ffff | ((e >> 32) & 0xff00_0000)),
         limit: if g == 1 { (limit << 12) | 0xfff } else { limit },
-        selector: (index * 8) as u16,
+        selector,
         type_: ((e >> 40) & 0xf) as u8,
         present: ((e >> 47) & 1) as u8,
         dpl: ((e >> 45) & 3) as u8,

@@ -12,6 +12,7 @@ use kvm_bindings::kvm_segment;
 
 use super::instr::{Cpu, Exception};
 use super::paging::{Access, WalkError};
+use crate::boot::cpu::segment_from_descriptor;
 
 const RFLAGS_TF: u64 = 1 << 8;
 const RFLAGS_IF: u64 = 1 << 9;
@@ -144,15 +145,9 @@ fn code_segment(cpu: &Cpu, mem: &GuestMem, selector: u16) -> Result<kvm_segment,
         return Err(bad);
     }
     let d = u64::from_le_bytes(read::<8>(cpu, mem, gdt.base + index, "the GDT")?);
-    let type_ = ((d >> 40) & 0xf) as u8;
-    let s = ((d >> 44) & 1) as u8;
-    let dpl = ((d >> 45) & 3) as u8;
-    let present = ((d >> 47) & 1) as u8;
-    let l = ((d >> 53) & 1) as u8;
-    let db = ((d >> 54) & 1) as u8;
-    let g = ((d >> 55) & 1) as u8;
-    let code = s == 1 && type_ & 0x8 != 0;
-    if !code || present == 0 || l == 0 || db == 1 || dpl != 0 {
+    let mut cs = segment_from_descriptor(d, selector & !3);
+    let code = cs.s == 1 && cs.type_ & 0x8 != 0;
+    if !code || cs.present == 0 || cs.l == 0 || cs.db == 1 || cs.dpl != 0 {
         return Err(bad);
     }
     // Loading the descriptor marks it accessed, as the CPU does.
@@ -165,20 +160,6 @@ fn code_segment(cpu: &Cpu, mem: &GuestMem, selector: u16) -> Result<kvm_segment,
                 cause,
             })?;
     }
-    let limit = ((d & 0xffff) | ((d >> 32) & 0xf_0000)) as u32;
-    Ok(kvm_segment {
-        base: ((d >> 16) & 0xff_ffff) | ((d >> 32) & 0xff00_0000),
-        limit: if g == 1 { (limit << 12) | 0xfff } else { limit },
-        selector: selector & !3,
-        type_: type_ | 1,
-        present,
-        dpl,
-        db,
-        s,
-        l,
-        g,
-        avl: ((d >> 52) & 1) as u8,
-        unusable: 0,
-        padding: 0,
-    })
+    cs.type_ |= 1;
+    Ok(cs)
 }

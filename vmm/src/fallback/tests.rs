@@ -149,6 +149,34 @@ fn decode(bytes: &[u8], rip: u64) -> Instruction {
     Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE).decode()
 }
 
+/// Executes `bytes`, decoded at the host address `site` where the host ran them, on the
+/// test machine (after `prepare`), and asserts the fallback raises what the host raised:
+/// `trap` (the host's trap number and RIP), with `error_code`. Returns the CPU after.
+fn assert_raises_as_on_the_host(
+    bytes: &[u8],
+    site: u64,
+    trap: (u64, u64),
+    error_code: Option<u32>,
+    prepare: impl FnOnce(&GuestMem, &mut Cpu),
+) -> Cpu {
+    let (trapno, rip) = trap;
+    let (mem, mut cpu) = machine();
+    prepare(&mem, &mut cpu);
+    cpu.regs.rip = site;
+    let insn = decode(bytes, site);
+    let effect = instr::execute(&mut cpu, &mem, &insn).expect("emulated");
+    assert_eq!(
+        effect,
+        Effect::Raised(Exception {
+            vector: trapno as u8,
+            error_code,
+            return_rip: rip,
+            cr2: None
+        })
+    );
+    cpu
+}
+
 // ---- the host CPU's own execution ----
 
 static TRAPNO: AtomicU64 = AtomicU64::new(u64::MAX);
@@ -216,21 +244,9 @@ fn int3_is_a_trap_with_rip_after_it_as_on_the_host() {
             );
         }
     });
-    let (trapno, rip) = trap.expect("the host raised #BP");
+    let trap = trap.expect("the host raised #BP");
     assert_eq!(after, site + 1);
-    let insn = decode(&[0xcc], site);
-    let (mem, mut cpu) = machine();
-    cpu.regs.rip = site;
-    let effect = instr::execute(&mut cpu, &mem, &insn).expect("emulated");
-    assert_eq!(
-        effect,
-        Effect::Raised(Exception {
-            vector: trapno as u8,
-            error_code: None,
-            return_rip: rip,
-            cr2: None
-        })
-    );
+    assert_raises_as_on_the_host(&[0xcc], site, trap, None, |_, _| {});
 }
 
 #[test]
@@ -301,26 +317,14 @@ fn fwait_with_a_pending_unmasked_x87_exception_raises_mf_on_itself_as_on_the_hos
             );
         }
     });
-    let (trapno, rip) = trap.expect("the host raised #MF");
+    let trap = trap.expect("the host raised #MF");
     assert_ne!(
         fsw_before & 0x80,
         0,
         "the host's FSW shows the pending exception"
     );
-    let (mem, mut cpu) = machine();
-    cpu.regs.rip = site;
-    cpu.fsw = fsw_before;
-    let insn = decode(&[0x9b], site);
-    let effect = instr::execute(&mut cpu, &mem, &insn).expect("emulated");
-    assert_eq!(
-        effect,
-        Effect::Raised(Exception {
-            vector: trapno as u8,
-            error_code: None,
-            return_rip: rip,
-            cr2: None
-        })
-    );
+    let cpu =
+        assert_raises_as_on_the_host(&[0x9b], site, trap, None, |_, cpu| cpu.fsw = fsw_before);
     assert_eq!(cpu.regs.rip, site, "a fault leaves RIP on the instruction");
 }
 
@@ -445,23 +449,12 @@ fn ldmxcsr_and_stmxcsr_match_the_host_and_reserved_bits_raise_gp() {
                 resume = in(reg) RESUME.as_ptr(), out("rax") _);
         }
     });
-    let (trapno, rip) = trap.expect("the host raised #GP");
-    assert_eq!(rip, site);
-    let (mem, mut cpu) = machine();
-    mem.write_obj(reserved, GuestAddress(DATA)).expect("in RAM");
-    cpu.regs.rax = DATA;
-    cpu.regs.rip = site;
-    let insn = decode(&[0x0f, 0xae, 0x10], site);
-    let effect = instr::execute(&mut cpu, &mem, &insn).expect("emulated");
-    assert_eq!(
-        effect,
-        Effect::Raised(Exception {
-            vector: trapno as u8,
-            error_code: Some(0),
-            return_rip: rip,
-            cr2: None
-        })
-    );
+    let trap = trap.expect("the host raised #GP");
+    assert_eq!(trap.1, site);
+    let cpu = assert_raises_as_on_the_host(&[0x0f, 0xae, 0x10], site, trap, Some(0), |mem, cpu| {
+        mem.write_obj(reserved, GuestAddress(DATA)).expect("in RAM");
+        cpu.regs.rax = DATA;
+    });
     assert_eq!(cpu.mxcsr, 0x1f80, "nothing loaded");
 }
 
