@@ -120,6 +120,10 @@ pub struct CtlArgs {
     /// The CoServer's control address (host:port).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7200")]
     pub connect: String,
+    /// For actions sent from another host: the CoServer's token (the file
+    /// `control-token` in its state directory, copied here).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     /// What to ask.
     #[command(subcommand)]
     pub command: CtlCommand,
@@ -133,7 +137,22 @@ pub enum CtlCommand {
         /// Print the JSON document instead.
         #[arg(long)]
         json: bool,
+        /// Redraw every second (a join's copy as a progress bar) until interrupted.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
     },
+    /// On the primary of a protected pair: hand the guest to the secondary (this node
+    /// becomes its secondary); waits until it has.
+    Switchover {
+        /// Return once the primary accepted, without waiting for the handover.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// On the secondary: leave the pair cleanly (the primary runs on degraded); the
+    /// CoServer exits. Start it again to rejoin.
+    Leave,
+    /// Re-read the configuration file: a replacement peer's link addresses.
+    Reload,
 }
 
 /// How an idle guest waits for its timer.

@@ -633,3 +633,54 @@ psk = "0123456789abcdef"
         }
     }
 }
+
+/// Configurations for tests.
+#[doc(hidden)]
+pub mod test_support {
+    use super::*;
+
+    /// Node `name` with `links` and `arbiter`, a 64 MiB built-in guest without devices,
+    /// control on 127.0.0.1:7200, the tests' key, 50 ms × 3 heartbeats, defaults
+    /// elsewhere; tests change what they need (and write it with [`Config::to_toml`]).
+    pub fn config(
+        name: &str,
+        state_dir: PathBuf,
+        links: Vec<LinkConfig>,
+        arbiter: ArbiterConfig,
+    ) -> Config {
+        Config {
+            node: name.into(),
+            guest: GuestConfig {
+                kernel: None,
+                cmdline: String::new(),
+                mem_mib: 64,
+                mac: "52:54:00:f7:00:01".into(),
+                ip: None,
+                cpu_template: Default::default(),
+                initrd: None,
+                inputs: None,
+            },
+            host: HostConfig {
+                disk: None,
+                tap: None,
+                state_dir,
+            },
+            links,
+            heartbeat: HeartbeatConfig {
+                interval_ms: 50,
+                misses: 3,
+                ..HeartbeatConfig::default()
+            },
+            replication: ReplicationConfig::default(),
+            arbiter,
+            control: ControlConfig {
+                listen: std::net::SocketAddr::from(([127, 0, 0, 1], 7200)),
+            },
+            security: SecurityConfig {
+                psk: Some("pair-test-key-0123456789".into()),
+                psk_file: None,
+                encrypt: true,
+            },
+        }
+    }
+}

@@ -8,6 +8,7 @@ pub mod attach;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod demo;
 pub mod durable;
 pub mod link;

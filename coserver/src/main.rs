@@ -1,27 +1,10 @@
 //! `ftvm`: runs a guest on KVM, snapshots and restores it.
 
 use clap::Parser;
-use ftvm_coserver::{cli, control, demo, node, run};
+use ftvm_coserver::{cli, ctl, demo, node, run};
 
 /// Process exit code for errors of ftvm itself (as opposed to the guest's exit code).
 const EXIT_VMM_ERROR: i32 = 125;
-
-fn ctl(args: &cli::CtlArgs) -> Result<i32, String> {
-    match args.command {
-        cli::CtlCommand::Status { json } => {
-            let status = control::fetch(&args.connect).map_err(|e| e.to_string())?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&status).unwrap_or_default()
-                );
-            } else {
-                print!("{}", control::render(&status));
-            }
-            Ok(0)
-        }
-    }
-}
 
 fn main() {
     let args = cli::Cli::parse();
@@ -44,7 +27,7 @@ fn main() {
             },
         )
         .map_err(|e| e.to_string()),
-        cli::Command::Ctl(a) => ctl(&a),
+        cli::Command::Ctl(a) => ctl::run(&a).map_err(|e| e.to_string()),
         cli::Command::Arbiter(cli::ArbiterArgs {
             command: cli::ArbiterCommand::Init { dir },
         }) => ftvm_coserver::arbiter::Arbiter::init(&dir)

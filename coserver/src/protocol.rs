@@ -116,6 +116,9 @@ pub enum Incomplete {
     Applying,
     /// The peer won a later generation: the guest ran on after this replica.
     Superseded,
+    /// The operator took this host out of the pair (`ftvm ctl leave`); the guest runs on
+    /// elsewhere.
+    Left,
 }
 
 impl Incomplete {
@@ -127,6 +130,7 @@ impl Incomplete {
                 "applying: it follows (or followed) the primary's stream; after a crash of this host it is copied again"
             }
             Incomplete::Superseded => "superseded: the guest ran on elsewhere after it",
+            Incomplete::Left => "left: the operator took this host out of the pair (ftvm ctl leave)",
         }
     }
 }
@@ -466,6 +470,17 @@ pub enum Message {
         /// The guest's exit code.
         exit_code: u32,
     },
+    /// The secondary leaves the pair on the operator's word (`ftvm ctl leave`): its
+    /// replica is recorded incomplete, so it takes nothing over; the primary runs on
+    /// degraded without asking the arbiter.
+    Leave,
+    /// Switchover (`ftvm ctl switchover`): the primary's guest stopped at the end of
+    /// `position`, which the secondary acknowledged, and every output up to it was
+    /// released. The secondary takes the guest over from there.
+    Handover {
+        /// The last stream position the old primary's guest ran.
+        position: u64,
+    },
 }
 
 fn codec() -> impl Options {
@@ -523,6 +538,8 @@ impl Message {
             Message::Released { .. } => "released",
             Message::Executed { .. } => "executed",
             Message::Diverged { .. } => "diverged",
+            Message::Leave => "leave",
+            Message::Handover { .. } => "handover",
         }
     }
 }

@@ -11,10 +11,7 @@ use std::time::{Duration, Instant};
 
 use std::net::SocketAddr;
 
-pub use ftvm_coserver::config::{
-    ArbiterConfig, Config, ControlConfig, GuestConfig, HeartbeatConfig, HostConfig, LinkConfig,
-    ReplicationConfig, SecurityConfig,
-};
+pub use ftvm_coserver::config::{ArbiterConfig, Config, HeartbeatConfig, LinkConfig};
 use ftvm_coserver::netns::ip;
 pub use ftvm_coserver::protocol::ReplicationMode;
 
@@ -328,48 +325,18 @@ pub enum TestArbiter {
 }
 
 /// A CoServer configuration for tests: node `name` with `links` and `arbiter`, a 64 MiB
-/// built-in guest without devices, control on 127.0.0.1:7200, the tests' key, defaults
-/// elsewhere; tests change what they need and write it with [`Config::to_toml`].
+/// built-in guest (MAC [`GUEST_MAC`]) without devices, control on 127.0.0.1:7200, the
+/// tests' key, defaults elsewhere; tests change what they need and write it with
+/// [`Config::to_toml`].
 pub fn test_config(
     name: &str,
     state_dir: PathBuf,
     links: Vec<LinkConfig>,
     arbiter: ArbiterConfig,
 ) -> Config {
-    Config {
-        node: name.into(),
-        guest: GuestConfig {
-            kernel: None,
-            cmdline: String::new(),
-            mem_mib: 64,
-            mac: GUEST_MAC.into(),
-            ip: None,
-            cpu_template: Default::default(),
-            initrd: None,
-            inputs: None,
-        },
-        host: HostConfig {
-            disk: None,
-            tap: None,
-            state_dir,
-        },
-        links,
-        heartbeat: HeartbeatConfig {
-            interval_ms: 50,
-            misses: 3,
-            ..HeartbeatConfig::default()
-        },
-        replication: ReplicationConfig::default(),
-        arbiter,
-        control: ControlConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 7200)),
-        },
-        security: SecurityConfig {
-            psk: Some("pair-test-key-0123456789".into()),
-            psk_file: None,
-            encrypt: true,
-        },
-    }
+    let config = ftvm_coserver::config::test_support::config(name, state_dir, links, arbiter);
+    assert_eq!(config.guest.mac, GUEST_MAC);
+    config
 }
 
 /// Writes the configuration of node `name` (index 0 = A, 1 = B) into `dir`.
@@ -524,6 +491,19 @@ impl CoServer {
         self.typed().replica
     }
 
+    /// `ftvm ctl ACTION` against it: its output (stdout then stderr) and whether it
+    /// succeeded.
+    pub fn ctl(&self, args: &[&str]) -> (bool, String) {
+        match ctl_in(&self.ns, args) {
+            Some(o) => (
+                o.status.success(),
+                String::from_utf8_lossy(&o.stdout).into_owned()
+                    + &String::from_utf8_lossy(&o.stderr),
+            ),
+            None => (false, "ftvm ctl did not run".into()),
+        }
+    }
+
     /// Its human-readable status.
     pub fn status_text(&self) -> String {
         self.ctl_status(&[])
@@ -592,16 +572,21 @@ impl Drop for CoServer {
     }
 }
 
-/// Output of `ftvm ctl status` with `extra` arguments, run in namespace `ns`.
-pub fn ctl_status_in(ns: &str, extra: &[&str]) -> Option<Vec<u8>> {
-    let out = Command::new("ip")
+/// `ftvm ctl` with `args`, run in namespace `ns` against the CoServer there.
+pub fn ctl_in(ns: &str, args: &[&str]) -> Option<std::process::Output> {
+    Command::new("ip")
         .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ftvm")])
-        .args(["ctl", "--connect", "127.0.0.1:7200", "status"])
-        .args(extra)
+        .args(["ctl", "--connect", "127.0.0.1:7200"])
+        .args(args)
         .stdin(Stdio::null())
         .output()
-        .ok()?;
-    Some(out.stdout)
+        .ok()
+}
+
+/// Output of `ftvm ctl status` with `extra` arguments, run in namespace `ns`.
+pub fn ctl_status_in(ns: &str, extra: &[&str]) -> Option<Vec<u8>> {
+    let args: Vec<&str> = ["status"].iter().chain(extra).copied().collect();
+    Some(ctl_in(ns, &args)?.stdout)
 }
 
 /// The typed status of the CoServer in namespace `ns`, if it answers.

@@ -42,8 +42,14 @@ fn handshake_limit(inner: &Inner) -> Duration {
 }
 
 pub(super) async fn dial_loop(inner: Arc<Inner>, index: usize) {
-    let peer = inner.configs[index].peer;
+    // Ends when a reload started another dial loop for the link, or gave it a peer
+    // address that says this end listens.
+    let dialer = inner.dialers[index].fetch_add(1, Ordering::SeqCst) + 1;
     while !inner.stopped.load(Ordering::SeqCst) {
+        let peer = inner.peer(index);
+        if inner.dialers[index].load(Ordering::SeqCst) != dialer || !inner.dials(index) {
+            return;
+        }
         let mut pause = inner.opts.interval;
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer)).await {
             Ok(Ok(s)) => {
@@ -168,7 +174,7 @@ async fn connection(
         l.last_rx = Some(Instant::now());
         id
     };
-    tracing::info!(link = index, peer = %inner.configs[index].peer, "link connected");
+    tracing::info!(link = index, peer = %inner.peer(index), "link connected");
     let result = read_loop(inner, index, rd, opener).await;
     match &result {
         Err(ConnEnd::Frame(FrameError::Auth)) => {

@@ -24,7 +24,7 @@ use sha2::Sha256;
 /// First bytes of an opening.
 pub const MAGIC: [u8; 4] = *b"FTVH";
 /// The link protocol this build speaks (openings, frames and messages together).
-pub const LINK_VERSION: u16 = 7;
+pub const LINK_VERSION: u16 = 8;
 /// Length of an opening.
 pub const OPENING_LEN: usize = 48;
 /// Opening flag: link traffic is encrypted (else only authenticated).

@@ -65,6 +65,9 @@ pub enum LinkError {
     /// A message that cannot be sent.
     #[error(transparent)]
     Encode(#[from] EncodeError),
+    /// No link of that index.
+    #[error("there is no link {0}")]
+    NoSuchLink(usize),
 }
 
 /// What the links deliver to the CoServer.
@@ -274,7 +277,14 @@ struct Inner {
     send_order: Mutex<()>,
     local: Mutex<LocalInfo>,
     links: Vec<Mutex<LinkState>>,
+    /// Each link's local address (fixed for the process).
     configs: Vec<LinkConfig>,
+    /// Each link's peer address now (`ftvm ctl reload` may change it).
+    peers: Vec<Mutex<std::net::SocketAddr>>,
+    /// Whether each link's local address has an accept loop.
+    listening: Vec<AtomicBool>,
+    /// Dial loops started per link: only the latest dials.
+    dialers: Vec<AtomicU64>,
     events: mpsc::Sender<Event>,
     /// Held from the de-duplication of a message until it is queued for the CoServer,
     /// so the links' readers (on different worker threads) deliver in the order they
@@ -299,6 +309,17 @@ struct SendClock {
 }
 
 impl Inner {
+    /// Link `index`'s peer address now.
+    fn peer(&self, index: usize) -> std::net::SocketAddr {
+        *lock(&self.peers[index])
+    }
+
+    /// Whether this end dials link `index` (the end whose local address sorts first);
+    /// the other listens.
+    fn dials(&self, index: usize) -> bool {
+        self.configs[index].local.to_string() < self.peer(index).to_string()
+    }
+
     /// A frame left for the peer, or the heartbeat task ran.
     fn note_sent(&self) {
         let now = Instant::now();
@@ -380,6 +401,42 @@ impl Events {
     }
 }
 
+/// Starts what link `index` needs to reach its peer: a dial loop (which ends when the
+/// peer's address says this end should listen) or an accept loop on its local address
+/// (kept for the process).
+fn connect_link(inner: &Arc<Inner>, index: usize) -> Result<(), LinkError> {
+    if inner.dials(index) {
+        inner.handle.spawn(conn::dial_loop(inner.clone(), index));
+        return Ok(());
+    }
+    if inner.listening[index].swap(true, Ordering::SeqCst) {
+        return Ok(());
+    }
+    let local = inner.configs[index].local;
+    let err = |source| LinkError::Listen {
+        index,
+        addr: local,
+        source,
+    };
+    let bound = std::net::TcpListener::bind(local).and_then(|l| {
+        l.set_nonblocking(true)?;
+        let _guard = inner.handle.enter();
+        tokio::net::TcpListener::from_std(l)
+    });
+    match bound {
+        Ok(listener) => {
+            inner
+                .handle
+                .spawn(conn::accept_loop(inner.clone(), index, listener));
+            Ok(())
+        }
+        Err(e) => {
+            inner.listening[index].store(false, Ordering::SeqCst);
+            Err(err(e))
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panicking holder cannot leave these plain counters inconsistent.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -439,6 +496,9 @@ impl Links {
                 })
                 .collect(),
             configs: configs.to_vec(),
+            peers: configs.iter().map(|c| Mutex::new(c.peer)).collect(),
+            listening: configs.iter().map(|_| AtomicBool::new(false)).collect(),
+            dialers: configs.iter().map(|_| AtomicU64::new(0)).collect(),
             events: tx,
             dedup: tokio::sync::Mutex::new(Dedup::default()),
             clock: Instant::now(),
@@ -448,25 +508,8 @@ impl Links {
             quick: std::sync::OnceLock::new(),
             sent: Mutex::new(SendClock::default()),
         });
-        for (index, c) in configs.iter().enumerate() {
-            let dials = c.local.to_string() < c.peer.to_string();
-            let inner = inner.clone();
-            if dials {
-                handle.spawn(conn::dial_loop(inner, index));
-            } else {
-                let err = |source| LinkError::Listen {
-                    index,
-                    addr: c.local,
-                    source,
-                };
-                let std_listener = std::net::TcpListener::bind(c.local).map_err(err)?;
-                std_listener.set_nonblocking(true).map_err(err)?;
-                let listener = {
-                    let _guard = handle.enter();
-                    tokio::net::TcpListener::from_std(std_listener).map_err(err)?
-                };
-                handle.spawn(conn::accept_loop(inner, index, listener));
-            }
+        for index in 0..configs.len() {
+            connect_link(&inner, index)?;
         }
         handle.spawn(heartbeat_loop(inner.clone()));
         Ok((
@@ -481,6 +524,20 @@ impl Links {
                 holds: false,
             },
         ))
+    }
+
+    /// Link `index` reaches the peer at `peer` from now on (a replacement host): a
+    /// connection to the old address that is still up stays until it fails. Whether
+    /// this end dials or listens follows the new address.
+    pub fn set_peer(&self, index: usize, peer: std::net::SocketAddr) -> Result<(), LinkError> {
+        let inner = &self.inner;
+        if index >= inner.peers.len() {
+            return Err(LinkError::NoSuchLink(index));
+        }
+        *lock(&inner.peers[index]) = peer;
+        lock(&inner.links[index]).status.peer = peer.to_string();
+        tracing::info!(link = index, %peer, "link peer address changed");
+        connect_link(inner, index)
     }
 
     /// The runtime the links run on, for the CoServer's other I/O (the control API).
@@ -741,87 +798,7 @@ async fn heartbeat_loop(inner: Arc<Inner>) {
 
 /// Links between two pairs of ends on loopback, for the links' tests and benchmark.
 #[doc(hidden)]
-pub mod test_support {
-    use super::*;
-
-    /// A free loopback address.
-    pub fn free_addr() -> std::net::SocketAddr {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
-    }
-
-    /// Two link configurations, the first end listening on both.
-    pub fn pair_configs() -> (Vec<LinkConfig>, Vec<LinkConfig>) {
-        let (mut xs, mut ys) = (Vec::new(), Vec::new());
-        for _ in 0..2 {
-            let (mut p, mut q) = (free_addr(), free_addr());
-            if p.to_string() < q.to_string() {
-                std::mem::swap(&mut p, &mut q);
-            }
-            // p sorts higher: its end listens.
-            xs.push(LinkConfig { local: p, peer: q });
-            ys.push(LinkConfig { local: q, peer: p });
-        }
-        (xs, ys)
-    }
-
-    /// The key of the tests' pair.
-    pub const KEY: &[u8] = b"link-test-key-0123456789";
-
-    /// Options with 10 ms heartbeats.
-    pub fn options(key: &[u8], encrypt: bool) -> LinkOptions {
-        LinkOptions {
-            psk: key.to_vec(),
-            encrypt,
-            interval: Duration::from_millis(10),
-            timeout: Duration::from_millis(500),
-            realtime: false,
-        }
-    }
-
-    /// What node `node` advertises, with `mem_mib` of guest memory.
-    pub fn local(node: &str, mem_mib: u64) -> LocalInfo {
-        LocalInfo {
-            node: node.into(),
-            role: Role::Starting,
-            generation: 0,
-            standing: Standing::Blank,
-            arbiter: None,
-            guest: GuestShape {
-                mem_mib,
-                disk_bytes: vec![],
-                mode: Default::default(),
-                cpu_template: Default::default(),
-            },
-        }
-    }
-
-    /// The next protocol message within `limit`.
-    pub fn next_message(rx: &mut Events, limit: Duration) -> Option<Message> {
-        let end = Instant::now() + limit;
-        while let Some(left) = end.checked_duration_since(Instant::now()) {
-            match rx.recv_timeout(left) {
-                Ok(Event::Message(m)) => return Some(m),
-                Ok(_) => continue,
-                Err(_) => return None,
-            }
-        }
-        None
-    }
-
-    /// Waits until `cond` holds for `links`' status, at most 10 s.
-    pub fn wait_status(links: &Links, cond: impl Fn(&[LinkStatus]) -> bool) -> bool {
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(10) {
-            if cond(&links.status()) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        cond(&links.status())
-    }
-}
+pub mod test_support;
 
 #[cfg(test)]
 mod tests;

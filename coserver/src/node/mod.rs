@@ -9,10 +9,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ftvm_devices::backend::disk::DiskFile;
 use ftvm_devices::backend::tap::Tap;
 
+mod follower;
 mod guest_start;
+mod operator;
 mod quick;
 mod status;
 
@@ -25,7 +26,7 @@ use crate::control::{self, Status};
 use crate::link::{Event, Events, LinkOptions, Links, LocalInfo, Outbox, PeerInfo, RecvError};
 use crate::protocol::{GuestShape, Message, ReplicationMode, Role, Segment, Standing};
 use crate::replication::commit::Commit;
-use crate::replication::lockstep::{Divergence, Follower};
+use crate::replication::lockstep::Follower;
 use crate::replication::mirror::Mirror;
 use crate::replication::primary::EpochStats;
 use crate::replication::record::ReplicaRecord;
@@ -90,6 +91,12 @@ struct Running {
 
 struct Node {
     cfg: Config,
+    /// Where the configuration was read from (`ftvm ctl reload` reads it again).
+    config_path: std::path::PathBuf,
+    /// The operator's actions, from the control API.
+    requests: control::Requests,
+    /// When the last operator action was answered.
+    answered: Option<Instant>,
     links: Links,
     events: Events,
     out: Outbox,
@@ -122,7 +129,13 @@ struct Node {
     link_was_healthy: Vec<bool>,
     status: Arc<Mutex<Status>>,
     bytes_sample: (Instant, u64, u64),
+    /// The copy's bytes left when last sampled, and when (its rate).
+    copy_sample: Option<(Instant, u64, u64)>,
 }
+
+/// How long a CoServer that is about to exit lets the control API write the answer it
+/// just gave (it runs on the links' runtime, shut down at exit).
+const ANSWER_GRACE: Duration = Duration::from_millis(200);
 
 /// The last stretch before the peer-lost deadline that the event loop sleeps precisely.
 const FINE_WAIT: Duration = Duration::from_millis(2);
@@ -202,7 +215,8 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
     )?;
     let out = Outbox::start(&links);
     let status = Arc::new(Mutex::new(Status::default()));
-    control::serve(cfg.control.listen, status.clone(), &links.runtime())?;
+    let token = control::load_or_create_token(&cfg.host.state_dir)?;
+    let requests = control::serve(cfg.control.listen, status.clone(), token, &links.runtime())?;
     tracing::info!(node = %cfg.node, "CoServer starting; looking for a peer");
     let timeout = cfg.heartbeat.timeout();
     let session = SharedSession::new(Session::new(
@@ -237,6 +251,10 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
     links.set_quick(quick.clone());
     let mut node = Node {
         quick,
+        config_path: config_path.to_path_buf(),
+        requests,
+        answered: None,
+        copy_sample: None,
         mirror,
         link_was_healthy: vec![false; cfg.links.len()],
         cfg,
@@ -336,6 +354,7 @@ impl Node {
                 Err(RecvError::Closed) => return Ok(125),
             }
             self.watch_guest()?;
+            self.operator_requests()?;
             let alive = self.peer_alive();
             self.watch_links(alive);
             self.publish_status(alive);
@@ -359,6 +378,13 @@ impl Node {
                 // Let the last messages (the pair's end) leave, then close the links.
                 self.out.flush(self.cfg.heartbeat.timeout());
                 self.links.drain(self.cfg.heartbeat.timeout());
+                // An operator's answer just given (leave) reaches its client first.
+                if let Some(left) = self
+                    .answered
+                    .and_then(|t| (t + ANSWER_GRACE).checked_duration_since(Instant::now()))
+                {
+                    std::thread::sleep(left);
+                }
                 self.links.shutdown();
                 return Ok(code);
             }
@@ -642,13 +668,17 @@ impl Node {
                 Ok(())
             }
             Message::Released { position: epoch } if secondary => {
-                if let Some(r) = self.replica.as_mut() {
-                    r.released(epoch);
-                }
-                if let Some(f) = &self.follower {
-                    f.released(epoch);
-                }
+                self.released(epoch);
                 Ok(())
+            }
+            Message::Handover { position } if secondary => {
+                // Everything up to the handover left the old primary (said again here
+                // in case its `Released` was lost): the new primary emits none of it.
+                self.released(position);
+                self.input(Input::Message {
+                    now: Instant::now(),
+                    msg: Message::Handover { position },
+                })
             }
             Message::Stopped { exit_code } => {
                 tracing::info!(exit_code, "the guest powered off on the primary");
@@ -664,6 +694,16 @@ impl Node {
                 now: Instant::now(),
                 msg: other,
             }),
+        }
+    }
+
+    /// The primary released every output up to `position`.
+    fn released(&mut self, position: u64) {
+        if let Some(r) = self.replica.as_mut() {
+            r.released(position);
+        }
+        if let Some(f) = &self.follower {
+            f.released(position);
         }
     }
 
@@ -704,58 +744,6 @@ impl Node {
         Ok(())
     }
 
-    /// Lockstep: waits (bounded) until the replica's guest has executed every slice it
-    /// holds; one that diverged or does not get there leaves the replica incomplete.
-    fn settle_follower(&mut self) -> Result<(), NodeError> {
-        let Some(f) = &self.follower else {
-            return Ok(());
-        };
-        let held = self.session.lock().replica().and_then(|r| r.last_epoch());
-        let limit = Instant::now() + self.cfg.ack_timeout().max(Duration::from_secs(10));
-        let outcome = loop {
-            let st = f.status();
-            if let Some(d) = st.diverged {
-                break Err(d.why);
-            }
-            if st.executed.map(|(p, _)| p) >= held {
-                break Ok(());
-            }
-            if Instant::now() > limit {
-                break Err(
-                    "the replica's guest did not execute the rest of the log in time".into(),
-                );
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        };
-        match outcome {
-            Ok(()) => Ok(()),
-            // The pair ends: nothing to repair, the replica is just not whole.
-            Err(why) => self.input(Input::Diverged { why, at: None }),
-        }
-    }
-
-    /// Lockstep: the full copy is applied; its guest starts following the log.
-    fn start_follower(&mut self) -> Result<(), NodeError> {
-        let Some(replica) = self.replica.take() else {
-            return Err(NodeError::Guest("no replica to follow with".into()));
-        };
-        let standby = replica.into_standby()?.standby;
-        let mut disks = Vec::new();
-        if let Some(p) = &self.cfg.host.disk {
-            disks.push(DiskFile::open(p, false).map_err(|e| NodeError::Guest(e.to_string()))?);
-        }
-        let out = self.out.clone();
-        let follower = Follower::start(
-            standby,
-            disks,
-            self.cfg.host.tap.is_some(),
-            Box::new(move |m| out.send_small(m)),
-            self.mirror.as_ref().map(Mirror::window),
-        )?;
-        self.follower = Some(follower);
-        Ok(())
-    }
-
     fn fence(&mut self) {
         if let Some(r) = self.running.take() {
             r.commit.discard();
@@ -768,25 +756,6 @@ impl Node {
         self.replica = None;
         self.follower = None;
         self.mirror = None;
-    }
-
-    /// Lockstep: tells the session if the replica's guest diverged (it is repaired);
-    /// whether it had.
-    fn report_divergence(&mut self) -> Result<bool, NodeError> {
-        let diverged = self.follower.as_ref().and_then(|f| f.status().diverged);
-        let Some(Divergence {
-            why,
-            position,
-            written,
-        }) = diverged
-        else {
-            return Ok(false);
-        };
-        self.input(Input::Diverged {
-            why,
-            at: Some((position, written)),
-        })?;
-        Ok(true)
     }
 
     /// Reports the end of a guest that ran here (fenced, failed, or powered off).

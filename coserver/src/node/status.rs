@@ -4,12 +4,14 @@
 use std::time::{Duration, Instant};
 
 use super::Node;
-use crate::control::{PeerStatus, Percentiles, Status};
+use crate::control::{CopyProgress, PeerStatus, Percentiles, Status};
 
 impl Node {
     /// Alerts when a link is lost or restored.
     pub(super) fn watch_links(&mut self, alive: bool) {
         let status = self.links.status();
+        // A peer that left closes its links: expected, not alerted.
+        let alive = alive && !self.session.lock().peer().left;
         for (i, l) in status.iter().enumerate() {
             if l.healthy {
                 if !self.link_was_healthy[i]
@@ -31,6 +33,36 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// The running copy's progress from what it has left (`left`) and began with
+    /// (`began`), pages and disk bytes each; its rate over the last second or more.
+    fn copy_progress(
+        &mut self,
+        left: Option<(usize, u64)>,
+        began: Option<(usize, u64)>,
+    ) -> Option<CopyProgress> {
+        let bytes = |(pages, disk): (usize, u64)| pages as u64 * 4096 + disk;
+        let (Some(left), Some(began)) = (left.map(bytes), began.map(bytes)) else {
+            self.copy_sample = None;
+            return None;
+        };
+        let now = Instant::now();
+        let (at, before, rate) = *self.copy_sample.get_or_insert((now, left, 0));
+        let rate = if now.duration_since(at) >= Duration::from_secs(1) {
+            let r =
+                (before.saturating_sub(left) as f64 / now.duration_since(at).as_secs_f64()) as u64;
+            self.copy_sample = Some((now, left, r));
+            r
+        } else {
+            rate
+        };
+        Some(CopyProgress {
+            total_bytes: began.max(left),
+            copied_bytes: began.saturating_sub(left),
+            bytes_per_s: rate,
+            eta_s: (rate > 0).then(|| left as f64 / rate as f64),
+        })
     }
 
     /// Publishes this node's status for the control API.
@@ -94,6 +126,7 @@ impl Node {
                 st.last_copy = s.last_copy;
             }
         }
+        st.copy = self.copy_progress(st.copy_left, st.last_copy);
         if let Ok(mut s) = self.status.lock() {
             *s = st;
         }

@@ -83,6 +83,11 @@ impl Session {
                 let Some(epoch) = s.progress.ready_epoch() else {
                     return;
                 };
+                let why = if s.handed_over {
+                    "switchover"
+                } else {
+                    "primary lost"
+                };
                 match claim {
                     Ok(Claim::Won { generation }) => {
                         // The record first (the guest is about to run on this disk),
@@ -91,19 +96,19 @@ impl Session {
                         self.record_live(out, generation);
                         self.become_primary(out, epoch, Action::TakeOver);
                         self.raise_generation(out, generation);
-                        self.alert(out, format!("primary lost; won the arbiter (generation {generation}); {}", self.takeover_from(epoch)));
+                        self.alert(out, format!("{why}; won the arbiter (generation {generation}); {}", self.takeover_from(epoch)));
                     }
                     Ok(Claim::Lost { generation, holder }) => self.fence(
                         out,
-                        format!("primary lost and {holder} holds the arbiter (generation {generation}): fencing"),
+                        format!("{why} and {holder} holds the arbiter (generation {generation}): fencing"),
                         true,
                     ),
                     Ok(Claim::Refused) => {
-                        self.alert_once(out, "primary lost; not taking over (arbiter none)".into())
+                        self.alert_once(out, format!("{why}; not taking over (arbiter none)"))
                     }
                     // Nothing runs here: try again at the next tick.
                     Err(e) => {
-                        self.alert_once(out, format!("primary lost; the arbiter cannot be used: {e}"))
+                        self.alert_once(out, format!("{why}; the arbiter cannot be used: {e}"))
                     }
                 }
             }

@@ -78,6 +78,7 @@ impl Session {
         };
         s.progress = ReplicaProgress::default();
         s.primary_gone = false;
+        s.handed_over = false;
         s.join_sent = self.last_tick;
         self.resyncs += 1;
         self.record_incomplete(out, Incomplete::Copying);
@@ -106,6 +107,7 @@ impl Session {
         };
         s.progress = ReplicaProgress::default();
         s.primary_gone = false;
+        s.handed_over = false;
         s.failures += 1;
         let now = self.last_tick.unwrap_or_else(Instant::now);
         let delay = if s.failures == 1 {

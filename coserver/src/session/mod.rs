@@ -28,6 +28,8 @@
 mod arbitration;
 mod epoch_api;
 mod follow;
+mod messages;
+mod operator;
 mod primary;
 mod quick;
 mod replica;
@@ -36,6 +38,8 @@ mod standing;
 
 #[cfg(test)]
 mod lockstep_tests;
+#[cfg(test)]
+mod operator_tests;
 #[cfg(test)]
 mod pair_tests;
 #[cfg(test)]
@@ -46,7 +50,7 @@ mod tests;
 use std::time::{Duration, Instant};
 
 pub use epoch_api::RunPermit;
-pub use primary::{AckOutcome, CutPlan, DiskCopy, Mode, OutputPolicy, Primary};
+pub use primary::{AckOutcome, CutPlan, DiskCopy, Handover, Mode, OutputPolicy, Primary};
 pub use replica::{CopyCheck, ReplicaProgress, ResyncReason};
 pub use shared::SharedSession;
 
@@ -217,9 +221,11 @@ struct Secondary {
     progress: ReplicaProgress,
     /// When a Join (or Resync) was sent that no CopyStart has answered yet.
     join_sent: Option<Instant>,
-    /// The primary's process is gone (its CoServer restarted) although the peer is
-    /// heard: take over as if it were lost.
+    /// The primary's process is gone (its CoServer restarted, or it handed the guest
+    /// over) although the peer is heard: take over as if it were lost.
     primary_gone: bool,
+    /// The primary handed the guest over (switchover).
+    handed_over: bool,
     /// Applies that failed since the last full copy was applied.
     failures: u32,
     /// A new copy to ask for once the back-off after repeated failures has passed.
@@ -239,6 +245,9 @@ pub struct PeerView {
     pub standing: Option<Standing>,
     /// Heard within the peer timeout.
     pub alive: bool,
+    /// It left the pair on the operator's word (until its process restarts): its
+    /// silence is expected.
+    pub left: bool,
 }
 
 /// One CoServer's replication session.
@@ -466,6 +475,7 @@ impl Session {
                 self.peer.role = Some(role);
                 self.peer.standing = Some(standing);
                 if restarted {
+                    self.peer.left = false;
                     self.peer_restarted(&mut out, was, role);
                 }
                 self.learn_generation(&mut out, generation);
@@ -495,6 +505,10 @@ impl Session {
     fn tick(&mut self, out: &mut Vec<Action>, now: Instant, alive: bool, silent: Duration) {
         self.last_tick = Some(now);
         self.peer.alive = alive;
+        if self.exit.is_some() {
+            // The pair has ended here: nothing more to start or claim.
+            return;
+        }
         if let State::Primary(p) = &self.state {
             if silent > self.cfg.silence_limit && p.mode() != Mode::Degraded {
                 // This process did not run: the peer may have lost it and taken over
@@ -643,6 +657,7 @@ impl Session {
             progress: ReplicaProgress::default(),
             join_sent: Some(now),
             primary_gone: false,
+            handed_over: false,
             failures: 0,
             resync_at: None,
         });
@@ -688,113 +703,11 @@ impl Session {
         s.progress = ReplicaProgress::default();
         s.join_sent = self.last_tick;
         s.primary_gone = false;
+        s.handed_over = false;
         self.record_incomplete(out, Incomplete::Copying);
         out.push(Action::ResetReplica);
         self.alert(out, why);
         out.push(Action::Send(Message::Join));
-    }
-
-    fn message(&mut self, out: &mut Vec<Action>, now: Instant, msg: Message) {
-        match (&mut self.state, msg) {
-            (State::Primary(p), Message::Join) => {
-                let released = p.restart_copy();
-                if !released.is_empty() {
-                    out.push(Action::Release(released));
-                }
-            }
-            (State::Primary(p), Message::CopyApplied { copy, applied }) => {
-                p.copy_applied(copy, applied)
-            }
-            (State::Primary(p), Message::Executed { position, exit }) => {
-                p.executed(position, exit, now)
-            }
-            (
-                State::Primary(p),
-                Message::Diverged {
-                    position,
-                    reason,
-                    written,
-                },
-            ) => {
-                self.resyncs += 1;
-                let (released, ranges) = p.repair_copy(written);
-                if !released.is_empty() {
-                    out.push(Action::Release(released));
-                }
-                let what = match ranges {
-                    Some(r) => format!(
-                        "memory and {} disk ranges ({} bytes)",
-                        r.len(),
-                        DiskRange::total(&r)
-                    ),
-                    None => "memory and the whole disk".to_string(),
-                };
-                self.alert(
-                    out,
-                    format!("the secondary's guest diverged at position {position} ({reason}): repairing it with a copy of {what}"),
-                );
-            }
-            (State::Primary(p), Message::Resync { reason }) => {
-                self.resyncs += 1;
-                let released = p.restart_copy();
-                if !released.is_empty() {
-                    out.push(Action::Release(released));
-                }
-                self.alert(out, format!("secondary asks for a new copy: {reason}"));
-            }
-            (
-                State::Primary(p),
-                Message::Ack {
-                    position: epoch,
-                    copy,
-                },
-            ) => match p.ack(epoch, copy, now) {
-                AckOutcome::Accepted {
-                    protected,
-                    released,
-                } => {
-                    if !released.is_empty() {
-                        out.push(Action::Release(released));
-                    }
-                    out.push(Action::Send(Message::Released { position: epoch }));
-                    if protected {
-                        self.alert(
-                            out,
-                            "secondary holds a full copy: the pair is protected".into(),
-                        );
-                    }
-                    self.finish(out);
-                }
-                AckOutcome::Rejected => {
-                    tracing::warn!(
-                        epoch,
-                        copy,
-                        "acknowledgement of no checkpoint sent rejected"
-                    )
-                }
-            },
-            (State::Secondary(s), Message::CopyStart { copy }) => {
-                s.join_sent = None;
-                s.progress.start_copy(copy);
-                self.record_incomplete(out, Incomplete::Copying);
-                out.push(Action::ResetReplica);
-            }
-            (State::Secondary(s), Message::Stopped { exit_code }) => {
-                // The primary stops only once every checkpoint is acknowledged, that
-                // is applied here: a ready replica ends whole.
-                if let Some(epoch) = s.progress.ready_epoch() {
-                    self.record_whole(out, epoch);
-                }
-                out.push(Action::Exit(exit_code as i32));
-            }
-            (_, other) => {
-                tracing::debug!(
-                    kind = other.kind(),
-                    role = self.role().name(),
-                    "message ignored"
-                )
-            }
-        }
     }
 
     fn guest_ended(&mut self, out: &mut Vec<Action>, result: Result<u32, String>) {

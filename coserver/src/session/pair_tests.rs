@@ -30,7 +30,7 @@ const STEPS: usize = 160;
 const TIMEOUT_MS: u64 = 100;
 
 #[derive(Debug, Clone)]
-enum Step {
+pub(super) enum Step {
     /// Time passes on both nodes.
     Advance(u64),
     /// Node n's epoch ends (if its guest runs).
@@ -53,6 +53,12 @@ enum Step {
     Restart(usize),
     /// Node n's next apply fails.
     FailApply(usize),
+    /// The operator asks node n to switch over (refused unless it is a protected
+    /// primary).
+    Switchover(usize),
+    /// The operator asks node n to leave (refused unless it is a secondary); a node that
+    /// left is started again at once.
+    Leave(usize),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -68,6 +74,8 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0usize..2, 50u64..400).prop_map(|(n, ms)| Step::Pause(n, ms)),
         1 => (0usize..2).prop_map(Step::Restart),
         1 => (0usize..2).prop_map(Step::FailApply),
+        1 => (0usize..2).prop_map(Step::Switchover),
+        1 => (0usize..2).prop_map(Step::Leave),
     ]
 }
 
@@ -83,8 +91,8 @@ fn healthy_step() -> impl Strategy<Value = Step> {
 }
 
 /// One simulated host: its session and what its drivers hold.
-struct Host {
-    session: Session,
+pub(super) struct Host {
+    pub(super) session: Session,
     /// Persisted across restarts.
     generation: u64,
     standing: Standing,
@@ -99,10 +107,10 @@ struct Host {
     incarnation: u64,
 }
 
-struct World {
+pub(super) struct World {
     now_ms: u64,
     start: Instant,
-    hosts: [Host; 2],
+    pub(super) hosts: [Host; 2],
     /// links[l][n]: frames waiting on link l towards node n: (sender incarnation, seq, msg).
     links: [[VecDeque<(u64, u64, Message)>; 2]; 2],
     up: [bool; 2],
@@ -110,13 +118,15 @@ struct World {
     /// Delivered (sender incarnation, seq) per receiver.
     seen: [std::collections::HashSet<(u64, u64)>; 2],
     /// The arbiter: generation -> winner.
-    arbiter: BTreeMap<u64, usize>,
+    pub(super) arbiter: BTreeMap<u64, usize>,
     /// Generation -> the node that acted as primary in it.
-    acted: BTreeMap<u64, usize>,
+    pub(super) acted: BTreeMap<u64, usize>,
     /// Some step left a primary protected.
     was_protected: bool,
     /// A primary's CoServer was restarted while its secondary was ready.
     restarted_protected: bool,
+    /// Switchovers handed over.
+    handovers: u32,
 }
 
 fn cfg(n: usize) -> SessionConfig {
@@ -133,7 +143,7 @@ fn cfg(n: usize) -> SessionConfig {
 }
 
 impl World {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let start = Instant::now();
         // A first deployment: the operator designated node 0's disk.
         let standing = |n| match n {
@@ -168,6 +178,7 @@ impl World {
             acted: BTreeMap::new(),
             was_protected: false,
             restarted_protected: false,
+            handovers: 0,
         }
     }
 
@@ -195,15 +206,35 @@ impl World {
     }
 
     /// Carries out node n's actions, checking the invariants on the way.
-    fn execute(&mut self, n: usize, actions: Vec<Action>) -> Result<(), TestCaseError> {
+    pub(super) fn execute(&mut self, n: usize, actions: Vec<Action>) -> Result<(), TestCaseError> {
         let mut fenced_here = false;
         let standing_before = self.hosts[n].standing;
+        // A switchover's last batch releases the last outputs, hands over and fences:
+        // those outputs are at most the handed-over (acknowledged) position.
+        let handover = actions.iter().find_map(|a| match a {
+            Action::Send(Message::Handover { position }) => Some(*position),
+            _ => None,
+        });
+        self.handovers += u32::from(handover.is_some());
         for a in actions {
             match a {
                 Action::Send(m) => self.send(n, m),
                 Action::Release(outputs) => {
                     prop_assert!(!fenced_here, "node {n} released after fencing");
-                    self.check_release(n, &outputs)?;
+                    match handover {
+                        Some(position) => {
+                            for o in &outputs {
+                                let Output::Console(b) = o else { continue };
+                                let epoch: u64 =
+                                    String::from_utf8_lossy(b).parse().unwrap_or(u64::MAX);
+                                prop_assert!(
+                                    epoch <= position,
+                                    "node {n} released epoch {epoch} after handing over at {position}"
+                                );
+                            }
+                        }
+                        None => self.check_release(n, &outputs)?,
+                    }
                 }
                 Action::Claim => {
                     let r = self.claim(n);
@@ -547,7 +578,7 @@ impl World {
         }
     }
 
-    fn run(&mut self, s: &Step) -> Result<(), TestCaseError> {
+    pub(super) fn run(&mut self, s: &Step) -> Result<(), TestCaseError> {
         match *s {
             Step::Advance(ms) => self.advance(ms)?,
             Step::Cut(n) => self.cut(n, false)?,
@@ -584,6 +615,17 @@ impl World {
             Step::Pause(n, ms) => self.hosts[n].paused_until = self.now_ms + ms,
             Step::Restart(n) => self.restart(n),
             Step::FailApply(n) => self.hosts[n].fail_next_apply = true,
+            Step::Switchover(n) => {
+                if self.running(n) {
+                    let _ = self.hosts[n].session.switchover();
+                }
+            }
+            Step::Leave(n) => {
+                if let (true, Ok(a)) = (self.running(n), self.hosts[n].session.leave()) {
+                    self.execute(n, a)?;
+                    self.restart(n);
+                }
+            }
         }
         self.was_protected |= self.hosts.iter().any(|h| {
             h.session
@@ -616,6 +658,7 @@ fn random_faults_never_release_unacknowledged_output_or_make_two_primaries() {
     let protected_runs = std::cell::Cell::new(0u32);
     let takeovers = std::cell::Cell::new(0u32);
     let restarts = std::cell::Cell::new(0u32);
+    let handovers = std::cell::Cell::new(0u32);
     let sequence = (
         proptest::collection::vec(healthy_step(), 0..80),
         proptest::collection::vec(step(), 20..STEPS),
@@ -634,12 +677,19 @@ fn random_faults_never_release_unacknowledged_output_or_make_two_primaries() {
         if w.restarted_protected {
             restarts.set(restarts.get() + 1);
         }
+        if w.handovers > 0 {
+            handovers.set(handovers.get() + 1);
+        }
         Ok(())
     });
-    let (protected_runs, takeovers, restarts) =
-        (protected_runs.get(), takeovers.get(), restarts.get());
+    let (protected_runs, takeovers, restarts, handovers) = (
+        protected_runs.get(),
+        takeovers.get(),
+        restarts.get(),
+        handovers.get(),
+    );
     println!(
-        "{CASES} sequences (seed {:?}): {protected_runs} were protected at some step, {takeovers} saw more than one generation act, {restarts} restarted a primary whose secondary was ready",
+        "{CASES} sequences (seed {:?}): {protected_runs} were protected at some step, {takeovers} saw more than one generation act, {restarts} restarted a primary whose secondary was ready, {handovers} switched over",
         std::str::from_utf8(&SEED).unwrap_or("?")
     );
     if let Err(e) = result {
@@ -657,17 +707,21 @@ fn random_faults_never_release_unacknowledged_output_or_make_two_primaries() {
         restarts > 0,
         "no sequence restarted a protected primary: the test explores too little"
     );
+    assert!(
+        handovers > 0,
+        "no sequence switched over: the test explores too little"
+    );
 }
 
 /// Runs `steps`, failing at the first broken invariant.
-fn run(w: &mut World, steps: &[Step]) {
+pub(super) fn run(w: &mut World, steps: &[Step]) {
     for s in steps {
         w.run(s).unwrap_or_else(|e| panic!("{s:?}: {e}"));
     }
 }
 
 /// A simulated pair brought to protection, with a few checkpoints applied.
-fn protected_world() -> World {
+pub(super) fn protected_world() -> World {
     let mut w = World::new();
     let boot: Vec<Step> = (0..6).map(|_| Step::Advance(50)).collect();
     run(&mut w, &boot);
@@ -675,20 +729,25 @@ fn protected_world() -> World {
         &mut w,
         &[Step::Advance(10), Step::Advance(10), Step::Settle],
     );
+    protect(&mut w, 0);
+    run(&mut w, &[Step::Cut(0), Step::Settle]);
+    assert!(w.hosts[1].session.replica().is_some_and(|r| r.is_ready()));
+    w
+}
+
+/// Primary `n`, its secondary joined, copies to it (an epoch, the full cut) and has it
+/// acknowledged.
+pub(super) fn protect(w: &mut World, n: usize) {
     run(
-        &mut w,
+        w,
         &[
-            Step::Cut(0),
+            Step::Cut(n),
             Step::Settle,
-            Step::FullCut(0),
+            Step::FullCut(n),
             Step::Settle,
-            Step::Settle,
-            Step::Cut(0),
             Step::Settle,
         ],
     );
-    assert!(w.hosts[1].session.replica().is_some_and(|r| r.is_ready()));
-    w
 }
 
 #[test]

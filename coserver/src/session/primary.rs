@@ -110,6 +110,18 @@ pub enum CutPlan {
     Stop,
 }
 
+/// A switchover the operator asked of a protected primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    /// The guest stops at its next cut.
+    Requested,
+    /// The guest stopped after `position`: handed over once that is acknowledged.
+    Final {
+        /// The last position the guest ran here.
+        position: u64,
+    },
+}
+
 /// The answer to an acknowledgement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AckOutcome {
@@ -157,6 +169,8 @@ pub struct Primary {
     lockstep: Option<Box<SecondaryGuest>>,
     /// The next copy repairs a diverged replica: the disk ranges it sends.
     repair: Option<Vec<DiskRange>>,
+    /// A switchover under way.
+    handover: Option<Handover>,
 }
 
 /// A lockstep primary's view of its secondary's guest.
@@ -214,6 +228,44 @@ impl Primary {
                 })
             }),
             repair: None,
+            handover: None,
+        }
+    }
+
+    /// The switchover under way, if any.
+    pub fn handover(&self) -> Option<Handover> {
+        self.handover
+    }
+
+    /// The operator asks for a switchover: the guest stops at its next cut. `Err`:
+    /// why not now.
+    pub(super) fn request_handover(&mut self) -> Result<(), String> {
+        if !matches!(self.mode, Mode::Protected { .. }) {
+            return Err(format!(
+                "the pair is not protected (this primary is {}): a switchover needs a secondary holding a full copy",
+                self.mode.name()
+            ));
+        }
+        if self.powered_off.is_some() || self.finished {
+            return Err("the guest has powered off".into());
+        }
+        if self.handover.is_some() {
+            return Err("a switchover is already under way".into());
+        }
+        self.handover = Some(Handover::Requested);
+        Ok(())
+    }
+
+    /// The last position the guest ran, once it stopped for a switchover and the
+    /// secondary acknowledged it: time to hand over.
+    pub(super) fn handover_due(&self) -> Option<u64> {
+        match self.handover {
+            Some(Handover::Final { position })
+                if self.acked >= position && !self.finished && self.powered_off.is_none() =>
+            {
+                Some(position)
+            }
+            _ => None,
         }
     }
 
@@ -348,6 +400,8 @@ impl Primary {
     /// No secondary any more: everything held is released, nothing is awaited.
     pub(super) fn degrade(&mut self) -> Vec<Output> {
         self.mode = Mode::Degraded;
+        // A switchover without a secondary is off: the guest runs on here.
+        self.handover = None;
         self.unacked.clear();
         if let Some(f) = &mut self.lockstep {
             f.written.clear();
@@ -413,6 +467,10 @@ impl Primary {
                 release: outputs,
             },
             Mode::AwaitingFullAck { .. } | Mode::Protected { .. } => {
+                if self.handover == Some(Handover::Requested) {
+                    // The guest runs no further here.
+                    self.handover = Some(Handover::Final { position: epoch });
+                }
                 self.unacked.push_back((epoch, now));
                 if !outputs.is_empty() {
                     self.held.push_back(Held {
@@ -543,6 +601,10 @@ impl Primary {
     pub(super) fn may_run(&self, next: u64) -> RunPermit {
         if self.finished {
             RunPermit::Stop
+        } else if matches!(self.handover, Some(Handover::Final { .. })) {
+            // Stopped for a switchover: it runs on only if the switchover is called
+            // off (the secondary lost before it acknowledged).
+            RunPermit::Wait
         } else if (self.mode.holds() && next.saturating_sub(self.acked) > self.max_unacked())
             || self.lag_exceeded()
         {

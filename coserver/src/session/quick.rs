@@ -13,7 +13,7 @@ impl Session {
     /// A protected primary's acknowledgement of `position` (of copy `copy`): handled
     /// as [`Session::on`] would and its actions returned (outputs to release, the
     /// `Released` to send), or `None`, untouched, when it may do more than that — the
-    /// full copy's acknowledgement, the pair's end after a power-off, or a stall not
+    /// full copy's acknowledgement, the pair's end after a power-off, a switchover, or a stall not
     /// yet noticed (this node did not tick within the stall limit: an acknowledgement
     /// that waited out a stall must not release output before the stall is handled).
     pub fn quick_ack(&mut self, position: u64, copy: u64, now: Instant) -> Option<Vec<Action>> {
@@ -23,7 +23,11 @@ impl Session {
         let State::Primary(p) = &self.state else {
             return None;
         };
-        if !fresh || !matches!(p.mode(), Mode::Protected { .. }) || p.powered_off_at().is_some() {
+        if !fresh
+            || !matches!(p.mode(), Mode::Protected { .. })
+            || p.powered_off_at().is_some()
+            || p.handover().is_some()
+        {
             return None;
         }
         let mut out = Vec::new();

@@ -1,12 +1,28 @@
-//! The control API: a CoServer's status as JSON over HTTP (`GET /status`, served on the
-//! CoServer's tokio runtime), and the `ftvm ctl` client that prints it.
+//! The operator API: a CoServer's status and the operator's actions over HTTP, served
+//! on the CoServer's tokio runtime (`server`), and the `ftvm ctl` client (`client`).
+//!
+//! - `GET /status`: the [`Status`] as JSON; `GET /metrics`: the same in the Prometheus
+//!   text format (`metrics`); `GET /`: a read-only status page refreshing itself
+//!   (`page`).
+//! - `POST /actions/{switchover,leave,reload}`: an [`OperatorAction`], carried out by
+//!   the node's event loop and answered with an [`ActionAnswer`]. Accepted from the
+//!   loopback interface, and from elsewhere only with the token kept in the state
+//!   directory (`token`).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+mod client;
+mod metrics;
+mod page;
+mod server;
+mod token;
+
+use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
+
+pub use client::{act, fetch, fetch_text};
+pub use metrics::render_metrics;
+pub use server::{serve, ActionRequest, Requests};
+pub use token::{load_or_create_token, TOKEN_FILE};
 
 use crate::link::LinkStatus;
 
@@ -37,6 +53,103 @@ pub enum ControlError {
         /// What is wrong.
         message: String,
     },
+    /// The CoServer refused the action.
+    #[error("{action} refused: {message}")]
+    Refused {
+        /// The action.
+        action: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// The action token cannot be read or created.
+    #[error("control token {path}: {source}")]
+    Token {
+        /// Its file.
+        path: std::path::PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// What an operator asks a running CoServer to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OperatorAction {
+    /// A protected primary hands the guest to its secondary.
+    Switchover,
+    /// A secondary leaves the pair cleanly (the primary runs on degraded).
+    Leave,
+    /// Re-read the configuration file (new peer link addresses).
+    Reload,
+}
+
+impl OperatorAction {
+    /// Every action.
+    pub const ALL: [OperatorAction; 3] = [
+        OperatorAction::Switchover,
+        OperatorAction::Leave,
+        OperatorAction::Reload,
+    ];
+
+    /// Its name in the API's path.
+    pub fn name(self) -> &'static str {
+        match self {
+            OperatorAction::Switchover => "switchover",
+            OperatorAction::Leave => "leave",
+            OperatorAction::Reload => "reload",
+        }
+    }
+
+    /// The action called `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.name() == name)
+    }
+}
+
+/// The answer to an action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionAnswer {
+    /// Whether the CoServer does it.
+    pub accepted: bool,
+    /// What it does, or why not.
+    pub message: String,
+}
+
+/// The progress of a copy to a joining secondary (primary).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CopyProgress {
+    /// Bytes of memory and disk the copy had to send when it began (pages the guest
+    /// dirtied again meanwhile are sent again and not counted).
+    pub total_bytes: u64,
+    /// Bytes of those sent so far.
+    pub copied_bytes: u64,
+    /// Bytes copied per second (last second).
+    pub bytes_per_s: u64,
+    /// Seconds left at that rate.
+    pub eta_s: Option<f64>,
+}
+
+impl CopyProgress {
+    /// The copy as a progress bar `width` characters wide, with its figures.
+    pub fn bar(&self, width: usize) -> String {
+        let done = if self.total_bytes == 0 {
+            1.0
+        } else {
+            (self.copied_bytes as f64 / self.total_bytes as f64).min(1.0)
+        };
+        let filled = (done * width as f64).round() as usize;
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        format!(
+            "[{}{}] {:3.0}% {:.1} of {:.1} MiB, {:.1} MiB/s, {} left",
+            "#".repeat(filled),
+            "-".repeat(width - filled.min(width)),
+            done * 100.0,
+            mib(self.copied_bytes),
+            mib(self.total_bytes),
+            mib(self.bytes_per_s),
+            self.eta_s.map_or("?".to_string(), |s| format!("{s:.1} s"))
+        )
+    }
 }
 
 /// Percentiles of a recent sample.
@@ -111,6 +224,9 @@ pub struct Status {
     pub rejected_acks: u64,
     /// Pages and disk bytes still to copy to a joining secondary.
     pub copy_left: Option<(usize, u64)>,
+    /// The copy to a joining secondary, while one runs (primary).
+    #[serde(default)]
+    pub copy: Option<CopyProgress>,
     /// Pages and disk bytes the last copy to a secondary began with.
     #[serde(default)]
     pub last_copy: Option<(usize, u64)>,
@@ -147,69 +263,6 @@ pub struct Status {
     pub mirror: Option<crate::replication::inbound::MirrorCounts>,
     /// Alerts, oldest first.
     pub alerts: Vec<String>,
-}
-
-/// Serves `status` on `addr` (HTTP, `GET /status` as JSON) as a task of `runtime`.
-pub fn serve(
-    addr: SocketAddr,
-    status: Arc<Mutex<Status>>,
-    runtime: &tokio::runtime::Handle,
-) -> Result<(), ControlError> {
-    let listen = |e: std::io::Error| ControlError::Listen {
-        addr,
-        message: e.to_string(),
-    };
-    let std_listener = std::net::TcpListener::bind(addr).map_err(listen)?;
-    std_listener.set_nonblocking(true).map_err(listen)?;
-    let listener = {
-        let _guard = runtime.enter();
-        tokio::net::TcpListener::from_std(std_listener).map_err(listen)?
-    };
-    let app = axum::Router::new()
-        .route(
-            "/status",
-            axum::routing::get(move || {
-                let s = status.lock().map(|s| s.clone()).unwrap_or_default();
-                async move { axum::Json(s) }
-            }),
-        )
-        .fallback(|| async {
-            (
-                axum::http::StatusCode::NOT_FOUND,
-                axum::Json(serde_json::json!({ "error": "not found; try /status" })),
-            )
-        });
-    runtime.spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("control API stopped: {e}");
-        }
-    });
-    Ok(())
-}
-
-/// Fetches the status from the CoServer at `addr` (host:port).
-pub fn fetch(addr: &str) -> Result<Status, ControlError> {
-    let connect = |source| ControlError::Connect {
-        addr: addr.to_string(),
-        source,
-    };
-    let mut s = TcpStream::connect(addr).map_err(connect)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(connect)?;
-    write!(s, "GET /status HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(connect)?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).map_err(connect)?;
-    let bad = |message: String| ControlError::Answer {
-        addr: addr.to_string(),
-        message,
-    };
-    let (head, body) = answer
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| bad("no HTTP header".into()))?;
-    if !head.starts_with("HTTP/1.") || head.split_whitespace().nth(1).is_none_or(|c| c != "200") {
-        return Err(bad(head.lines().next().unwrap_or("").to_string()));
-    }
-    serde_json::from_str(body).map_err(|e| bad(e.to_string()))
 }
 
 fn opt(v: Option<u64>, unit: &str) -> String {
@@ -302,7 +355,9 @@ pub fn render(s: &Status) -> String {
             }
         );
     }
-    if let Some((pages, bytes)) = s.copy_left {
+    if let Some(c) = &s.copy {
+        out += &format!("copy to secondary: {}\n", c.bar(30));
+    } else if let Some((pages, bytes)) = s.copy_left {
         out += &format!("copy to secondary: {pages} pages and {bytes} disk bytes left\n");
     }
     for a in &s.alerts {
@@ -323,27 +378,29 @@ mod tests {
     }
 
     #[test]
-    fn status_is_served_and_fetched() {
-        let status = Arc::new(Mutex::new(Status {
-            node: "a".into(),
-            role: "primary".into(),
-            ..Status::default()
-        }));
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        serve(addr, status, rt.handle()).unwrap();
-        let got = fetch(&addr.to_string()).unwrap();
-        assert_eq!((got.node.as_str(), got.role.as_str()), ("a", "primary"));
-        assert!(render(&got).starts_with("node a: primary"));
-        assert!(fetch("127.0.0.1:1").is_err());
+    fn actions_are_named_both_ways() {
+        for a in OperatorAction::ALL {
+            assert_eq!(OperatorAction::from_name(a.name()), Some(a));
+        }
+        assert_eq!(OperatorAction::from_name("reboot"), None);
+    }
+
+    #[test]
+    fn copy_progress_bar() {
+        let c = CopyProgress {
+            total_bytes: 100 << 20,
+            copied_bytes: 25 << 20,
+            bytes_per_s: 50 << 20,
+            eta_s: Some(1.5),
+        };
+        assert_eq!(
+            c.bar(8),
+            "[##------]  25% 25.0 of 100.0 MiB, 50.0 MiB/s, 1.5 s left"
+        );
+        let done = CopyProgress {
+            copied_bytes: 100 << 20,
+            ..c
+        };
+        assert!(done.bar(4).starts_with("[####] 100%"), "{}", done.bar(4));
     }
 }

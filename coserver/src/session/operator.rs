@@ -1,0 +1,144 @@
+//! What the operator asks of a running pair: a switchover (the primary hands the guest
+//! to its protected secondary) and a secondary's leave.
+//!
+//! ```text
+//! primary, protected --(switchover)--> guest stops at its next cut (Final)
+//!          --(Ack of that cut; its outputs released)--> Handover sent, fenced
+//!          --(its guest stopped; the new primary heard)--> secondary (Join)
+//! secondary, ready --(Handover)--> claim: won --> primary (take over)
+//! secondary --(leave)--> replica recorded Left, Leave sent, exit 0
+//! primary --(Leave)--> degraded (held output released; no claim)
+//! ```
+
+use super::{Action, ArbiterKind, Session, State};
+use crate::protocol::{Incomplete, Message, Role};
+
+impl Session {
+    /// The operator asks this node to hand the guest to its secondary. `Ok`: what
+    /// happens now; `Err`: why not.
+    pub fn switchover(&mut self) -> Result<String, String> {
+        if self.cfg.arbiter != ArbiterKind::Claims {
+            return Err(
+                "a switchover needs an arbiter that grants takeovers (arbiter kind none names one node the primary)"
+                    .into(),
+            );
+        }
+        let peer = self.peer.name.clone().unwrap_or_else(|| "the peer".into());
+        let alive = self.peer.alive;
+        let State::Primary(p) = &mut self.state else {
+            return Err(format!(
+                "this node is {}, not the primary: ask the primary",
+                self.role().name()
+            ));
+        };
+        if !alive {
+            return Err(format!("{peer} is not heard"));
+        }
+        p.request_handover()?;
+        self.last_alert = Some(format!("switchover to {peer} requested"));
+        Ok(format!(
+            "switchover to {peer}: the guest stops at its next cut and {peer} takes it over once it holds that cut"
+        ))
+    }
+
+    /// The operator takes this secondary out of the pair: its replica is recorded
+    /// incomplete (it takes nothing over), the primary is told, and the node exits.
+    /// `Ok`: the actions (the record first); `Err`: why not.
+    pub fn leave(&mut self) -> Result<Vec<Action>, String> {
+        match self.role() {
+            Role::Secondary => {}
+            Role::Primary => {
+                return Err(
+                    "this node is the primary: switch over first (ftvm ctl switchover), then ask it to leave as the secondary"
+                        .into(),
+                )
+            }
+            other => {
+                return Err(format!(
+                    "this node is {}, not a secondary of a pair: stop its process instead",
+                    other.name()
+                ))
+            }
+        }
+        let mut out = Vec::new();
+        self.record_incomplete(&mut out, Incomplete::Left);
+        out.push(Action::Send(Message::Leave));
+        out.push(Action::DropReplica);
+        self.alert(
+            &mut out,
+            "leaving the pair (ftvm ctl leave): the primary runs on degraded; start this CoServer again to rejoin".into(),
+        );
+        self.state = State::Fenced {
+            guest_stopped: true,
+        };
+        out.push(Action::Exit(0));
+        self.note_exit(&out);
+        Ok(out)
+    }
+
+    /// A protected primary's secondary left the pair: degraded, without the arbiter
+    /// (the secondary recorded its replica incomplete before it said so).
+    pub(super) fn peer_left(&mut self, out: &mut Vec<Action>) {
+        self.peer.left = true;
+        let peer = self
+            .peer
+            .name
+            .clone()
+            .unwrap_or_else(|| "the secondary".into());
+        self.degrade(
+            out,
+            format!(
+                "{peer} left the pair (ftvm ctl leave): running degraded until a secondary joins"
+            ),
+        );
+    }
+
+    /// The switchover's last step on the primary: the guest stopped after a position
+    /// the secondary acknowledged, and its outputs were released: hand over and fence.
+    pub(super) fn hand_over_if_due(&mut self, out: &mut Vec<Action>) {
+        let State::Primary(p) = &self.state else {
+            return;
+        };
+        let Some(position) = p.handover_due() else {
+            return;
+        };
+        let peer = self.peer.name.clone().unwrap_or_else(|| "the peer".into());
+        out.push(Action::Send(Message::Handover { position }));
+        self.fence(
+            out,
+            format!("switchover: the guest stopped here after position {position}, which {peer} holds; {peer} takes it over and this node becomes its secondary"),
+            true,
+        );
+    }
+
+    /// The primary handed the guest over after `position`: a ready secondary claims it
+    /// (and, while the claim fails, claims again at every tick).
+    pub(super) fn handed_over(&mut self, out: &mut Vec<Action>, position: u64) {
+        let State::Secondary(s) = &mut self.state else {
+            return;
+        };
+        s.primary_gone = true;
+        s.handed_over = true;
+        match s.progress.ready_epoch() {
+            Some(held) => {
+                if held != position {
+                    tracing::warn!(
+                        held,
+                        position,
+                        "handover at another position than the replica holds"
+                    );
+                }
+                self.alert(
+                    out,
+                    format!("switchover: the primary handed the guest over after position {position}; claiming the arbiter"),
+                );
+                out.push(Action::Claim);
+            }
+            None => self.alert(
+                out,
+                "switchover: the primary handed the guest over, but this replica is not ready"
+                    .into(),
+            ),
+        }
+    }
+}
