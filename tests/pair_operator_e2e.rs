@@ -14,50 +14,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use pair::{
-    kv, kv_connect, protected, protected_pair, setup, spec, tcp_retransmits, wait_until,
+    client_until, edit_config, field, kv_guest, protected, protected_pair, setup, spec, wait_until,
     write_config, CoServer, Config, GUEST_IP, LIMIT,
 };
-
-/// The key-value guest with a small disk, on the network.
-fn kv_guest() -> pair::GuestSpec {
-    spec(&format!("workload=net ip={GUEST_IP}/24"), 8, true)
-}
-
-/// A client in the LAN SETting keys one at a time until `stop`; then it reads every
-/// key back over the same connection and shuts the guest down. Returns the keys set,
-/// the longest SET and the segments its TCP stack retransmitted meanwhile.
-fn client_until(
-    net: &pair::PairNet,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<(u32, Duration, u32)> {
-    let ns = net.ns[2].clone();
-    std::thread::spawn(move || {
-        ftvm_coserver::netns::run_in(&ns, move || {
-            let mut c = kv_connect();
-            let before = tcp_retransmits(c.get_ref());
-            let (mut n, mut worst) = (0u32, Duration::ZERO);
-            while !stop.load(Ordering::SeqCst) && n < 200_000 {
-                let t = Instant::now();
-                let reply =
-                    kv(&mut c, &format!("SET k{n} v{n}")).expect("SET over the same connection");
-                assert_eq!(reply, "OK", "SET k{n}");
-                worst = worst.max(t.elapsed());
-                n += 1;
-            }
-            let retransmits = tcp_retransmits(c.get_ref()) - before;
-            for i in 0..n {
-                assert_eq!(
-                    kv(&mut c, &format!("GET k{i}")).expect("GET over the same connection"),
-                    format!("VALUE v{i}"),
-                    "acknowledged SET k{i} lost"
-                );
-            }
-            assert_eq!(kv(&mut c, "SHUTDOWN").expect("SHUTDOWN"), "BYE");
-            (n, worst, retransmits)
-        })
-        .expect("client thread in the LAN")
-    })
-}
 
 #[test]
 fn ten_switchovers_back_and_forth_keep_the_client_connection_and_every_set() {
@@ -69,6 +28,7 @@ fn ten_switchovers_back_and_forth_keep_the_client_connection_and_every_set() {
     net.mirror_lan();
     let (a, b) = protected_pair(&net, dir.path(), &kv_guest());
     let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
     let client = client_until(&net, stop.clone());
     let nodes = [a, b];
     let mut primary = 0;
@@ -96,15 +56,76 @@ fn ten_switchovers_back_and_forth_keep_the_client_connection_and_every_set() {
     let (ok, out) = nodes[1 - primary].ctl(&["switchover"]);
     assert!(!ok && out.contains("refused"), "{out}");
     stop.store(true, Ordering::SeqCst);
-    let (sets, worst, retransmits) = client.join().expect("the client saw every SET and GET");
+    let run = client.join().expect("the client saw every SET and GET");
     let line = format!(
-        "10 switchovers under a TCP client (mirrored LAN): {sets} SETs acknowledged and read back over one connection, longest SET {worst:?}, {retransmits} TCP retransmissions; ftvm ctl switchover took {:?} at most",
+        "10 switchovers under a TCP client (mirrored LAN): {} SETs acknowledged and read back over one connection, longest SET {:?}, {} TCP retransmissions; ftvm ctl switchover took {:?} at most",
+        run.sets.len(),
+        run.worst(started, Instant::now()),
+        run.retransmits,
         times.iter().max().copied().unwrap_or_default()
     );
     println!("{line}");
     report(&line);
     let mut p = nodes;
     assert_eq!(p[primary].wait(LIMIT), Some(0), "{}", p[primary].log());
+}
+
+#[test]
+fn a_512_mib_guest_with_a_512_mib_disk_joins_while_a_client_sets_keys() {
+    let Some((net, dir)) = setup("pair_join_large", "j") else {
+        return;
+    };
+    let guest = spec(&format!("workload=net ip={GUEST_IP}/24"), 512, true);
+    let configs: Vec<_> = (0..2)
+        .map(|i| {
+            let c = write_config(dir.path(), i, &guest);
+            edit_config(&c, &|c| c.guest.mem_mib = 512);
+            c
+        })
+        .collect();
+    let a = CoServer::start_initial("a", &net.ns[0], &configs[0]);
+    assert!(
+        wait_until(LIMIT, || field(&a.status(), "role") == "primary"),
+        "{}",
+        a.log()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = client_until(&net, stop.clone());
+    std::thread::sleep(Duration::from_secs(2));
+    let join = Instant::now();
+    let b = CoServer::start("b", &net.ns[1], &configs[1]);
+    let mut progress = None;
+    assert!(
+        wait_until(Duration::from_secs(120), || {
+            let s = a.typed();
+            if let Some(c) = s.copy {
+                progress.get_or_insert(c);
+            }
+            s.mode.as_deref() == Some("protected")
+        }),
+        "never protected:\n{}\n{}",
+        a.status_text(),
+        b.log()
+    );
+    let protected_at = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::SeqCst);
+    let run = client.join().expect("the client saw every SET and GET");
+    let progress = progress.expect("the primary's status showed the copy's progress");
+    assert!(
+        progress.total_bytes >= 512 << 20,
+        "the copy's total holds the disk: {progress:?}"
+    );
+    let line = format!(
+        "join of a 512 MiB guest with a 512 MiB disk under a client: protected after {:.1} s; longest SET during the join {:?}; {:.0} SETs/s during the join, {:.0} degraded before it; {} SETs read back",
+        (protected_at - join).as_secs_f64(),
+        run.worst(join, protected_at),
+        run.rate(join, protected_at),
+        run.rate(join - Duration::from_millis(1500), join),
+        run.sets.len()
+    );
+    println!("{line}");
+    report(&line);
 }
 
 #[test]
@@ -160,11 +181,6 @@ fn a_secondary_leaves_and_rejoins_and_a_replacement_on_new_addresses_joins_after
         ])
         .expect("new address");
     }
-    let rewrite = |path: &std::path::Path, edit: &dyn Fn(&mut Config)| {
-        let mut c: Config = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        edit(&mut c);
-        std::fs::write(path, c.to_toml().unwrap()).unwrap();
-    };
     let new_b = |c: &mut Config, me: bool| {
         for (i, l) in c.links.iter_mut().enumerate() {
             let addr: std::net::SocketAddr = format!("10.1.{}.12:7100", i + 1).parse().unwrap();
@@ -176,10 +192,10 @@ fn a_secondary_leaves_and_rejoins_and_a_replacement_on_new_addresses_joins_after
         }
     };
     let a_cfg = dir.path().join("a.toml");
-    rewrite(&a_cfg, &|c| c.guest.mem_mib = 128);
+    edit_config(&a_cfg, &|c| c.guest.mem_mib = 128);
     let (ok, out) = a.ctl(&["reload"]);
     assert!(!ok && out.contains("guest.mem_mib changed"), "{out}");
-    rewrite(&a_cfg, &|c| {
+    edit_config(&a_cfg, &|c| {
         c.guest.mem_mib = 64;
         new_b(c, false);
     });
@@ -193,7 +209,7 @@ fn a_secondary_leaves_and_rejoins_and_a_replacement_on_new_addresses_joins_after
     let replacement = dir.path().join("replacement");
     std::fs::create_dir_all(&replacement).unwrap();
     let c_cfg = write_config(&replacement, 1, &guest);
-    rewrite(&c_cfg, &|c| new_b(c, true));
+    edit_config(&c_cfg, &|c| new_b(c, true));
     let c = CoServer::start("b", &net.ns[1], &c_cfg);
     assert!(
         wait_until(LIMIT, || protected(&a, &c)),

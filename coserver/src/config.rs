@@ -197,6 +197,11 @@ pub struct ReplicationConfig {
     /// (1 MiB, sweeping all of RAM in turn) with the primary's.
     #[serde(default = "default_verify_memory_ms")]
     pub verify_memory_ms: u64,
+    /// The most a copy to a joining secondary sends, in MiB/s (0: as fast as the
+    /// secondary applies it). A cap leaves CPU and link time to the running guest
+    /// (docs/PERFORMANCE.md).
+    #[serde(default)]
+    pub copy_max_mib_s: u64,
 }
 
 fn default_max_lag_ms() -> u64 {
@@ -225,6 +230,7 @@ impl Default for ReplicationConfig {
             max_lag_exits: default_max_lag_exits(),
             max_lag_ms: default_max_lag_ms(),
             verify_memory_ms: default_verify_memory_ms(),
+            copy_max_mib_s: 0,
         }
     }
 }

@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -337,6 +338,14 @@ pub fn test_config(
     let config = ftvm_coserver::config::test_support::config(name, state_dir, links, arbiter);
     assert_eq!(config.guest.mac, GUEST_MAC);
     config
+}
+
+/// Changes the configuration file at `path` with `edit`.
+pub fn edit_config(path: &Path, edit: &dyn Fn(&mut Config)) {
+    let mut c: Config =
+        toml::from_str(&std::fs::read_to_string(path).expect("read config")).expect("config");
+    edit(&mut c);
+    std::fs::write(path, c.to_toml().expect("config as TOML")).expect("write config");
 }
 
 /// Writes the configuration of node `name` (index 0 = A, 1 = B) into `dir`.
@@ -741,4 +750,83 @@ pub fn field<'a>(status: &'a Option<serde_json::Value>, key: &str) -> &'a str {
         .and_then(|s| s.get(key))
         .and_then(|v| v.as_str())
         .unwrap_or("")
+}
+
+/// The key-value guest with an 8 MiB disk, on the network.
+pub fn kv_guest() -> GuestSpec {
+    spec(&format!("workload=net ip={GUEST_IP}/24"), 8, true)
+}
+
+/// What a key-value client saw: when each SET was answered and how long it took, and
+/// the segments its TCP stack retransmitted.
+pub struct ClientRun {
+    /// When each SET was answered, and how long it took.
+    pub sets: Vec<(Instant, Duration)>,
+    /// Segments its TCP stack retransmitted.
+    pub retransmits: u32,
+}
+
+impl ClientRun {
+    /// The longest SET answered in `[from, to]`.
+    pub fn worst(&self, from: Instant, to: Instant) -> Duration {
+        self.in_window(from, to)
+            .map(|(_, d)| *d)
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// SETs per second answered in `[from, to]`.
+    pub fn rate(&self, from: Instant, to: Instant) -> f64 {
+        self.in_window(from, to).count() as f64 / (to - from).as_secs_f64()
+    }
+
+    fn in_window(&self, from: Instant, to: Instant) -> impl Iterator<Item = &(Instant, Duration)> {
+        self.sets
+            .iter()
+            .filter(move |(t, _)| *t >= from && *t <= to)
+    }
+}
+
+/// Keys the client cycles through (the guest's store holds 8192).
+pub const KEYS: usize = 4096;
+
+/// A client in the LAN SETting keys one at a time until `stop` (SET number n sets key
+/// n mod [`KEYS`] to `v{n}`); then it reads every key back over the same connection
+/// (each holds its last acknowledged value) and shuts the guest down.
+pub fn client_until(net: &PairNet, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<ClientRun> {
+    let ns = net.ns[2].clone();
+    std::thread::spawn(move || {
+        ftvm_coserver::netns::run_in(&ns, move || {
+            let mut c = kv_connect();
+            let before = tcp_retransmits(c.get_ref());
+            let mut sets = Vec::new();
+            while !stop.load(Ordering::SeqCst) && sets.len() < 500_000 {
+                let n = sets.len();
+                let t = Instant::now();
+                let reply = kv(&mut c, &format!("SET k{} v{n}", n % KEYS))
+                    .expect("SET over the same connection");
+                assert_eq!(reply, "OK", "SET number {n}");
+                sets.push((Instant::now(), t.elapsed()));
+            }
+            let retransmits = tcp_retransmits(c.get_ref()) - before;
+            let n = sets.len();
+            let mut lost = Vec::new();
+            for key in 0..n.min(KEYS) {
+                let last = (n - 1 - key) / KEYS * KEYS + key;
+                let got = kv(&mut c, &format!("GET k{key}")).expect("GET over the same connection");
+                if got != format!("VALUE v{last}") {
+                    lost.push((last, got));
+                }
+            }
+            assert!(
+                lost.is_empty(),
+                "{} of {n} acknowledged SETs lost (SET number, what GET read): {:?}",
+                lost.len(),
+                &lost[..lost.len().min(20)]
+            );
+            assert_eq!(kv(&mut c, "SHUTDOWN").expect("SHUTDOWN"), "BYE");
+            ClientRun { sets, retransmits }
+        })
+        .expect("client thread in the LAN")
+    })
 }

@@ -160,6 +160,8 @@ impl Node {
             links: self.links.clone(),
             disk: self.cfg.host.disk.clone(),
             epoch_length: Duration::from_millis(self.cfg.replication.epoch_ms),
+            copy_max_bytes_s: (self.cfg.replication.copy_max_mib_s > 0)
+                .then_some(self.cfg.replication.copy_max_mib_s << 20),
             lockstep: log.map(|log| LockstepLog {
                 log,
                 verify_exits: self.cfg.replication.verify_exits,

@@ -64,6 +64,8 @@ pub struct EpochParts {
     pub disk: Option<PathBuf>,
     /// Longest epoch.
     pub epoch_length: Duration,
+    /// The most a copy sends per second (bytes), if capped.
+    pub copy_max_bytes_s: Option<u64>,
     /// Lockstep mode: the guest's input log, shipped in slices instead of checkpoints.
     pub lockstep: Option<LockstepLog>,
 }
@@ -99,6 +101,22 @@ struct Copy {
     disk: Option<File>,
     /// Disk ranges still to send, in order.
     disk_left: VecDeque<DiskRange>,
+    /// When it began, and the bytes of memory and disk it has sent since (its rate).
+    began: Instant,
+    bytes: u64,
+    /// Indices of the chunks of memory and disk sent and perhaps not yet applied.
+    chunks: VecDeque<u64>,
+}
+
+impl Copy {
+    /// Whether the copy's rate leaves room for another chunk now (at most `cap` bytes
+    /// per second on average since it began; one chunk at once).
+    fn under(&self, cap: Option<u64>) -> bool {
+        cap.is_none_or(|cap| {
+            let allowed = cap as f64 * self.began.elapsed().as_secs_f64();
+            self.bytes == 0 || (self.bytes as f64) < allowed
+        })
+    }
 }
 
 impl EpochLoop {
@@ -328,6 +346,9 @@ impl EpochLoop {
             pages,
             disk,
             disk_left,
+            began: Instant::now(),
+            bytes: 0,
+            chunks: VecDeque::new(),
         })
     }
 
@@ -339,13 +360,16 @@ impl EpochLoop {
             .session
             .lock()
             .primary()
-            .is_some_and(|p| p.copy_window_open(c.id, c.sent));
-        if window_open && self.parts.links.backlog().is_some() {
+            .is_some_and(|p| p.copy_window_open(c.id, &mut c.chunks));
+        let cap = self.parts.copy_max_bytes_s;
+        if window_open && self.parts.links.backlog().is_some() && c.under(cap) {
             let chunk: Vec<u64> = c.pages.iter().take(SYNC_PAGES).copied().collect();
             if !chunk.is_empty() && c.pages.len() > FINAL_PAGES {
                 for g in &chunk {
                     c.pages.remove(g);
                 }
+                c.bytes += chunk.len() as u64 * 4096;
+                c.chunks.push_back(c.sent);
                 self.send(Message::SyncPages {
                     copy: c.id,
                     index: c.sent,
@@ -353,7 +377,8 @@ impl EpochLoop {
                 });
                 c.sent += 1;
             }
-            if let (Some(f), Some(range)) = (&c.disk, c.disk_left.front_mut()) {
+            let room = c.under(cap);
+            if let (Some(f), Some(range), true) = (&c.disk, c.disk_left.front_mut(), room) {
                 let n = SYNC_DISK_BYTES.min(range.len);
                 let offset = range.offset;
                 let mut data = vec![0u8; n as usize];
@@ -361,6 +386,8 @@ impl EpochLoop {
                     .map_err(|e| VmError::BadCheckpoint(format!("disk read for the copy: {e}")))?;
                 range.offset += n;
                 range.len -= n;
+                c.bytes += n;
+                c.chunks.push_back(c.sent);
                 if range.len == 0 {
                     c.disk_left.pop_front();
                 }

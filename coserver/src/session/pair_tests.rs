@@ -465,7 +465,7 @@ impl World {
                     .session
                     .primary()
                     .zip(self.hosts[n].copy)
-                    .is_some_and(|(p, (c, sent))| p.copy_window_open(c, sent));
+                    .is_some_and(|(p, (c, sent))| p.copy_window_open(c, &mut (0..sent).collect()));
                 if let (Some((c, sent)), true) = (&mut self.hosts[n].copy, open) {
                     if *c == copy {
                         let index = *sent;

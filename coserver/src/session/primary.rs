@@ -491,11 +491,16 @@ impl Primary {
         }
     }
 
-    /// Whether copy `copy`, having sent `sent` messages, may send more now: paced by
-    /// what the secondary has applied, not by what this host has queued.
-    pub fn copy_window_open(&self, copy: u64, sent: u64) -> bool {
-        self.mode == (Mode::Syncing { copy })
-            && sent.saturating_sub(self.copy_applied) < COPY_WINDOW
+    /// Whether copy `copy` may send another chunk of memory or disk now, `chunks`
+    /// holding the indices of the chunks it sent (those the secondary has applied are
+    /// dropped from it): paced by what the secondary has applied, not by what this host
+    /// has queued. The guest's own writes, also copy messages, do not count: a guest
+    /// writing faster than the window turns round must not starve the copy.
+    pub fn copy_window_open(&self, copy: u64, chunks: &mut VecDeque<u64>) -> bool {
+        while chunks.front().is_some_and(|i| *i < self.copy_applied) {
+            chunks.pop_front();
+        }
+        self.mode == (Mode::Syncing { copy }) && (chunks.len() as u64) < COPY_WINDOW
     }
 
     pub(super) fn full_cut(&mut self, epoch: u64, copy: u64, now: Instant) -> bool {

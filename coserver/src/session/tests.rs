@@ -636,7 +636,11 @@ fn a_copy_is_paced_by_what_the_secondary_has_applied() {
     tick(&mut s, c.at(400), true);
     msg(&mut s, c.at(400), Message::Join);
     s.cut(1, vec![], c.at(401));
-    let open = |s: &Session, sent| s.primary().unwrap().copy_window_open(1, sent);
+    let open = |s: &Session, sent| {
+        s.primary()
+            .unwrap()
+            .copy_window_open(1, &mut (0..sent).collect())
+    };
     assert!(open(&s, 0) && open(&s, 7));
     assert!(!open(&s, 8), "eight messages in flight: wait");
     msg(
@@ -658,7 +662,9 @@ fn a_copy_is_paced_by_what_the_secondary_has_applied() {
     );
     assert!(open(&s, 10) && !open(&s, 11));
     assert!(
-        !s.primary().unwrap().copy_window_open(2, 0),
+        !s.primary()
+            .unwrap()
+            .copy_window_open(2, &mut Default::default()),
         "not the copy in progress"
     );
 
