@@ -41,14 +41,23 @@ fn killing_the_primary_mid_disk_workload_loses_and_repeats_no_output() {
     a.kill();
     let code = b.wait(LIMIT);
     assert_eq!(code, Some(0), "B did not finish the guest:\n{}", b.log());
-    let combined = a.console() + &b.console();
     assert!(
         !b.console().is_empty(),
         "B released nothing; A ran to the end?"
     );
+    // At least once across a failover (docs/protocol.md): the epoch A released just
+    // before it died, its `Released` not yet sent, is emitted again by B, so B may
+    // start with the line A ended with. Nothing else repeats and nothing is lost.
+    let (a_console, b_console) = (a.console(), b.console());
+    let last_of_a = a_console.lines().last().unwrap_or_default();
+    let b_rest = match b_console.split_once('\n') {
+        Some((first, rest)) if !last_of_a.is_empty() && first == last_of_a => rest.to_string(),
+        _ => b_console.clone(),
+    };
     assert_eq!(
-        combined, solo,
-        "A's and B's console together must be the uninterrupted run's, each line once"
+        a_console + &b_rest,
+        solo,
+        "A's and B's console together must be the uninterrupted run's, each line once (but the one at the takeover)"
     );
     assert!(
         b.log().contains("taking over from checkpoint"),

@@ -5,7 +5,8 @@
 //!   frames to both hosts) switches over [`SWITCHOVERS`] times back and forth, each once
 //!   the pair is protected again: the client's longest SET across each switchover (the
 //!   guest's stall as a client sees it; p50, p99 and max over the switchovers), how long
-//!   `ftvm ctl switchover` took, the client's TCP retransmissions, SETs lost;
+//!   `ftvm ctl switchover` took, how long until the old primary was a ready secondary
+//!   again, the client's TCP retransmissions, SETs lost;
 //! - a join (`FTVM_BENCH_ONLY=join`): a degraded primary with a 1024 MiB guest and a
 //!   1024 MiB disk, half of it data, serving the client; a second CoServer starts: the
 //!   time to protected, the link throughput the copy used, the client's longest SET
@@ -66,7 +67,7 @@ fn switchover_rows() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(SWITCHOVERS);
     println!(
-        "| {count} switchovers under a TCP client (mirrored LAN) | client's longest SET across a switchover (p50 / p99 / max) | `ftvm ctl switchover` (p50 / p99 / max) | TCP retransmissions | SETs lost |\n|---|---|---|---|---|"
+        "| {count} switchovers under a TCP client (mirrored LAN) | client's longest SET across a switchover (p50 / p99 / max) | `ftvm ctl switchover` (p50 / p99 / max) | protected again after it returned (p50 / p99 / max) | TCP retransmissions | SETs lost |\n|---|---|---|---|---|---|"
     );
     for mode in [ReplicationMode::Checkpoint, ReplicationMode::Lockstep] {
         let Ok(net) = PairNet::try_create("so") else {
@@ -83,14 +84,19 @@ fn switchover_rows() {
         let mut primary = 0;
         let mut windows = Vec::new();
         let mut took = Vec::new();
+        let mut reprotect = Vec::new();
         for round in 0..count {
             let (p, s) = (&nodes[primary], &nodes[1 - primary]);
+            let t = Instant::now();
             assert!(
                 wait_until(LIMIT, || protected(p, s)),
                 "{} round {round}: not protected:\n{}",
                 mode.name(),
                 s.log()
             );
+            if round > 0 {
+                reprotect.push(t.elapsed());
+            }
             // Some SETs before it, so the window holds the one the switchover delayed.
             std::thread::sleep(Duration::from_millis(100));
             let t = Instant::now();
@@ -105,10 +111,11 @@ fn switchover_rows() {
         let run = client.join().expect("the client saw every SET read back");
         let mut stalls: Vec<Duration> = windows.iter().map(|(f, t)| run.worst(*f, *t)).collect();
         println!(
-            "| {} | {} | {} | {} | 0 of {} |",
+            "| {} | {} | {} | {} | {} | 0 of {} |",
             mode.name(),
             spread(&mut stalls),
             spread(&mut took),
+            spread(&mut reprotect),
             run.retransmits,
             run.sets.len()
         );

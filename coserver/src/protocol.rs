@@ -474,6 +474,14 @@ pub enum Message {
     /// replica is recorded incomplete, so it takes nothing over; the primary runs on
     /// degraded without asking the arbiter.
     Leave,
+    /// A node that handed the guest over (`Handover`) joins the new primary: its memory
+    /// and disk hold the guest as it was at `position`, where the new primary resumed
+    /// it, so it asks only for what changed since (a full copy if the primary cannot
+    /// tell).
+    Rejoin {
+        /// The position its guest stopped at.
+        position: u64,
+    },
     /// Switchover (`ftvm ctl switchover`): the primary's guest stopped at the end of
     /// `position`, which the secondary acknowledged, and every output up to it was
     /// released. The secondary takes the guest over from there.
@@ -540,6 +548,7 @@ impl Message {
             Message::Diverged { .. } => "diverged",
             Message::Leave => "leave",
             Message::Handover { .. } => "handover",
+            Message::Rejoin { .. } => "rejoin",
         }
     }
 }

@@ -125,6 +125,9 @@ struct Node {
     replica: Option<Replica>,
     /// Lockstep: the replica's guest, running from the copy on.
     follower: Option<Follower>,
+    /// The memory of the guest this node stopped for a switchover, until its rejoin
+    /// makes it the replica's.
+    kept: Option<crate::replication::primary::Kept>,
     alerts: Vec<String>,
     link_was_healthy: Vec<bool>,
     status: Arc<Mutex<Status>>,
@@ -273,6 +276,7 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
         running: None,
         replica: None,
         follower: None,
+        kept: None,
         alerts: Vec::new(),
         status,
         bytes_sample: (Instant::now(), 0, 0),
@@ -737,10 +741,12 @@ impl Node {
             }
         }
         tracing::info!("peer is primary: joining as secondary");
-        self.replica = Some(Replica::new(
-            self.cfg.guest.mem_mib,
-            self.cfg.host.disk.as_deref(),
-        )?);
+        let mut replica = Replica::new(self.cfg.guest.mem_mib, self.cfg.host.disk.as_deref())?;
+        if let Some(kept) = self.kept.take() {
+            // The guest as it stopped here: the new primary sends what changed since.
+            replica.copy_pages(&kept.pages)?;
+        }
+        self.replica = Some(replica);
         Ok(())
     }
 
@@ -756,6 +762,7 @@ impl Node {
         self.replica = None;
         self.follower = None;
         self.mirror = None;
+        self.kept = None;
     }
 
     /// Reports the end of a guest that ran here (fenced, failed, or powered off).
@@ -764,7 +771,12 @@ impl Node {
         if let Some(stats) = &self.fenced_guest {
             let done = stats.lock().map(|s| s.finished.is_some()).unwrap_or(true);
             if done {
+                // A guest stopped for a switchover left its memory for the rejoin.
+                self.kept = stats.lock().ok().and_then(|mut s| s.kept.take());
                 self.fenced_guest = None;
+                if self.kept.is_some() {
+                    self.input(Input::GuestKept)?;
+                }
                 self.input(Input::GuestEnded(Ok(0)))?;
             }
         }

@@ -121,6 +121,11 @@ impl Commit {
         s.ranges = Some(Vec::new());
     }
 
+    /// Notes the disk ranges the guest writes in each epoch (`Sealed::ranges`).
+    pub fn note_ranges(&self) {
+        lock(&self.0).ranges.get_or_insert_with(Vec::new);
+    }
+
     /// Delivers `frames` to the guest before anything its tap receives.
     pub fn redeliver(&self, frames: Vec<Vec<u8>>) {
         if !frames.is_empty() {

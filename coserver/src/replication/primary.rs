@@ -46,6 +46,26 @@ pub struct EpochStats {
     /// Ends the vCPU's KVM_RUN at once (a fence must not wait for the guest's next
     /// exit); set once the loop runs.
     pub kick: Option<ftvm_vmm::VcpuKick>,
+    /// The guest's memory when it stopped for a switchover, for this node's rejoin.
+    pub kept: Option<Kept>,
+}
+
+/// The memory of a guest that stopped for a switchover: every page it ever wrote, as
+/// it was after `position` (the new primary resumed there).
+#[derive(Debug)]
+pub struct Kept {
+    /// The last position the guest ran here.
+    pub position: u64,
+    /// Its pages.
+    pub pages: ftvm_vmm::PageBatch,
+}
+
+/// What the guest wrote since it resumed here from a switchover: what the old primary,
+/// whose memory and disk hold the guest as it was then, needs to become a replica.
+#[derive(Debug, Default)]
+struct SinceResume {
+    pages: BTreeSet<u64>,
+    ranges: Vec<DiskRange>,
 }
 
 /// What the epoch loop needs besides the VM.
@@ -89,6 +109,8 @@ pub struct EpochLoop {
     parts: EpochParts,
     /// Lockstep: the next RAM page to sample, and when the last sample was taken.
     memory_sweep: (u64, Option<Instant>),
+    /// Kept while the old primary of a switchover may rejoin.
+    since_resume: Option<SinceResume>,
 }
 
 /// A copy in progress.
@@ -126,6 +148,30 @@ impl EpochLoop {
             vm,
             parts,
             memory_sweep: (0, None),
+            since_resume: None,
+        }
+    }
+
+    /// The loop stops: if this node handed the guest over, its memory is kept for the
+    /// rejoin (an error only costs that: the rejoin asks for a full copy).
+    fn keep_if_handed_over(&mut self) {
+        let Some(position) = self.parts.session.lock().handed_over_at() else {
+            return;
+        };
+        let kept = self
+            .vm
+            .touched_pages()
+            .and_then(|pages| self.vm.read_pages(pages.iter()));
+        match kept {
+            Ok(pages) => {
+                tracing::info!(
+                    position,
+                    pages = pages.len(),
+                    "the guest's memory is kept for the rejoin"
+                );
+                self.stats_lock().kept = Some(Kept { position, pages });
+            }
+            Err(e) => tracing::warn!("the guest's memory is not kept for the rejoin: {e}"),
         }
     }
 
@@ -164,9 +210,19 @@ impl EpochLoop {
 
     fn epochs(&mut self) -> Result<u32, VmError> {
         let mut copy: Option<Copy> = None;
-        let mut epoch = self.parts.session.lock().primary().map_or(0, |p| p.epoch());
+        let (mut epoch, tracking) = self
+            .parts
+            .session
+            .lock()
+            .primary()
+            .map_or((0, false), |p| (p.epoch(), p.tracks_since_resume()));
+        if tracking {
+            self.since_resume = Some(SinceResume::default());
+            self.parts.commit.note_ranges();
+        }
         loop {
             if self.parts.session.wait_permit(epoch + 1) == RunPermit::Stop {
+                self.keep_if_handed_over();
                 return Ok(0);
             }
             epoch += 1;
@@ -185,28 +241,37 @@ impl EpochLoop {
             let started = Instant::now();
             let sealed = self.parts.commit.seal();
             let mut writes = sealed.writes;
+            let ranges = DiskRange::merged(sealed.ranges);
+            if let Some(s) = &mut self.since_resume {
+                s.ranges.extend(ranges.iter().copied());
+                if s.ranges.len() > 4096 {
+                    s.ranges = DiskRange::merged(std::mem::take(&mut s.ranges));
+                }
+            }
             let plan = {
                 let mut session = self.parts.session.lock();
-                session.note_slice(
-                    epoch,
-                    self.vm.exits(),
-                    DiskRange::merged(sealed.ranges),
-                    started,
-                );
+                session.note_slice(epoch, self.vm.exits(), ranges, started);
                 session.cut(epoch, sealed.outputs, started)
             };
             self.parts.session.notify();
             let events = self.parts.lockstep.as_ref().map(|l| take_logged(&l.log));
             // Lockstep ships no pages but while copying.
             let dirty = if events.is_none()
+                || self.since_resume.is_some()
                 || matches!(plan, CutPlan::StartCopy { .. } | CutPlan::Copy { .. })
             {
                 self.vm.take_dirty_pages()?
             } else {
                 PageSet::default()
             };
+            if let Some(since) = &mut self.since_resume {
+                since.pages.extend(dirty.iter());
+            }
             let (release, copying) = match plan {
-                CutPlan::Stop => return Ok(0),
+                CutPlan::Stop => {
+                    self.keep_if_handed_over();
+                    return Ok(0);
+                }
                 CutPlan::Release(outputs) => (outputs, None),
                 CutPlan::StartCopy {
                     copy: id,
@@ -315,7 +380,18 @@ impl EpochLoop {
     }
 
     fn start_copy(&mut self, id: u64, what: DiskCopy) -> Result<Copy, VmError> {
-        let pages: BTreeSet<u64> = self.vm.touched_pages()?.iter().collect();
+        let since = self.since_resume.take();
+        let (pages, what) = match (what, since) {
+            // The old primary holds the guest as it was at the resume: what changed.
+            (DiskCopy::SinceResume, Some(s)) => {
+                (s.pages, DiskCopy::Ranges(DiskRange::merged(s.ranges)))
+            }
+            // Not kept (it cannot happen: the session asks only while the loop keeps).
+            (DiskCopy::SinceResume, None) => {
+                (self.vm.touched_pages()?.iter().collect(), DiskCopy::Whole)
+            }
+            (what, _) => (self.vm.touched_pages()?.iter().collect(), what),
+        };
         let (disk, mut disk_left) = match &self.parts.disk {
             Some(p) => {
                 let f = File::open(p).map_err(|e| {
@@ -327,6 +403,7 @@ impl EpochLoop {
                         len: f.metadata().map(|m| m.len()).unwrap_or(0),
                     }],
                     DiskCopy::Ranges(ranges) => ranges,
+                    DiskCopy::SinceResume => Vec::new(),
                 };
                 (Some(f), left.into())
             }
@@ -377,26 +454,8 @@ impl EpochLoop {
                 });
                 c.sent += 1;
             }
-            let room = c.under(cap);
-            if let (Some(f), Some(range), true) = (&c.disk, c.disk_left.front_mut(), room) {
-                let n = SYNC_DISK_BYTES.min(range.len);
-                let offset = range.offset;
-                let mut data = vec![0u8; n as usize];
-                f.read_exact_at(&mut data, offset)
-                    .map_err(|e| VmError::BadCheckpoint(format!("disk read for the copy: {e}")))?;
-                range.offset += n;
-                range.len -= n;
-                c.bytes += n;
-                c.chunks.push_back(c.sent);
-                if range.len == 0 {
-                    c.disk_left.pop_front();
-                }
-                self.send(Message::SyncDisk {
-                    copy: c.id,
-                    index: c.sent,
-                    write: DiskWrite { offset, data },
-                });
-                c.sent += 1;
+            if c.under(cap) {
+                self.copy_disk_chunk(c)?;
             }
         }
         let disk_left = DiskRange::total(c.disk_left.make_contiguous());
@@ -440,6 +499,40 @@ impl EpochLoop {
             "copy complete; waiting for the secondary's acknowledgement"
         );
         Ok(true)
+    }
+
+    /// Sends up to [`SYNC_DISK_BYTES`] of the disk ranges the copy has left, one
+    /// message per range (a copy of what changed since a resume has many small ones),
+    /// counted as one chunk of the copy's window.
+    fn copy_disk_chunk(&mut self, c: &mut Copy) -> Result<(), VmError> {
+        let Some(f) = &c.disk else {
+            return Ok(());
+        };
+        let mut budget = SYNC_DISK_BYTES;
+        let mut last = None;
+        while let (Some(range), true) = (c.disk_left.front_mut(), budget > 0) {
+            let n = budget.min(range.len);
+            let offset = range.offset;
+            let mut data = vec![0u8; n as usize];
+            f.read_exact_at(&mut data, offset)
+                .map_err(|e| VmError::BadCheckpoint(format!("disk read for the copy: {e}")))?;
+            range.offset += n;
+            range.len -= n;
+            if range.len == 0 {
+                c.disk_left.pop_front();
+            }
+            budget -= n;
+            c.bytes += n;
+            last = Some(c.sent);
+            self.parts.out.send(Message::SyncDisk {
+                copy: c.id,
+                index: c.sent,
+                write: DiskWrite { offset, data },
+            });
+            c.sent += 1;
+        }
+        c.chunks.extend(last);
+        Ok(())
     }
 
     fn send(&self, msg: Message) {

@@ -21,7 +21,11 @@ impl Session {
         }
         let guest_stopped = !matches!(self.state, State::Primary(_));
         out.push(Action::Fence);
-        self.state = State::Fenced { guest_stopped };
+        self.state = State::Fenced {
+            guest_stopped,
+            handed_over: None,
+            kept: false,
+        };
         self.alert(out, why);
     }
 
@@ -83,7 +87,8 @@ impl Session {
                 let Some(epoch) = s.progress.ready_epoch() else {
                     return;
                 };
-                let why = if s.handed_over {
+                let handed_over = s.handed_over;
+                let why = if handed_over {
                     "switchover"
                 } else {
                     "primary lost"
@@ -95,6 +100,11 @@ impl Session {
                         // so persisting the generation can follow the takeover.
                         self.record_live(out, generation);
                         self.become_primary(out, epoch, Action::TakeOver);
+                        if let (State::Primary(p), true) = (&mut self.state, handed_over) {
+                            // The old primary's guest stopped at `epoch` too: it may
+                            // rejoin from there.
+                            p.resumed_from_handover(epoch);
+                        }
                         self.raise_generation(out, generation);
                         self.alert(out, format!("{why}; won the arbiter (generation {generation}); {}", self.takeover_from(epoch)));
                     }

@@ -10,6 +10,18 @@ use crate::protocol::{DiskRange, Incomplete, Message};
 impl Session {
     pub(super) fn message(&mut self, out: &mut Vec<Action>, now: Instant, msg: Message) {
         match (&mut self.state, msg) {
+            (State::Primary(p), Message::Rejoin { position }) => {
+                let (released, delta) = p.rejoin(position);
+                if !released.is_empty() {
+                    out.push(Action::Release(released));
+                }
+                if !delta {
+                    tracing::info!(
+                        position,
+                        "rejoin from a position this primary did not resume at: a full copy"
+                    );
+                }
+            }
             (State::Primary(p), Message::Join) => {
                 let released = p.restart_copy();
                 if !released.is_empty() {

@@ -165,6 +165,9 @@ pub enum Input {
     },
     /// The guest that ran here has stopped (fenced or failed).
     GuestEnded(Result<u32, String>),
+    /// The guest that stopped here when this node handed it over kept its memory (the
+    /// disk is as it was there too): the rejoin asks only for what changed since.
+    GuestKept,
     /// A lockstep secondary's guest no longer retraces the primary's (a digest or an
     /// event did not match): it needs a new copy; a repair (memory and the disk ranges
     /// written since) when it says where it diverged and what it wrote there.
@@ -211,10 +214,18 @@ pub enum Action {
 }
 
 enum State {
-    Starting { since: Instant },
+    Starting {
+        since: Instant,
+    },
     Primary(Primary),
     Secondary(Secondary),
-    Fenced { guest_stopped: bool },
+    Fenced {
+        guest_stopped: bool,
+        /// It handed the guest over after this position (switchover).
+        handed_over: Option<u64>,
+        /// The node kept the stopped guest's memory (and its disk is as it was there).
+        kept: bool,
+    },
 }
 
 struct Secondary {
@@ -338,6 +349,15 @@ impl Session {
     /// What this host's replica holds, as recorded.
     pub fn standing(&self) -> Standing {
         self.standing
+    }
+
+    /// The position after which this fenced node handed the guest over (switchover):
+    /// the stopped guest's memory there is worth keeping.
+    pub fn handed_over_at(&self) -> Option<u64> {
+        match self.state {
+            State::Fenced { handed_over, .. } => handed_over,
+            _ => None,
+        }
     }
 
     /// Why a starting node does not boot the guest, while it waits.
@@ -496,6 +516,11 @@ impl Session {
                 self.checkpoint_applied(&mut out, epoch, full, copy)
             }
             Input::GuestEnded(result) => self.guest_ended(&mut out, result),
+            Input::GuestKept => {
+                if let State::Fenced { kept, .. } = &mut self.state {
+                    *kept = true;
+                }
+            }
             Input::Diverged { why, at } => self.diverged(&mut out, why, at),
         }
         self.note_exit(&out);
@@ -586,13 +611,21 @@ impl Session {
                 }
                 out.push(Action::Claim);
             }
-            State::Fenced { guest_stopped } => {
+            State::Fenced {
+                guest_stopped,
+                handed_over,
+                kept,
+            } => {
                 if alive && *guest_stopped && self.peer.role == Some(Role::Primary) {
+                    let holds = handed_over.filter(|_| *kept);
                     self.alert(
                         out,
-                        "a primary is heard again: rejoining it as secondary".into(),
+                        match holds {
+                            Some(p) => format!("the new primary is heard: rejoining it as secondary from position {p}, which this node's memory and disk hold"),
+                            None => "a primary is heard again: rejoining it as secondary".into(),
+                        },
                     );
-                    self.join(out, now);
+                    self.join(out, now, holds);
                 }
             }
         }
@@ -600,7 +633,7 @@ impl Session {
 
     fn tick_starting(&mut self, out: &mut Vec<Action>, now: Instant, since: Instant, alive: bool) {
         if alive && self.peer.role == Some(Role::Primary) {
-            self.join(out, now);
+            self.join(out, now, None);
             return;
         }
         if let Some(why) = self.boot_blocker(alive) {
@@ -649,8 +682,9 @@ impl Session {
         self.state = State::Primary(Primary::new(epoch, self.cfg.lockstep));
     }
 
-    /// Becomes a secondary of the primary heard.
-    fn join(&mut self, out: &mut Vec<Action>, now: Instant) {
+    /// Becomes a secondary of the primary heard: asks for a full copy, or (`holds`)
+    /// for what changed since the position this node's memory and disk hold.
+    fn join(&mut self, out: &mut Vec<Action>, now: Instant, holds: Option<u64>) {
         self.record_incomplete(out, Incomplete::Copying);
         out.push(Action::NewReplica);
         self.state = State::Secondary(Secondary {
@@ -661,7 +695,10 @@ impl Session {
             failures: 0,
             resync_at: None,
         });
-        out.push(Action::Send(Message::Join));
+        out.push(Action::Send(match holds {
+            Some(position) => Message::Rejoin { position },
+            None => Message::Join,
+        }));
     }
 
     fn raise_generation(&mut self, out: &mut Vec<Action>, g: u64) {
@@ -712,7 +749,7 @@ impl Session {
 
     fn guest_ended(&mut self, out: &mut Vec<Action>, result: Result<u32, String>) {
         match (&mut self.state, result) {
-            (State::Fenced { guest_stopped }, _) => *guest_stopped = true,
+            (State::Fenced { guest_stopped, .. }, _) => *guest_stopped = true,
             (State::Primary(_), Err(e)) => {
                 self.alert(out, format!("the guest stopped: {e}"));
                 out.push(Action::Exit(125));

@@ -70,6 +70,8 @@ impl Session {
         );
         self.state = State::Fenced {
             guest_stopped: true,
+            handed_over: None,
+            kept: false,
         };
         out.push(Action::Exit(0));
         self.note_exit(&out);
@@ -109,6 +111,9 @@ impl Session {
             format!("switchover: the guest stopped here after position {position}, which {peer} holds; {peer} takes it over and this node becomes its secondary"),
             true,
         );
+        if let State::Fenced { handed_over, .. } = &mut self.state {
+            *handed_over = Some(position);
+        }
     }
 
     /// The primary handed the guest over after `position`: a ready secondary claims it

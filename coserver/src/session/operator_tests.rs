@@ -138,3 +138,72 @@ fn a_secondary_leaves_without_a_claim_and_joins_again() {
         Some(Mode::Protected { .. })
     ));
 }
+
+/// Messages waiting on either link towards node `n`.
+fn queued(w: &World, n: usize) -> Vec<Message> {
+    (0..2)
+        .flat_map(|l| w.links[l][n].iter().map(|(_, _, m)| m.clone()))
+        .collect()
+}
+
+#[test]
+fn the_old_primary_rejoins_from_the_position_its_kept_guest_holds() {
+    let mut w = protected_world();
+    w.hosts[0].session.switchover().expect("accepted");
+    run(&mut w, &[Step::Cut(0), Step::Settle, Step::Settle]);
+    let b = &w.hosts[1].session;
+    assert_eq!(b.role(), Role::Primary);
+    let position = b.primary().map(|p| p.epoch()).unwrap();
+    assert!(b.primary().is_some_and(|p| p.tracks_since_resume()));
+    assert_eq!(w.hosts[0].session.handed_over_at(), Some(position));
+    // A's epoch loop kept its stopped guest's memory; once it has ended and B is
+    // heard, A asks for what changed since.
+    w.hosts[0].session.on(Input::GuestKept);
+    run(&mut w, &[Step::Advance(20), Step::Advance(20)]);
+    assert!(
+        queued(&w, 1).contains(&Message::Rejoin { position }),
+        "{:?}",
+        queued(&w, 1)
+    );
+    run(&mut w, &[Step::Settle]);
+    let now = w.now();
+    let plan = w.hosts[1].session.cut(position + 1, vec![], now);
+    assert!(
+        matches!(
+            plan,
+            CutPlan::StartCopy {
+                disk: DiskCopy::SinceResume,
+                ..
+            }
+        ),
+        "{plan:?}"
+    );
+    assert!(!w.hosts[1]
+        .session
+        .primary()
+        .is_some_and(|p| p.tracks_since_resume()));
+}
+
+#[test]
+fn a_rejoin_from_another_position_or_a_plain_join_gets_a_full_copy() {
+    for msg in [Message::Rejoin { position: 1 }, Message::Join] {
+        let mut w = protected_world();
+        w.hosts[0].session.switchover().expect("accepted");
+        run(&mut w, &[Step::Cut(0), Step::Settle, Step::Settle]);
+        let now = w.now();
+        let b = &mut w.hosts[1].session;
+        let position = b.primary().map(|p| p.epoch()).unwrap();
+        b.on(Input::Message { now, msg });
+        let plan = b.cut(position + 1, vec![], now);
+        assert!(
+            matches!(
+                plan,
+                CutPlan::StartCopy {
+                    disk: DiskCopy::Whole,
+                    ..
+                }
+            ),
+            "{plan:?}"
+        );
+    }
+}

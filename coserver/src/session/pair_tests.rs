@@ -112,7 +112,7 @@ pub(super) struct World {
     start: Instant,
     pub(super) hosts: [Host; 2],
     /// links[l][n]: frames waiting on link l towards node n: (sender incarnation, seq, msg).
-    links: [[VecDeque<(u64, u64, Message)>; 2]; 2],
+    pub(super) links: [[VecDeque<(u64, u64, Message)>; 2]; 2],
     up: [bool; 2],
     next_seq: u64,
     /// Delivered (sender incarnation, seq) per receiver.
@@ -182,7 +182,7 @@ impl World {
         }
     }
 
-    fn now(&self) -> Instant {
+    pub(super) fn now(&self) -> Instant {
         self.start + Duration::from_millis(self.now_ms)
     }
 

@@ -78,6 +78,10 @@ pub enum DiskCopy {
     /// These ranges (a diverged lockstep replica: the rest of its disk is the
     /// primary's).
     Ranges(Vec<DiskRange>),
+    /// The memory pages and disk ranges written since the guest resumed here from a
+    /// switchover: the secondary is the old primary, whose memory and disk hold the
+    /// guest as it was then.
+    SinceResume,
 }
 
 /// What the epoch loop does at the end of an epoch.
@@ -171,6 +175,11 @@ pub struct Primary {
     repair: Option<Vec<DiskRange>>,
     /// A switchover under way.
     handover: Option<Handover>,
+    /// The guest resumed here at this position from a switchover, and no copy has
+    /// begun since: the epoch loop keeps what it writes, for the old primary's rejoin.
+    resumed: Option<u64>,
+    /// The next copy sends only what changed since `resumed`.
+    delta: bool,
 }
 
 /// A lockstep primary's view of its secondary's guest.
@@ -229,7 +238,34 @@ impl Primary {
             }),
             repair: None,
             handover: None,
+            resumed: None,
+            delta: false,
         }
+    }
+
+    /// This guest resumed at `position` from a switchover: the old primary's memory
+    /// and disk hold it as it was there.
+    pub(super) fn resumed_from_handover(&mut self, position: u64) {
+        self.resumed = Some(position);
+    }
+
+    /// Whether the epoch loop keeps the pages and disk ranges the guest writes (for
+    /// the old primary's rejoin after a switchover).
+    pub fn tracks_since_resume(&self) -> bool {
+        self.resumed.is_some()
+    }
+
+    /// The old primary asks to rejoin from `position`: a copy of what changed since if
+    /// this guest resumed there and no copy has begun since, a full one otherwise.
+    /// Returns the released outputs and whether the copy is the smaller one.
+    pub(super) fn rejoin(&mut self, position: u64) -> (Vec<Output>, bool) {
+        let delta = self.resumed == Some(position) && self.mode == Mode::Degraded;
+        let released = self.restart_copy();
+        self.delta = delta;
+        if delta {
+            self.resumed = Some(position);
+        }
+        (released, delta)
     }
 
     /// The switchover under way, if any.
@@ -415,6 +451,8 @@ impl Primary {
     pub(super) fn restart_copy(&mut self) -> Vec<Output> {
         self.join_requested = true;
         self.repair = None;
+        self.delta = false;
+        self.resumed = None;
         self.degrade()
     }
 
@@ -454,10 +492,17 @@ impl Primary {
                 self.join_requested = false;
                 self.copy_applied = 0;
                 self.mode = Mode::Syncing { copy: epoch };
+                // Whatever the copy, the loop stops keeping what changed since a resume.
+                self.resumed = None;
+                let disk = if std::mem::take(&mut self.delta) {
+                    DiskCopy::SinceResume
+                } else {
+                    self.repair.take().map_or(DiskCopy::Whole, DiskCopy::Ranges)
+                };
                 CutPlan::StartCopy {
                     copy: epoch,
                     release: outputs,
-                    disk: self.repair.take().map_or(DiskCopy::Whole, DiskCopy::Ranges),
+                    disk,
                 }
             }
             Mode::Degraded => CutPlan::Release(outputs),
