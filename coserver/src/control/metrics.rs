@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use super::{Percentiles, Status};
+use super::{Histogram, Status};
 
 /// Roles and modes a node reports, one series each (the current one is 1).
 const ROLES: [&str; 4] = ["starting", "primary", "secondary", "fenced"];
@@ -47,15 +47,16 @@ impl Families {
         self.sample(name, &[], value);
     }
 
-    /// A summary in seconds of a sample kept in µs.
-    fn summary_us(&mut self, name: &str, help: &str, p: &Percentiles) {
-        self.family(name, "summary", help);
-        for (q, v) in [("0.5", p.p50), ("0.99", p.p99)] {
-            if let Some(v) = v {
-                self.sample(name, &[("quantile", q)], v as f64 / 1e6);
-            }
+    /// A histogram in seconds of durations counted in µs.
+    fn histogram_us(&mut self, name: &str, help: &str, h: &Histogram) {
+        self.family(name, "histogram", help);
+        for (bound, n) in &h.buckets {
+            let le = format!("{}", *bound as f64 / 1e6);
+            self.sample(&format!("{name}_bucket"), &[("le", &le)], *n as f64);
         }
-        self.sample(&format!("{name}_count"), &[], p.samples as f64);
+        self.sample(&format!("{name}_bucket"), &[("le", "+Inf")], h.count as f64);
+        self.sample(&format!("{name}_sum"), &[], h.sum_us as f64 / 1e6);
+        self.sample(&format!("{name}_count"), &[], h.count as f64);
     }
 }
 
@@ -216,15 +217,15 @@ pub fn render_metrics(s: &Status) -> String {
         "The highest position the secondary acknowledged (primary).",
         s.acked_epoch as f64,
     );
-    f.summary_us(
+    f.histogram_us(
         "ftvm_checkpoint_pause_seconds",
-        "The guest's pause at each cut (recent).",
-        &s.checkpoint_pause_us,
+        "The guest's pause at each cut, since it started on this node.",
+        &s.checkpoint_pause_hist,
     );
-    f.summary_us(
+    f.histogram_us(
         "ftvm_output_commit_delay_seconds",
-        "How long released output waited for the secondary (recent).",
-        &s.output_commit_delay_us,
+        "How long released output waited for the secondary, since this node became primary.",
+        &s.output_commit_delay_hist,
     );
     f.one(
         "ftvm_replication_bytes_per_second",
@@ -319,6 +320,26 @@ mod tests {
                 series.starts_with("ftvm_") && series.ends_with('}'),
                 "{line}"
             );
+        }
+    }
+
+    #[test]
+    fn histograms_are_cumulative_buckets_in_seconds() {
+        let mut h = Histogram::default();
+        h.observe(120);
+        let m = render_metrics(&Status {
+            checkpoint_pause_hist: h,
+            ..Status::default()
+        });
+        for expected in [
+            "# TYPE ftvm_checkpoint_pause_seconds histogram",
+            "ftvm_checkpoint_pause_seconds_bucket{node=\"\",le=\"0.0001\"} 0",
+            "ftvm_checkpoint_pause_seconds_bucket{node=\"\",le=\"0.00025\"} 1",
+            "ftvm_checkpoint_pause_seconds_bucket{node=\"\",le=\"+Inf\"} 1",
+            "ftvm_checkpoint_pause_seconds_sum{node=\"\"} 0.00012",
+            "ftvm_checkpoint_pause_seconds_count{node=\"\"} 1",
+        ] {
+            assert!(m.contains(expected), "{expected}:\n{m}");
         }
     }
 }

@@ -177,6 +177,39 @@ impl Percentiles {
     }
 }
 
+/// Upper bounds (µs) of the buckets of a [`Histogram`].
+pub const HISTOGRAM_BOUNDS_US: [u64; 12] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+];
+
+/// A cumulative histogram of durations, as Prometheus keeps one: for each upper bound
+/// of [`HISTOGRAM_BOUNDS_US`], how many observations were at most that long.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Histogram {
+    /// (upper bound µs, observations at most that long), bounds ascending.
+    pub buckets: Vec<(u64, u64)>,
+    /// Observations.
+    pub count: u64,
+    /// Their sum (µs).
+    pub sum_us: u64,
+}
+
+impl Histogram {
+    /// Counts one observation of `us` microseconds.
+    pub fn observe(&mut self, us: u64) {
+        if self.buckets.is_empty() {
+            self.buckets = HISTOGRAM_BOUNDS_US.iter().map(|b| (*b, 0)).collect();
+        }
+        for (bound, n) in &mut self.buckets {
+            if us <= *bound {
+                *n += 1;
+            }
+        }
+        self.count += 1;
+        self.sum_us += us;
+    }
+}
+
 /// What the peer looks like from here.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PeerStatus {
@@ -217,6 +250,12 @@ pub struct Status {
     pub checkpoint_pause_us: Percentiles,
     /// Output-commit delay (µs).
     pub output_commit_delay_us: Percentiles,
+    /// Every checkpoint pause of the guest running here (since it started here).
+    #[serde(default)]
+    pub checkpoint_pause_hist: Histogram,
+    /// Every output-commit delay since this node became primary.
+    #[serde(default)]
+    pub output_commit_delay_hist: Histogram,
     /// Replication bytes per second sent over all links (last second).
     pub replication_bytes_per_s: u64,
     /// Acknowledgements rejected: for an epoch never sent, or of another copy.
@@ -375,6 +414,20 @@ mod tests {
         let p = Percentiles::of(&[5, 1, 3, 2, 4]);
         assert_eq!((p.p50, p.p99, p.samples), (Some(3), Some(5), 5));
         assert_eq!(Percentiles::of(&[]).p50, None);
+    }
+
+    #[test]
+    fn histograms_count_cumulatively() {
+        let mut h = Histogram::default();
+        for us in [40, 100, 101, 3_000, 1_000_000] {
+            h.observe(us);
+        }
+        let at = |bound| h.buckets.iter().find(|(b, _)| *b == bound).map(|(_, n)| *n);
+        assert_eq!(
+            (at(50), at(100), at(250), at(5_000), at(250_000)),
+            (Some(1), Some(2), Some(3), Some(4), Some(4))
+        );
+        assert_eq!((h.count, h.sum_us), (5, 1_003_241));
     }
 
     #[test]

@@ -110,6 +110,7 @@ impl Node {
             st.acked_epoch = p.acked();
             st.rejected_acks = p.rejected_acks();
             st.output_commit_delay_us = Percentiles::of(p.delays_us());
+            st.output_commit_delay_hist = p.delay_histogram().clone();
             st.lag_exits = p.lag_exits();
             st.lag_us = p.lag_time().map(|t| t.as_micros() as u64);
         }
@@ -122,6 +123,7 @@ impl Node {
             if let Ok(s) = r.stats.lock() {
                 st.guest_running = s.finished.is_none();
                 st.checkpoint_pause_us = Percentiles::of(&s.pauses_us);
+                st.checkpoint_pause_hist = s.pause_hist.clone();
                 st.copy_left = s.sync_left;
                 st.last_copy = s.last_copy;
             }

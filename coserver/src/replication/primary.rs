@@ -36,6 +36,8 @@ const FINAL_PAGES: usize = 4096;
 pub struct EpochStats {
     /// Checkpoint pauses (µs), recent.
     pub pauses_us: Vec<u64>,
+    /// Every checkpoint pause.
+    pub pause_hist: crate::control::Histogram,
     /// Pages and disk bytes still to copy.
     pub sync_left: Option<(usize, u64)>,
     /// Pages and disk bytes the last copy began with (a repair of a diverged lockstep
@@ -542,6 +544,7 @@ impl EpochLoop {
     fn record_pause(&self, pause: Duration) {
         let mut s = self.stats_lock();
         s.pauses_us.push(pause.as_micros() as u64);
+        s.pause_hist.observe(pause.as_micros() as u64);
         if s.pauses_us.len() > 4096 {
             s.pauses_us.drain(..2048);
         }

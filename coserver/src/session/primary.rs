@@ -169,6 +169,8 @@ pub struct Primary {
     rejected_acks: u64,
     /// Output-commit delays of released epochs (µs), recent.
     delays_us: Vec<u64>,
+    /// Every output-commit delay.
+    delay_hist: crate::control::Histogram,
     /// Lockstep: how far the secondary's guest has come.
     lockstep: Option<Box<SecondaryGuest>>,
     /// The next copy repairs a diverged replica: the disk ranges it sends.
@@ -225,6 +227,7 @@ impl Primary {
             finished: false,
             rejected_acks: 0,
             delays_us: Vec::new(),
+            delay_hist: Default::default(),
             lockstep: lockstep.map(|limits| {
                 Box::new(SecondaryGuest {
                     limits,
@@ -412,6 +415,11 @@ impl Primary {
         &self.delays_us
     }
 
+    /// Every output-commit delay since this node became primary.
+    pub fn delay_histogram(&self) -> &crate::control::Histogram {
+        &self.delay_hist
+    }
+
     /// Outputs held now (for the invariants' checks).
     pub fn held_epochs(&self) -> impl Iterator<Item = u64> + '_ {
         self.held.iter().map(|h| h.epoch)
@@ -594,8 +602,9 @@ impl Primary {
         let mut released = Vec::new();
         while self.held.front().is_some_and(|h| h.epoch <= epoch) {
             if let Some(h) = self.held.pop_front() {
-                self.delays_us
-                    .push(now.saturating_duration_since(h.at).as_micros() as u64);
+                let us = now.saturating_duration_since(h.at).as_micros() as u64;
+                self.delays_us.push(us);
+                self.delay_hist.observe(us);
                 released.extend(h.outputs);
             }
         }
