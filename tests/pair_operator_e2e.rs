@@ -369,3 +369,36 @@ fn metrics_parse_as_prometheus_text_and_the_status_page_shows_both_roles_in_chro
     );
     drop(b);
 }
+
+#[test]
+fn force_primary_starts_the_guest_on_the_host_left_when_the_other_is_gone_for_good() {
+    let Some((net, dir)) = setup("pair_force_primary", "f") else {
+        return;
+    };
+    let (mut a, b) = protected_pair(&net, dir.path(), &kv_guest());
+    a.kill();
+    assert!(
+        wait_until(LIMIT, || b.typed().role == "primary"),
+        "{}",
+        b.log()
+    );
+    let mut b = b;
+    b.kill();
+    // A comes back alone: B ran the guest after A's replica, so A waits for it.
+    let a = CoServer::start("a", &net.ns[0], &dir.path().join("a.toml"));
+    assert!(
+        wait_until(LIMIT, || a
+            .typed()
+            .waiting
+            .is_some_and(|w| w.contains("holds generation 2"))),
+        "{}",
+        a.status_text()
+    );
+    let (ok, out) = a.ctl(&["force-primary"]);
+    assert!(ok, "{out}\n{}", a.log());
+    assert!(out.contains("runs the guest (generation 3)"), "{out}");
+    let s = a.typed();
+    assert_eq!((s.role.as_str(), s.guest_running), ("primary", true));
+    let (ok, out) = a.ctl(&["force-primary"]);
+    assert!(!ok && out.contains("this node is primary"), "{out}");
+}

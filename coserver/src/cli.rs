@@ -153,6 +153,10 @@ pub enum CtlCommand {
     Leave,
     /// Re-read the configuration file: a replacement peer's link addresses.
     Reload,
+    /// On a starting CoServer that waits because the other host ran the guest later:
+    /// run the guest from this host's replica anyway. Only once the other host is known
+    /// to be gone for good: what the guest did there since is lost.
+    ForcePrimary,
 }
 
 /// How an idle guest waits for its timer.

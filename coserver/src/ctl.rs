@@ -63,6 +63,7 @@ pub fn run(args: &CtlArgs) -> Result<i32, CtlError> {
         }
         CtlCommand::Leave => println!("{}", act(OperatorAction::Leave)?),
         CtlCommand::Reload => println!("{}", act(OperatorAction::Reload)?),
+        CtlCommand::ForcePrimary => println!("{}", act(OperatorAction::ForcePrimary)?),
     }
     Ok(0)
 }

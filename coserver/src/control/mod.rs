@@ -81,14 +81,18 @@ pub enum OperatorAction {
     Leave,
     /// Re-read the configuration file (new peer link addresses).
     Reload,
+    /// A starting node that waits runs the guest from its own replica, the operator
+    /// vouching that the other host is gone for good.
+    ForcePrimary,
 }
 
 impl OperatorAction {
     /// Every action.
-    pub const ALL: [OperatorAction; 3] = [
+    pub const ALL: [OperatorAction; 4] = [
         OperatorAction::Switchover,
         OperatorAction::Leave,
         OperatorAction::Reload,
+        OperatorAction::ForcePrimary,
     ];
 
     /// Its name in the API's path.
@@ -97,6 +101,7 @@ impl OperatorAction {
             OperatorAction::Switchover => "switchover",
             OperatorAction::Leave => "leave",
             OperatorAction::Reload => "reload",
+            OperatorAction::ForcePrimary => "force-primary",
         }
     }
 

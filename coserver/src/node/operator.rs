@@ -48,6 +48,26 @@ impl Node {
                 }
             }
             OperatorAction::Reload => Ok(self.reload()),
+            OperatorAction::ForcePrimary => {
+                let actions = self.session.lock().force_primary();
+                match actions {
+                    Ok(actions) => {
+                        self.execute(actions)?;
+                        let s = self.session.lock();
+                        Ok(match s.role() {
+                            crate::protocol::Role::Primary => Ok(format!(
+                                "this node runs the guest (generation {})",
+                                s.generation()
+                            )),
+                            _ => Err(format!(
+                                "the arbiter did not grant the guest: {}",
+                                s.waiting().unwrap_or("see the alerts")
+                            )),
+                        })
+                    }
+                    Err(why) => Ok(Err(why)),
+                }
+            }
         }
     }
 

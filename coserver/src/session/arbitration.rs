@@ -37,6 +37,18 @@ impl Session {
                 self.alert(out, format!("no primary heard: won the arbiter (generation {generation}); starting the guest"));
                 self.become_primary(out, 0, Action::BootGuest);
             }
+            (State::Starting { .. }, Ok(Claim::Lost { generation, holder }))
+                if std::mem::take(&mut self.forced) =>
+            {
+                // The operator vouches that the holder is gone for good: this node
+                // learns its generation from the arbiter and claims the next one.
+                self.alert(
+                    out,
+                    format!("force-primary: {holder} holds generation {generation}; claiming generation {}", generation + 1),
+                );
+                self.raise_generation(out, generation);
+                out.push(Action::Claim);
+            }
             (State::Starting { .. }, Ok(Claim::Lost { generation, holder })) => {
                 // Not learned from the arbiter itself: only a peer that is heard can
                 // vouch for a generation, or a stale node could win the next one. No

@@ -276,6 +276,9 @@ pub struct Session {
     claim_lost: Option<String>,
     /// A starting node's last claim found the arbiter unusable (it claims again).
     arbiter_error: Option<String>,
+    /// The operator forced this starting node to run the guest (`ftvm ctl
+    /// force-primary`): its next claim goes above the arbiter's highest generation.
+    forced: bool,
     last_tick: Option<Instant>,
     exit: Option<i32>,
     last_alert: Option<String>,
@@ -297,6 +300,7 @@ impl Session {
             waiting: None,
             claim_lost: None,
             arbiter_error: None,
+            forced: false,
             last_tick: None,
             exit: None,
             last_alert: None,

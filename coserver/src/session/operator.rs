@@ -78,6 +78,49 @@ impl Session {
         Ok(out)
     }
 
+    /// The operator vouches that the other host is gone for good and has this waiting
+    /// node run the guest from its own replica (recorded whole or live), whatever
+    /// generation the arbiter holds: it claims above it and boots. `Ok`: the actions;
+    /// `Err`: why not.
+    pub fn force_primary(&mut self) -> Result<Vec<Action>, String> {
+        if !matches!(self.state, State::Starting { .. }) {
+            return Err(format!(
+                "this node is {}: force-primary is for a starting node that waits",
+                self.role().name()
+            ));
+        }
+        if self.cfg.arbiter != ArbiterKind::Claims {
+            return Err(
+                "arbiter kind none: the configuration names the node that starts the guest".into(),
+            );
+        }
+        if self.peer.alive {
+            let peer = self.peer.name.clone().unwrap_or_else(|| "the peer".into());
+            return Err(format!(
+                "{peer} is heard: the pair decides which node runs the guest (force-primary is for a host whose peer is gone for good)"
+            ));
+        }
+        if self.standing.position().is_none() {
+            return Err(format!(
+                "this host's replica is {}: it does not hold the guest whole (docs/operations.md, \"Choosing an arbiter\", says how to run from this disk anyway)",
+                self.standing.describe()
+            ));
+        }
+        self.forced = true;
+        self.claim_lost = None;
+        self.arbiter_error = None;
+        let mut out = Vec::new();
+        self.alert(
+            &mut out,
+            format!(
+                "force-primary: the operator says the other host is gone for good; starting the guest from this host's replica ({}); what the guest did elsewhere after it is lost",
+                self.standing.describe()
+            ),
+        );
+        out.push(Action::Claim);
+        Ok(out)
+    }
+
     /// A protected primary's secondary left the pair: degraded, without the arbiter
     /// (the secondary recorded its replica incomplete before it said so).
     pub(super) fn peer_left(&mut self, out: &mut Vec<Action>) {

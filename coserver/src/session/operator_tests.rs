@@ -207,3 +207,56 @@ fn a_rejoin_from_another_position_or_a_plain_join_gets_a_full_copy() {
         );
     }
 }
+
+#[test]
+fn force_primary_runs_the_guest_from_a_stale_replica_once_the_other_host_is_gone() {
+    let mut w = protected_world();
+    // A stops; B takes over in generation 2 and stops too; A comes back alone.
+    run(&mut w, &[Step::Pause(0, 100_000)]);
+    settle(&mut w, 8);
+    assert_eq!(w.acted.get(&2), Some(&1), "B ran the guest in generation 2");
+    run(&mut w, &[Step::Pause(1, 1_000_000), Step::Restart(0)]);
+    settle(&mut w, 20);
+    let a = &mut w.hosts[0].session;
+    assert_eq!(a.role(), Role::Starting);
+    assert!(
+        a.waiting()
+            .is_some_and(|why| why.contains("holds generation 2")),
+        "{:?}",
+        a.waiting()
+    );
+    let actions = a.force_primary().expect("accepted");
+    w.execute(0, actions).unwrap();
+    assert_eq!(w.hosts[0].session.role(), Role::Primary);
+    assert_eq!(
+        w.acted.get(&3),
+        Some(&0),
+        "A runs the guest in generation 3"
+    );
+    assert_eq!(w.hosts[0].session.generation(), 3);
+    let refused = w.hosts[0].session.force_primary().unwrap_err();
+    assert!(refused.contains("this node is primary"), "{refused}");
+}
+
+#[test]
+fn force_primary_is_refused_while_the_peer_is_heard() {
+    let mut w = World::new();
+    run(&mut w, &[Step::Advance(50), Step::Advance(50)]);
+    assert_eq!(w.hosts[1].session.role(), Role::Starting);
+    let refused = w.hosts[1].session.force_primary().unwrap_err();
+    assert!(refused.contains("a is heard"), "{refused}");
+}
+
+#[test]
+fn force_primary_refuses_a_replica_that_does_not_hold_the_guest_whole() {
+    let mut w = protected_world();
+    // B's replica is recorded incomplete (applying) while it follows A; A stops and B
+    // is restarted alone.
+    run(&mut w, &[Step::Pause(0, 1_000_000), Step::Restart(1)]);
+    settle(&mut w, 10);
+    let refused = w.hosts[1].session.force_primary().unwrap_err();
+    assert!(
+        refused.contains("does not hold the guest whole"),
+        "{refused}"
+    );
+}
