@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use pair::{
-    client_until, edit_config, field, kv_guest, protected, protected_pair, setup, spec, wait_until,
-    write_config, CoServer, Config, GUEST_IP, LIMIT,
+    client_until, edit_config, field, kv_guest, protected, protected_pair, setup, spec,
+    switch_over_back_and_forth, wait_until, write_config, CoServer, Config, GUEST_IP, LIMIT,
 };
 
 #[test]
@@ -31,20 +31,8 @@ fn ten_switchovers_back_and_forth_keep_the_client_connection_and_every_set() {
     let started = Instant::now();
     let client = client_until(&net, stop.clone());
     let nodes = [a, b];
-    let mut primary = 0;
-    let mut times = Vec::new();
-    let mut reprotect = Vec::new();
-    for round in 0..10 {
-        let (p, s) = (&nodes[primary], &nodes[1 - primary]);
-        let t = Instant::now();
-        assert!(
-            wait_until(LIMIT, || protected(p, s)),
-            "round {round}: not protected:\n{}\n{}",
-            p.status_text(),
-            s.status_text()
-        );
+    let (rounds, primary) = switch_over_back_and_forth(&nodes, 10, Duration::ZERO, |round, p| {
         if round > 0 {
-            reprotect.push(t.elapsed());
             // The old primary rejoined from the memory and disk its guest stopped
             // with: only what changed since was copied, not the 8 MiB disk.
             let (pages, disk) = p.typed().last_copy.expect("a copy");
@@ -53,14 +41,7 @@ fn ten_switchovers_back_and_forth_keep_the_client_connection_and_every_set() {
                 "round {round}: the rejoin copied {pages} pages and {disk} disk bytes"
             );
         }
-        let t = Instant::now();
-        let (ok, out) = p.ctl(&["switchover"]);
-        assert!(ok, "round {round}: switchover failed: {out}\n{}", p.log());
-        assert!(out.contains("switched over"), "{out}");
-        times.push(t.elapsed());
-        assert_eq!(s.typed().role, "primary", "round {round}");
-        primary = 1 - primary;
-    }
+    });
     // Each switchover won the arbiter once more: nobody else claimed.
     assert_eq!(nodes[primary].typed().generation, 11);
     // Refused with a reason while the pair is not protected (the old primary is
@@ -74,8 +55,8 @@ fn ten_switchovers_back_and_forth_keep_the_client_connection_and_every_set() {
         run.sets.len(),
         run.worst(started, Instant::now()),
         run.retransmits,
-        times.iter().max().copied().unwrap_or_default(),
-        reprotect.iter().max().copied().unwrap_or_default()
+        rounds.iter().map(|r| r.took).max().unwrap_or_default(),
+        rounds.iter().filter_map(|r| r.reprotected).max().unwrap_or_default()
     );
     println!("{line}");
     report(&line);

@@ -27,8 +27,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pair::{
-    client_until, edit_config, kv_guest, protected, protected_pair, spec, wait_until, write_config,
-    CoServer, GuestSpec, PairNet, ReplicationMode, GUEST_IP, LIMIT,
+    client_until, edit_config, kv_guest, protected_pair, spec, switch_over_back_and_forth,
+    wait_until, write_config, CoServer, GuestSpec, PairNet, ReplicationMode, GUEST_IP, LIMIT,
 };
 
 /// Switchovers per mode (`FTVM_BENCH_SWITCHOVERS` for a shorter try).
@@ -81,35 +81,19 @@ fn switchover_rows() {
         let stop = Arc::new(AtomicBool::new(false));
         let client = client_until(&net, stop.clone());
         let nodes = [a, b];
-        let mut primary = 0;
-        let mut windows = Vec::new();
-        let mut took = Vec::new();
-        let mut reprotect = Vec::new();
-        for round in 0..count {
-            let (p, s) = (&nodes[primary], &nodes[1 - primary]);
-            let t = Instant::now();
-            assert!(
-                wait_until(LIMIT, || protected(p, s)),
-                "{} round {round}: not protected:\n{}",
-                mode.name(),
-                s.log()
-            );
-            if round > 0 {
-                reprotect.push(t.elapsed());
-            }
-            // Some SETs before it, so the window holds the one the switchover delayed.
-            std::thread::sleep(Duration::from_millis(100));
-            let t = Instant::now();
-            let (ok, out) = p.ctl(&["switchover"]);
-            assert!(ok, "{} round {round}: {out}\n{}", mode.name(), p.log());
-            took.push(t.elapsed());
-            windows.push((t, Instant::now() + Duration::from_millis(100)));
-            primary = 1 - primary;
-        }
+        // Some SETs before each, so the window holds the one the switchover delayed.
+        let (rounds, _) =
+            switch_over_back_and_forth(&nodes, count, Duration::from_millis(100), |_, _| {});
         std::thread::sleep(Duration::from_millis(200));
         stop.store(true, Ordering::SeqCst);
         let run = client.join().expect("the client saw every SET read back");
-        let mut stalls: Vec<Duration> = windows.iter().map(|(f, t)| run.worst(*f, *t)).collect();
+        // The client's longest SET from the request to 100 ms after it returned.
+        let mut stalls: Vec<Duration> = rounds
+            .iter()
+            .map(|r| run.worst(r.asked, r.asked + r.took + Duration::from_millis(100)))
+            .collect();
+        let mut took: Vec<Duration> = rounds.iter().map(|r| r.took).collect();
+        let mut reprotect: Vec<Duration> = rounds.iter().filter_map(|r| r.reprotected).collect();
         println!(
             "| {} | {} | {} | {} | {} | 0 of {} |",
             mode.name(),

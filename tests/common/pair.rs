@@ -830,3 +830,53 @@ pub fn client_until(net: &PairNet, stop: Arc<AtomicBool>) -> std::thread::JoinHa
         .expect("client thread in the LAN")
     })
 }
+
+/// One switchover of [`switch_over_back_and_forth`].
+pub struct SwitchoverRound {
+    /// When `ftvm ctl switchover` was run.
+    pub asked: Instant,
+    /// How long it took (it returns once the peer is primary).
+    pub took: Duration,
+    /// How long after the previous switchover returned the pair was protected again
+    /// (none before the first).
+    pub reprotected: Option<Duration>,
+}
+
+/// Switches the protected pair `nodes` (node 0 primary) over `count` times back and
+/// forth, each time once it is protected again and `before` has passed; `each` is
+/// shown the round and the primary just before it is asked. Returns the rounds and
+/// the index of the primary at the end.
+pub fn switch_over_back_and_forth(
+    nodes: &[CoServer; 2],
+    count: usize,
+    before: Duration,
+    mut each: impl FnMut(usize, &CoServer),
+) -> (Vec<SwitchoverRound>, usize) {
+    let mut primary = 0;
+    let mut rounds = Vec::new();
+    for round in 0..count {
+        let (p, s) = (&nodes[primary], &nodes[1 - primary]);
+        let t = Instant::now();
+        assert!(
+            wait_until(LIMIT, || protected(p, s)),
+            "round {round}: not protected:\n{}\n{}",
+            p.status_text(),
+            s.log()
+        );
+        let reprotected = (round > 0).then(|| t.elapsed());
+        each(round, p);
+        std::thread::sleep(before);
+        let asked = Instant::now();
+        let (ok, out) = p.ctl(&["switchover"]);
+        assert!(ok, "round {round}: switchover failed: {out}\n{}", p.log());
+        assert!(out.contains("switched over"), "{out}");
+        rounds.push(SwitchoverRound {
+            asked,
+            took: asked.elapsed(),
+            reprotected,
+        });
+        assert_eq!(s.typed().role, "primary", "round {round}");
+        primary = 1 - primary;
+    }
+    (rounds, primary)
+}

@@ -28,7 +28,7 @@ pub type Requests = std::sync::mpsc::Receiver<ActionRequest>;
 
 struct Ctx {
     status: Arc<Mutex<Status>>,
-    actions: Mutex<std::sync::mpsc::Sender<ActionRequest>>,
+    actions: std::sync::mpsc::Sender<ActionRequest>,
     token: String,
 }
 
@@ -85,12 +85,7 @@ async fn act(
         );
     }
     let (reply, answered) = tokio::sync::oneshot::channel();
-    let sent = ctx
-        .actions
-        .lock()
-        .map(|tx| tx.send(ActionRequest { action, reply }).is_ok())
-        .unwrap_or(false);
-    if !sent {
+    if ctx.actions.send(ActionRequest { action, reply }).is_err() {
         return answer(
             StatusCode::SERVICE_UNAVAILABLE,
             false,
@@ -141,7 +136,7 @@ pub fn serve(
     let (tx, rx) = std::sync::mpsc::channel();
     let ctx = Arc::new(Ctx {
         status,
-        actions: Mutex::new(tx),
+        actions: tx,
         token,
     });
     let app = axum::Router::new()
