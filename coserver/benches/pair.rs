@@ -67,8 +67,15 @@ const DISK: Progress = Progress {
     unit: "MiB/s",
 };
 
-/// SETs a client makes for the key-value rate.
+/// SETs a client makes for the key-value rate (`FTVM_BENCH_SETS` sets another count).
 const SETS: u32 = 400;
+
+fn sets() -> u32 {
+    std::env::var("FTVM_BENCH_SETS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(SETS)
+}
 
 fn spec(cmdline: &str, disk_mib: u64, network: bool, epoch_ms: u64) -> GuestSpec {
     spec_in(
@@ -164,11 +171,14 @@ fn kv_rate(net: &PairNet) -> f64 {
     kv_run(net, true).0
 }
 
-/// `SETS` SETs one at a time from a client in the LAN: the rate and each SET's time;
+/// [`sets`] SETs one at a time from a client in the LAN: the rate and each SET's time;
 /// the guest is told to power off afterwards if `shutdown`.
 fn kv_run(net: &PairNet, shutdown: bool) -> (f64, Vec<Duration>) {
     let _ = netns::ip(&["-n", &net.ns[2], "neigh", "flush", "all"]);
     netns::run_in(&net.ns[2], move || {
+        if pinned() {
+            pin_thread(0);
+        }
         let start = Instant::now();
         let s = loop {
             match TcpStream::connect_timeout(
@@ -183,14 +193,15 @@ fn kv_run(net: &PairNet, shutdown: bool) -> (f64, Vec<Duration>) {
         s.set_read_timeout(Some(Duration::from_secs(20)))
             .expect("timeout");
         let mut c = BufReader::new(s);
-        let mut each = Vec::with_capacity(SETS as usize);
+        let sets = sets();
+        let mut each = Vec::with_capacity(sets as usize);
         let t = Instant::now();
-        for i in 0..SETS {
+        for i in 0..sets {
             let one = Instant::now();
-            assert_eq!(kv(&mut c, &format!("SET k{i} v{i}")), "OK");
+            assert_eq!(kv(&mut c, &format!("SET k{} v{i}", i % 2000)), "OK");
             each.push(one.elapsed());
         }
-        let rate = f64::from(SETS) / t.elapsed().as_secs_f64();
+        let rate = f64::from(sets) / t.elapsed().as_secs_f64();
         if shutdown {
             let _ = kv(&mut c, "SHUTDOWN");
         }
@@ -221,6 +232,9 @@ fn standalone_kv_run(net: &PairNet) -> (f64, Vec<Duration>) {
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn ftvm");
+    if pinned() {
+        pin_process(child.id(), 0);
+    }
     let run = kv_run(net, true);
     let _ = child.wait();
     run
@@ -270,7 +284,7 @@ fn main() {
     println!("ftvm pair benchmark (2 veth links in namespaces, heartbeat 20 ms x 10)\n");
     println!("| figure | value |\n|---|---|");
 
-    // FTVM_BENCH_ONLY=takeover (or modes) runs those rows alone.
+    // FTVM_BENCH_ONLY=takeover (or modes, or kv) runs those rows alone.
     let only = std::env::var("FTVM_BENCH_ONLY").ok();
     if only.is_none() {
         overhead_rows(&net);
@@ -280,6 +294,85 @@ fn main() {
     }
     if only.is_none() || only.as_deref() == Some("modes") {
         modes_rows(&net);
+    }
+    if only.as_deref() == Some("kv") {
+        kv_rows(&net);
+    }
+}
+
+/// With `FTVM_BENCH_PIN` set, the kv rows pin each host's work to one core, as two
+/// hosts would keep it apart: the primary (or the standalone guest) and the client on
+/// core 0, the secondary on core 1.
+fn pinned() -> bool {
+    std::env::var("FTVM_BENCH_PIN").is_ok()
+}
+
+/// Pins every thread of process `pid` (and those it starts later) to `cpu`.
+fn pin_process(pid: u32, cpu: usize) {
+    let status = Command::new("taskset")
+        .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .expect("taskset");
+    assert!(status.success(), "taskset {pid}");
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_thread(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET writes within it; sched_setaffinity
+    // reads it for the calling thread (0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// `FTVM_BENCH_ONLY=kv`: the key-value rows alone, standalone and lockstep alternated
+/// `FTVM_BENCH_ROUNDS` times (default 3), each round's ratio measured in that round.
+fn kv_rows(net: &PairNet) {
+    let rounds: u32 = std::env::var("FTVM_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    println!("\n| round | standalone SETs/s (p50, p99) | lockstep SETs/s (p50, p99) | ratio | added p50 | output delay |\n|---|---|---|---|---|---|");
+    for round in 1..=rounds {
+        let (solo, mut solo_each) = standalone_kv_run(net);
+        let s = percentiles(&mut solo_each);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let g = spec_in(
+            ReplicationMode::Lockstep,
+            &format!("workload=net ip={GUEST_IP}/24"),
+            8,
+            true,
+            10,
+        );
+        let (a, b) = protected_pair(net, dir.path(), &g);
+        if pinned() {
+            pin_process(a.pid().expect("primary's pid"), 0);
+            pin_process(b.pid().expect("secondary's pid"), 1);
+        }
+        let (rate, mut each) = kv_run(net, false);
+        let p = percentiles(&mut each);
+        let delay = pct(&a.status(), "output_commit_delay_us");
+        if std::env::var("FTVM_BENCH_DIST").is_ok() {
+            let at = |q: f64| each[((each.len() - 1) as f64 * q).round() as usize];
+            let over = |ms: f64| each.iter().filter(|d| d.as_secs_f64() * 1e3 > ms).count();
+            println!(
+                "lockstep SETs: p75 {:?} p90 {:?} p95 {:?} max {:?}; over 1 ms {}, over 2 ms {}, over 5 ms {} of {}",
+                at(0.75), at(0.9), at(0.95), at(1.0), over(1.0), over(2.0), over(5.0), each.len()
+            );
+        }
+        drop((a, b));
+        println!(
+            "| {round} | {solo:.0} ({:.0} µs, {:.0} µs) | {rate:.0} ({:.0} µs, {:.0} µs) | {:.0}% | {:.0} µs | {delay} |",
+            s.0 * 1e6,
+            s.1 * 1e6,
+            p.0 * 1e6,
+            p.1 * 1e6,
+            rate / solo * 100.0,
+            (p.0 - s.0) * 1e6
+        );
     }
 }
 
@@ -564,7 +657,7 @@ fn takeover_run(
                     tx.send(()).expect("signal");
                 }
                 let t = Instant::now();
-                assert_eq!(kv(&mut c, &format!("SET k{i} v{i}")), "OK");
+                assert_eq!(kv(&mut c, &format!("SET k{} v{i}", i % 2000)), "OK");
                 worst = worst.max(t.elapsed());
             }
             for i in 0..150 {

@@ -13,9 +13,10 @@ use tokio::sync::mpsc;
 
 use super::frame::{self, FrameError, Opener, Plain, Reassembly, Sealer};
 use super::handshake::{self, End, HandshakeError, Opening, OPENING_LEN};
+use super::write::{write_loop, WriteSide};
 use super::{
-    lock, queue_control, ConnHandle, Event, Inner, Outgoing, PeerInfo, CONNECT_TIMEOUT,
-    MAX_PENDING, QUEUE_CONTROL, QUEUE_MESSAGES, SEND_BUFFER,
+    lock, queue_control, ConnHandle, Event, Inner, PeerInfo, CONNECT_TIMEOUT, MAX_PENDING,
+    QUEUE_CONTROL, QUEUE_MESSAGES, SEND_BUFFER,
 };
 use crate::protocol::{Message, PROTOCOL_VERSION};
 
@@ -134,14 +135,10 @@ async fn connection(
     let (control_tx, control_rx) = mpsc::channel(QUEUE_CONTROL);
     let (bulk_tx, bulk_rx) = mpsc::channel(QUEUE_MESSAGES);
     let queued = Arc::new(AtomicUsize::new(0));
-    let writer = inner.handle.spawn(write_loop(
-        inner.clone(),
-        wr,
-        sealer,
-        control_rx,
-        bulk_rx,
-        queued.clone(),
-    ));
+    let side = WriteSide::new(wr, sealer, queued.clone());
+    let writer = inner
+        .handle
+        .spawn(write_loop(inner.clone(), side.clone(), control_rx, bulk_rx));
     let hello = {
         let l = lock(&inner.local);
         Message::Hello {
@@ -168,6 +165,7 @@ async fn connection(
             control: control_tx,
             bulk: bulk_tx,
             queued,
+            side,
             tasks: vec![writer.abort_handle()],
         });
         l.status.connects += 1;
@@ -287,42 +285,6 @@ async fn check_confirm(
     match opener.open(len, body) {
         Ok(Plain::Confirm(e)) if e == peer_end => Ok(()),
         _ => Err(HandshakeError::Unauthenticated.into()),
-    }
-}
-
-async fn write_loop(
-    inner: Arc<Inner>,
-    mut wr: OwnedWriteHalf,
-    mut sealer: Sealer,
-    mut control: mpsc::Receiver<Vec<u8>>,
-    mut bulk: mpsc::Receiver<Arc<Outgoing>>,
-    queued: Arc<AtomicUsize>,
-) -> std::io::Result<()> {
-    loop {
-        let out = tokio::select! {
-            biased;
-            c = control.recv() => match c {
-                Some(m) => {
-                    wr.write_all(&sealer.seal(&Plain::Control(m))).await?;
-                    inner.note_sent();
-                    continue;
-                }
-                None => return Ok(()),
-            },
-            b = bulk.recv() => match b {
-                Some(out) => out,
-                None => return Ok(()),
-            },
-        };
-        for chunk in frame::chunks(out.seq, out.lz4, &out.payload) {
-            // Heartbeats and answers go ahead of the rest of a large message.
-            while let Ok(m) = control.try_recv() {
-                wr.write_all(&sealer.seal(&Plain::Control(m))).await?;
-            }
-            wr.write_all(&sealer.seal(&chunk)).await?;
-            inner.note_sent();
-        }
-        queued.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -20,6 +20,7 @@ pub mod blocking;
 mod conn;
 pub mod frame;
 pub mod handshake;
+mod write;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -160,6 +161,8 @@ struct ConnHandle {
     bulk: mpsc::Sender<Arc<Outgoing>>,
     /// Bulk messages queued and not yet written.
     queued: Arc<AtomicUsize>,
+    /// The socket's sending side, for direct sends.
+    side: Arc<write::WriteSide>,
     tasks: Vec<tokio::task::AbortHandle>,
 }
 
@@ -578,12 +581,25 @@ impl Links {
     /// Sends `msg` on every connected link. Returns on how many links it was queued;
     /// a message beyond the size limit is an error (nothing is sent).
     pub fn send(&self, msg: &Message) -> Result<usize, LinkError> {
+        self.send_as(msg, false)
+    }
+
+    /// [`Links::send`], writing the message to each link's socket from the calling
+    /// thread where nothing is queued before it on that link (see `write`): a small
+    /// message saves the thread hop to the link's writer. Never waits for a socket.
+    pub fn send_direct(&self, msg: &Message) -> Result<usize, LinkError> {
+        self.send_as(msg, true)
+    }
+
+    fn send_as(&self, msg: &Message, direct: bool) -> Result<usize, LinkError> {
         let (lz4, payload) = frame::compress(msg.encode()?);
         let _order = lock(&self.inner.send_order);
         let seq = self.inner.next_seq.fetch_add(1, Ordering::Relaxed);
         let out = Arc::new(Outgoing { seq, lz4, payload });
         Ok((0..self.inner.links.len())
-            .filter(|&i| queue_bulk(&self.inner, i, &out))
+            .filter(|&i| {
+                (direct && send_direct(&self.inner, i, &out)) || queue_bulk(&self.inner, i, &out)
+            })
             .count())
     }
 
@@ -694,7 +710,7 @@ impl Outbox {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return self.send(msg);
         }
-        if let Err(e) = self.links.send(&msg) {
+        if let Err(e) = self.links.send_direct(&msg) {
             tracing::error!("not sent: {e}");
         }
     }
@@ -706,7 +722,7 @@ impl Outbox {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return Err(Box::new(msg));
         }
-        if let Err(e) = self.links.send(&msg) {
+        if let Err(e) = self.links.send_direct(&msg) {
             tracing::error!("not sent: {e}");
         }
         Ok(())
@@ -733,6 +749,23 @@ impl Outbox {
 /// (the vCPU thread at an epoch's end) wait: push-back, never an unbounded queue. The
 /// sender thread itself never blocks (`Links::send` does not).
 const OUTBOX_MESSAGES: usize = 256;
+
+/// Writes a message to link `i` from this thread if nothing is queued before it there.
+/// Returns whether it was taken.
+fn send_direct(inner: &Inner, i: usize, out: &Outgoing) -> bool {
+    let side = {
+        let l = lock(&inner.links[i]);
+        let Some(c) = &l.conn else { return false };
+        c.side.clone()
+    };
+    if !side.try_direct(inner, out) {
+        return false;
+    }
+    let mut l = lock(&inner.links[i]);
+    l.status.frames_out += 1;
+    l.status.bytes_out += out.payload.len() as u64;
+    true
+}
 
 /// Queues a message on link `i`; a stalled link is reset. Returns whether it was queued.
 fn queue_bulk(inner: &Inner, i: usize, out: &Arc<Outgoing>) -> bool {

@@ -1,9 +1,9 @@
-//! The node's quick path: a link reader that decodes an acknowledgement (primary) or
-//! the next slice of the log (lockstep secondary) handles it itself, without waking
-//! the node's event loop — each saves one thread hop on the way of every released
-//! output. It does so only between the node's turns: the node holds the turn lock
-//! while it handles anything, and the reader only tries it (a busy node gets the
-//! message through its queue, as before). The session decides what is quick
+//! The node's quick path: a link reader that decodes an acknowledgement (primary), or
+//! the next slice of the log or a release (lockstep secondary), handles it itself,
+//! without waking the node's event loop — each saves one thread hop on the way of
+//! every released output. It does so only between the node's turns: the node holds
+//! the turn lock while it handles anything, and the reader only tries it (a busy node
+//! gets the message through its queue, as before). The session decides what is quick
 //! (`Session::quick_ack`, `Session::quick_slice`); what the node runs (its commit, its
 //! follower) is refreshed here at the end of every turn.
 
@@ -126,6 +126,14 @@ impl QuickHandler for QuickPath {
                 }
                 None
             }
+            Message::Released { position } => match turn.slices.as_ref() {
+                // Noted for the follower without waking it or the node.
+                Some(inbox) => {
+                    inbox.released(position);
+                    None
+                }
+                None => Some(Message::Released { position }),
+            },
             other => Some(other),
         }
     }

@@ -9,7 +9,8 @@
 //! switches its World from the replay to the live one and becomes the primary's epoch
 //! loop on the same thread, with the same VM: nothing is restored.
 
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,8 +28,6 @@ use crate::protocol::{DiskRange, ExitPoint, LogSegment, Message, Output};
 enum FollowInput {
     /// A slice of the log at `position`.
     Slice { position: u64, slice: LogSegment },
-    /// The primary released the outputs of every position up to this one.
-    Released(u64),
     /// This node won the guest: execute the rest, go live, run as primary.
     TakeOver(Box<LockstepTakeover>),
 }
@@ -88,6 +87,8 @@ pub struct Follower {
     status: Arc<Mutex<FollowerStatus>>,
     world: Arc<Mutex<Phase>>,
     kick: Arc<Mutex<Option<VcpuKick>>>,
+    /// The last position the primary said it released.
+    released: Arc<AtomicU64>,
 }
 
 /// A second way in to a follower thread, for slices only (see [`Follower::inbox`]).
@@ -95,6 +96,7 @@ pub struct Follower {
 pub struct SliceInbox {
     tx: Sender<FollowInput>,
     status: Arc<Mutex<FollowerStatus>>,
+    released: Arc<AtomicU64>,
 }
 
 impl SliceInbox {
@@ -106,6 +108,12 @@ impl SliceInbox {
     /// Hands a slice of the log to the guest. False if the follower has ended.
     pub fn slice(&self, position: u64, slice: LogSegment) -> bool {
         self.tx.send(FollowInput::Slice { position, slice }).is_ok()
+    }
+
+    /// The primary released every position up to `position` (see
+    /// [`Follower::released`]).
+    pub fn released(&self, position: u64) {
+        self.released.fetch_max(position, Ordering::AcqRel);
     }
 }
 
@@ -135,6 +143,7 @@ impl Follower {
         let vm = standby.activate(Box::new(LockstepWorld(world.clone())))?;
         let status = Arc::new(Mutex::new(FollowerStatus::default()));
         let kick = Arc::new(Mutex::new(None));
+        let released = Arc::new(AtomicU64::new(0));
         // Unbounded, but the primary keeps the slices in flight within its lag bound.
         let (tx, rx) = mpsc::channel();
         let thread = FollowerThread {
@@ -144,6 +153,7 @@ impl Follower {
             world: world.clone(),
             status: status.clone(),
             unreleased: Vec::new(),
+            released: released.clone(),
             powered_off: false,
             reported: None,
             reported_at: Instant::now(),
@@ -159,6 +169,7 @@ impl Follower {
             status,
             world,
             kick,
+            released,
         })
     }
 
@@ -169,6 +180,7 @@ impl Follower {
         self.tx.as_ref().map(|tx| SliceInbox {
             tx: tx.clone(),
             status: self.status.clone(),
+            released: self.released.clone(),
         })
     }
 
@@ -177,9 +189,11 @@ impl Follower {
         self.send(FollowInput::Slice { position, slice })
     }
 
-    /// The primary released every position up to `position`.
+    /// The primary released every position up to `position`: the follower keeps no
+    /// outputs of them for a takeover. Noted without waking the follower thread (it
+    /// drops them as it executes, and before a takeover).
     pub fn released(&self, position: u64) {
-        self.send(FollowInput::Released(position));
+        self.released.fetch_max(position, Ordering::AcqRel);
     }
 
     /// Takes over: the follower thread becomes the primary's vCPU thread.
@@ -224,6 +238,8 @@ struct FollowerThread {
     status: Arc<Mutex<FollowerStatus>>,
     /// Outputs of executed positions the primary has not said it released.
     unreleased: Vec<(u64, Vec<Output>)>,
+    /// The last position the primary said it released.
+    released: Arc<AtomicU64>,
     powered_off: bool,
     /// The last position reported to the primary, and when.
     reported: Option<u64>,
@@ -245,11 +261,24 @@ impl FollowerThread {
             let input = match self.rx.try_recv() {
                 Ok(i) => i,
                 Err(TryRecvError::Empty) => {
-                    // Caught up with what arrived: tell the primary where the guest is.
-                    self.report();
-                    match self.rx.recv() {
-                        Ok(i) => i,
-                        Err(_) => return,
+                    // Caught up with what arrived: tell the primary where the guest
+                    // is, at most every REPORT_EVERY (a report each time it catches
+                    // up would cost both hosts a message per output).
+                    let wait = REPORT_EVERY.saturating_sub(self.reported_at.elapsed());
+                    let next = match self.rx.recv_timeout(wait) {
+                        Ok(i) => Some(i),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    };
+                    match next {
+                        Some(i) => i,
+                        None => {
+                            self.report();
+                            match self.rx.recv() {
+                                Ok(i) => i,
+                                Err(_) => return,
+                            }
+                        }
                     }
                 }
                 Err(TryRecvError::Disconnected) => return,
@@ -265,7 +294,6 @@ impl FollowerThread {
                         self.report();
                     }
                 }
-                FollowInput::Released(p) => self.unreleased.retain(|(q, _)| *q > p),
                 FollowInput::TakeOver(t) => return self.take_over(*t),
             }
         }
@@ -383,9 +411,16 @@ impl FollowerThread {
                 })
                 .collect();
             self.unreleased.push((position, outputs));
+            self.drop_released();
         }
         lock(&self.status).executed = Some((position, here.exit));
         Ok(())
+    }
+
+    /// Forgets the outputs of positions the primary released.
+    fn drop_released(&mut self) {
+        let released = self.released.load(Ordering::Acquire);
+        self.unreleased.retain(|(q, _)| *q > released);
     }
 
     fn take_over(mut self, t: LockstepTakeover) {
@@ -399,6 +434,7 @@ impl FollowerThread {
         }
         // Every slice executed took all its events (checked at its end).
         lock(&self.world).live = Some(world);
+        self.drop_released();
         let outputs: Vec<Output> = self.unreleased.drain(..).flat_map(|(_, o)| o).collect();
         if !outputs.is_empty() {
             tracing::info!(
