@@ -2,7 +2,9 @@
 //! pair), one streaming incompressible 1 MiB messages to the other. For encryption on
 //! and off it prints the goodput (each message crosses both links, so the links carry
 //! twice that), the CPU time of both ends per Gbit/s of goodput, and the heartbeat round
-//! trip seen while the bulk data flows (heartbeats go ahead of bulk chunks).
+//! trip seen while the bulk data flows (heartbeats go ahead of bulk chunks). First, the
+//! floor under any round trip between two CoServers here: bare TCP between two threads
+//! on one core and on two.
 //!
 //! Run with `cargo bench -p ftvm-coserver --bench links` (see docs/PERFORMANCE.md).
 
@@ -95,7 +97,72 @@ fn measure(encrypt: bool) -> Row {
     }
 }
 
+/// Round trips of the bare-TCP floor rows.
+const ROUND_TRIPS: usize = 20_000;
+
+/// Pins the calling thread to `cpu` (false if the kernel refused).
+fn pin_thread(cpu: usize) -> bool {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET writes within it; sched_setaffinity
+    // reads it for the calling thread (0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+/// The round trip of 64 bytes over one loopback TCP connection between two threads
+/// pinned to `cpus`, with nothing of ours in between: the floor under any message's
+/// round trip between two CoServers on this machine. Returns (p50, p99) in µs.
+fn bare_round_trip(cpus: (usize, usize)) -> (f64, f64) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let echo = std::thread::spawn(move || {
+        pin_thread(cpus.1);
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_nodelay(true).expect("nodelay");
+        let mut buf = [0u8; 64];
+        while s.read_exact(&mut buf).is_ok() {
+            if s.write_all(&buf).is_err() {
+                break;
+            }
+        }
+    });
+    // A thread of its own: a pinned main thread would pin what it starts later.
+    let mut times = std::thread::spawn(move || {
+        pin_thread(cpus.0);
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_nodelay(true).expect("nodelay");
+        let mut buf = [0u8; 64];
+        let mut times = Vec::with_capacity(ROUND_TRIPS);
+        for _ in 0..ROUND_TRIPS {
+            let t = Instant::now();
+            s.write_all(&buf).expect("write");
+            s.read_exact(&mut buf).expect("read");
+            times.push(t.elapsed());
+        }
+        times
+    })
+    .join()
+    .expect("client thread");
+    let _ = echo.join();
+    times.sort();
+    let us = |q: f64| times[((times.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+    (us(0.5), us(0.99))
+}
+
 fn main() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("bare TCP round trip, 64 bytes, {ROUND_TRIPS} times, two threads:");
+    for (name, cpus) in [("same core", (0, 0)), ("two cores", (0, 1))] {
+        if cpus.1 >= cores {
+            println!("{name:<10} skipped: {cores} core(s)");
+            continue;
+        }
+        let (p50, p99) = bare_round_trip(cpus);
+        println!("{name:<10} p50 {p50:.0} µs, p99 {p99:.0} µs");
+    }
     println!(
         "links: {} MiB of incompressible 1 MiB messages over 2 loopback links (each message on both)",
         TOTAL >> 20
