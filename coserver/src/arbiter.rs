@@ -95,6 +95,22 @@ pub enum Claim {
     Refused,
 }
 
+/// What a check of the arbiter found (see [`Arbiter::check_held`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Held {
+    /// No node holds a generation after the one this node knows (or this node does).
+    Unchanged,
+    /// Another node won a later generation.
+    Taken {
+        /// The holder's generation.
+        generation: u64,
+        /// The holder's name, if readable.
+        holder: String,
+    },
+    /// The arbiter never grants automatic takeovers, so none happened.
+    NoTakeovers,
+}
+
 /// An arbiter.
 #[derive(Debug, Clone)]
 pub enum Arbiter {
@@ -165,6 +181,38 @@ impl Arbiter {
             }
             Err(e) => Err(io(&path)(e)),
         }
+    }
+
+    /// Whether another node won a generation after `known` (this node's), without
+    /// claiming one: a primary that did not run for about the peer timeout asks this
+    /// before it trusts what it received meanwhile. Reads only.
+    pub fn check_held(&self, node: &str, known: u64, ids: &[u64]) -> Result<Held, ArbiterError> {
+        let dir = match self {
+            Arbiter::None => return Ok(Held::NoTakeovers),
+            Arbiter::SharedStorage { dir } => dir,
+        };
+        Self::check_dir(dir)?;
+        let highest = highest_generation(dir)?;
+        if highest < known {
+            return Err(ArbiterError::Behind {
+                path: dir.clone(),
+                found: highest,
+                known,
+            });
+        }
+        self.identify(ids)?;
+        if highest == known {
+            return Ok(Held::Unchanged);
+        }
+        let holder = holder(dir, highest);
+        if highest == known + 1 && holder == node {
+            // This node's own earlier claim whose answer it never saw.
+            return Ok(Held::Unchanged);
+        }
+        Ok(Held::Taken {
+            generation: highest,
+            holder,
+        })
     }
 
     /// The directory's identity, checked against `ids` (those the pair's nodes used):
@@ -425,6 +473,46 @@ mod tests {
             "no temporary file is left behind"
         );
         assert_eq!(Arbiter::None.claim("a", 0, &[]).unwrap(), Claim::Refused);
+    }
+
+    #[test]
+    fn a_check_sees_another_nodes_later_generation_and_claims_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let arb = shared(d.path());
+        assert_eq!(
+            arb.claim("a", 0, &[]).unwrap(),
+            Claim::Won { generation: 1 }
+        );
+        let entries = || std::fs::read_dir(d.path()).unwrap().count();
+        let before = entries();
+        assert_eq!(arb.check_held("a", 1, &[]).unwrap(), Held::Unchanged);
+        assert_eq!(entries(), before, "a check creates nothing");
+        // b takes over: a's check, knowing generation 1, sees it.
+        assert_eq!(
+            arb.claim("b", 1, &[]).unwrap(),
+            Claim::Won { generation: 2 }
+        );
+        assert_eq!(
+            arb.check_held("a", 1, &[]).unwrap(),
+            Held::Taken {
+                generation: 2,
+                holder: "b".into()
+            }
+        );
+        // b's own claim whose answer it did not see yet is no takeover by another.
+        assert_eq!(arb.check_held("b", 1, &[]).unwrap(), Held::Unchanged);
+        assert!(matches!(
+            arb.check_held("a", 3, &[]).unwrap_err(),
+            ArbiterError::Behind {
+                found: 2,
+                known: 3,
+                ..
+            }
+        ));
+        assert_eq!(
+            Arbiter::None.check_held("a", 0, &[]).unwrap(),
+            Held::NoTakeovers
+        );
     }
 
     #[test]

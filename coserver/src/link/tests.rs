@@ -437,7 +437,7 @@ fn direct_sends_between_queued_ones_arrive_once_each_and_in_order() {
     }
     let (got, y) = receiver.join().expect("receiver");
     assert_eq!(got, sent, "every message once, in the order sent");
-    assert_eq!(healthy(&x.status()), 2, "{:?}", x.status());
+    assert!(wait_status(&x, |s| healthy(s) == 2), "{:?}", x.status());
     x.shutdown();
     y.shutdown();
 }

@@ -434,6 +434,24 @@ impl Node {
     /// peer used (learning it at the first claim).
     fn claim(&mut self) -> Result<crate::arbiter::Claim, String> {
         let generation = self.session.lock().generation();
+        let ids = self.arbiter_ids()?;
+        self.arbiter
+            .claim(&self.cfg.node, generation, &ids)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Whether another node won a later generation (claims nothing).
+    fn check_arbiter(&mut self) -> Result<crate::arbiter::Held, String> {
+        let generation = self.session.lock().generation();
+        let ids = self.arbiter_ids()?;
+        self.arbiter
+            .check_held(&self.cfg.node, generation, &ids)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The arbiter directory identities the pair's nodes used, the directory's own
+    /// recorded here the first time it is seen.
+    fn arbiter_ids(&mut self) -> Result<Vec<u64>, String> {
         let ids: Vec<u64> = self
             .arbiter_id
             .get()
@@ -445,9 +463,7 @@ impl Node {
             self.arbiter_id.set(id).map_err(|e| e.to_string())?;
             self.links.set_arbiter(Some(id));
         }
-        self.arbiter
-            .claim(&self.cfg.node, generation, &ids)
-            .map_err(|e| e.to_string())
+        Ok(ids)
     }
 
     /// Records what the replica holds; a whole one only after its disk is durable.
@@ -488,6 +504,10 @@ impl Node {
                         started.elapsed().as_secs_f64() * 1000.0
                     );
                     self.input(Input::Claimed(result))?;
+                }
+                Action::CheckArbiter => {
+                    let result = self.check_arbiter();
+                    self.input(Input::ArbiterChecked(result))?;
                 }
                 Action::Generation(g) => self.known.raise(g)?,
                 Action::Record(standing) => self.record(standing)?,

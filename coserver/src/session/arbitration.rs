@@ -1,7 +1,7 @@
 //! The arbiter's answers: taking over, degrading or fencing, and what a fence records.
 
 use super::{Action, Mode, Session, State};
-use crate::arbiter::Claim;
+use crate::arbiter::{Claim, Held};
 use crate::protocol::{Incomplete, Standing};
 
 impl Session {
@@ -27,6 +27,31 @@ impl Session {
             kept: false,
         };
         self.alert(out, why);
+    }
+
+    /// The answer to a primary's check after its links fell silent.
+    pub(super) fn arbiter_checked(&mut self, out: &mut Vec<Action>, result: Result<Held, String>) {
+        let State::Primary(p) = &self.state else {
+            return;
+        };
+        if p.mode() == Mode::Degraded {
+            return;
+        }
+        match result {
+            Ok(Held::Unchanged | Held::NoTakeovers) => {
+                tracing::info!("the arbiter shows no takeover: running on as primary");
+            }
+            Ok(Held::Taken { generation, holder }) => self.fence(
+                out,
+                format!("this node did not run for about the peer timeout and {holder} won the arbiter meanwhile (generation {generation}): fencing"),
+                true,
+            ),
+            Err(e) => {
+                // Unknown: a claim decides (one that cannot be made fences).
+                self.alert(out, format!("the arbiter cannot be read ({e}): claiming it"));
+                out.push(Action::Claim);
+            }
+        }
     }
 
     pub(super) fn claimed(&mut self, out: &mut Vec<Action>, result: Result<Claim, String>) {

@@ -54,7 +54,7 @@ pub use primary::{AckOutcome, CutPlan, DiskCopy, Handover, Mode, OutputPolicy, P
 pub use replica::{CopyCheck, ReplicaProgress, ResyncReason};
 pub use shared::SharedSession;
 
-use crate::arbiter::Claim;
+use crate::arbiter::{Claim, Held};
 use crate::protocol::{DiskRange, Incomplete, Message, Output, Role, Standing};
 
 /// What the session needs to know of the configuration.
@@ -142,6 +142,8 @@ pub enum Input {
     },
     /// The answer to [`Action::Claim`].
     Claimed(Result<Claim, String>),
+    /// The answer to [`Action::CheckArbiter`].
+    ArbiterChecked(Result<Held, String>),
     /// The driver could not apply what the session accepted (a copy part or a
     /// checkpoint), or the replica cannot be created.
     ApplyFailed(String),
@@ -189,6 +191,10 @@ pub enum Action {
     /// Claim the arbiter for the generation after [`Session::generation`]; answer with
     /// [`Input::Claimed`].
     Claim,
+    /// Read whether another node won a generation after [`Session::generation`]
+    /// (claims nothing); answer with [`Input::ArbiterChecked`] before anything else
+    /// is handled.
+    CheckArbiter,
     /// Persist a higher generation.
     Generation(u64),
     /// Record durably what this host's disk replica holds, before anything that
@@ -280,6 +286,12 @@ pub struct Session {
     /// force-primary`): its next claim goes above the arbiter's highest generation.
     forced: bool,
     last_tick: Option<Instant>,
+    /// Until then a peer not heard is not taken for lost: this node itself did not run
+    /// for about the peer timeout (a whole host frozen stops both ends), so the peer
+    /// gets one timeout to be heard again (see `tick`).
+    grace_until: Option<Instant>,
+    /// When this primary last asked the arbiter after its links fell silent.
+    silence_checked: Option<Instant>,
     exit: Option<i32>,
     last_alert: Option<String>,
     /// New copies asked for because a lockstep replica diverged (secondary), or asked
@@ -302,6 +314,8 @@ impl Session {
             arbiter_error: None,
             forced: false,
             last_tick: None,
+            grace_until: None,
+            silence_checked: None,
             exit: None,
             last_alert: None,
             resyncs: 0,
@@ -507,6 +521,7 @@ impl Session {
             }
             Input::Message { now, msg } => self.message(&mut out, now, msg),
             Input::Claimed(result) => self.claimed(&mut out, result),
+            Input::ArbiterChecked(result) => self.arbiter_checked(&mut out, result),
             Input::ApplyFailed(why) => self.apply_failed(&mut out, why),
             Input::CopyPartApplied { copy, index } => {
                 if matches!(self.state, State::Secondary(_)) {
@@ -532,26 +547,41 @@ impl Session {
     }
 
     fn tick(&mut self, out: &mut Vec<Action>, now: Instant, alive: bool, silent: Duration) {
+        let gap = self.last_tick.map(|t| now.saturating_duration_since(t));
         self.last_tick = Some(now);
         self.peer.alive = alive;
         if self.exit.is_some() {
             // The pair has ended here: nothing more to start or claim.
             return;
         }
+        if gap.is_some_and(|g| g > self.cfg.silence_limit) && silent > self.cfg.silence_limit {
+            // This process did not run for about the peer timeout (neither its event
+            // loop nor its links: a busy event loop or a link cut alone is not that):
+            // the peer may not have either (a host frozen whole, both ends on it), and
+            // was not heard because this node was not listening. It gets one timeout
+            // to be heard again before it counts as lost.
+            self.grace_until = Some(now + self.cfg.peer_timeout);
+        }
+        let grace = self.grace_until.is_some_and(|g| now < g);
         if let State::Primary(p) = &self.state {
-            if silent > self.cfg.silence_limit && p.mode() != Mode::Degraded {
+            let checked_lately = self
+                .silence_checked
+                .is_some_and(|t| now.saturating_duration_since(t) < self.cfg.peer_timeout);
+            if silent > self.cfg.silence_limit && p.mode() != Mode::Degraded && !checked_lately {
                 // This process did not run: the peer may have lost it and taken over
-                // meanwhile, and an acknowledgement queued before that must not release
-                // output now.
+                // meanwhile, and an acknowledgement queued before that must not
+                // release output now. The arbiter says whether it did (the answer
+                // comes before anything queued is handled); a claim would drop a
+                // secondary that only stood still with this node.
+                self.silence_checked = Some(now);
                 self.alert(
                     out,
                     format!(
-                        "this node did not run (its links sent nothing) for {} ms, about the peer timeout: asking the arbiter",
+                        "this node did not run (its links sent nothing) for {} ms, about the peer timeout: asking the arbiter whether the peer took over",
                         silent.as_millis()
                     ),
                 );
-                out.push(Action::Claim);
-                return;
+                out.push(Action::CheckArbiter);
             }
         }
         match &mut self.state {
@@ -564,6 +594,11 @@ impl Session {
                     return;
                 }
                 p.lag_tick(now);
+                if grace {
+                    // Outputs wait meanwhile: nothing is released without the
+                    // secondary's acknowledgement.
+                    return;
+                }
                 if let Some((lag, stalled)) = p.lag_stalled(now) {
                     if stalled > self.cfg.ack_timeout {
                         self.alert(
@@ -607,6 +642,9 @@ impl Session {
                         s.join_sent = Some(now);
                         out.push(Action::Send(Message::Join));
                     }
+                    return;
+                }
+                if grace && !s.primary_gone {
                     return;
                 }
                 if !s.progress.is_ready() {

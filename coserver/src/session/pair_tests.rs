@@ -241,6 +241,18 @@ impl World {
                     let more = self.hosts[n].session.on(Input::Claimed(r));
                     self.execute(n, more)?;
                 }
+                Action::CheckArbiter => {
+                    let known = self.hosts[n].session.generation();
+                    let held = match self.arbiter.iter().next_back() {
+                        Some((&g, &holder)) if g > known && holder != n => Held::Taken {
+                            generation: g,
+                            holder: "other".into(),
+                        },
+                        _ => Held::Unchanged,
+                    };
+                    let more = self.hosts[n].session.on(Input::ArbiterChecked(Ok(held)));
+                    self.execute(n, more)?;
+                }
                 Action::Generation(g) => self.hosts[n].generation = g,
                 Action::Record(st) => self.hosts[n].standing = st,
                 Action::Alert(_) | Action::Exit(_) => {}

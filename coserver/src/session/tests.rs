@@ -26,21 +26,26 @@ impl Clock {
     }
 }
 
-/// A tick at `now`; the links were silent since the last one if this process did not
-/// run (a gap longer than the stall limit stands for a frozen process here).
+/// A tick at `now` of a node that ran all along (its links kept sending), however
+/// long since the last tick the test skipped.
 pub(super) fn tick(s: &mut Session, now: Instant, peer_alive: bool) -> Vec<Action> {
-    let gap = s
-        .last_tick
-        .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
-    let silent = if gap > s.cfg.stall_limit {
-        gap
-    } else {
-        Duration::ZERO
-    };
     s.on(Input::Tick {
         now,
         peer_alive,
-        silent,
+        silent: Duration::ZERO,
+    })
+}
+
+/// A tick at `now` of a process that did not run since the last tick: neither its
+/// event loop nor its links (frozen, or its host was).
+pub(super) fn tick_after_freeze(s: &mut Session, now: Instant, peer_alive: bool) -> Vec<Action> {
+    let gap = s
+        .last_tick
+        .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+    s.on(Input::Tick {
+        now,
+        peer_alive,
+        silent: gap,
     })
 }
 
@@ -351,13 +356,65 @@ fn an_acknowledgement_that_never_comes_or_a_stall_sends_the_primary_to_the_arbit
         has(&a, &Action::Claim),
         "heard, but silent about checkpoint 3: {a:?}"
     );
-    let mut p = protected(&c);
-    tick(&mut p, c.at(410), true);
-    let a = tick(&mut p, c.at(600), true);
-    assert!(
-        matches!(&a[..], [Action::Alert(t), Action::Claim] if t.contains("did not run")),
-        "{a:?}"
+    // Frozen for longer than the peer timeout (its links silent too): the primary asks
+    // the arbiter whether the peer took over meanwhile, and claims nothing.
+    let frozen = || {
+        let mut p = protected(&c);
+        tick(&mut p, c.at(410), true);
+        p.cut(3, vec![line("3")], c.at(411));
+        let a = tick_after_freeze(&mut p, c.at(600), false);
+        assert!(
+            matches!(&a[..], [Action::Alert(t), Action::CheckArbiter] if t.contains("did not run")),
+            "{a:?}"
+        );
+        p
+    };
+    // No takeover: it runs on, protected, and the peer (frozen with it, say) gets a
+    // timeout to be heard again before the unanswered checkpoint or the silence counts.
+    let mut p = frozen();
+    assert!(p.on(Input::ArbiterChecked(Ok(Held::Unchanged))).is_empty());
+    assert!(matches!(
+        p.primary().map(|p| p.mode()),
+        Some(Mode::Protected { .. })
+    ));
+    assert!(!has(&tick(&mut p, c.at(650), false), &Action::Claim));
+    let a = msg(
+        &mut p,
+        c.at(651),
+        Message::Ack {
+            position: 3,
+            copy: 1,
+        },
     );
+    assert_eq!(released(&a), vec![line("3")], "heard again");
+    // Still not heard once that timeout is over: claimed as before.
+    let mut g = frozen();
+    g.on(Input::ArbiterChecked(Ok(Held::Unchanged)));
+    assert!(!has(&tick(&mut g, c.at(690), false), &Action::Claim));
+    assert!(has(&tick(&mut g, c.at(701), false), &Action::Claim));
+    // The peer took over meanwhile: fenced, and the acknowledgement received before
+    // releases nothing.
+    let mut t = frozen();
+    let a = t.on(Input::ArbiterChecked(Ok(Held::Taken {
+        generation: 2,
+        holder: "b".into(),
+    })));
+    assert!(has(&a, &Action::Fence), "{a:?}");
+    let a = msg(
+        &mut t,
+        c.at(601),
+        Message::Ack {
+            position: 3,
+            copy: 1,
+        },
+    );
+    assert!(released(&a).is_empty());
+    // An arbiter that cannot be read: a claim decides.
+    let mut e = frozen();
+    assert!(has(
+        &e.on(Input::ArbiterChecked(Err("io".into()))),
+        &Action::Claim
+    ));
     // An event loop that was busy (or waited for a lock) while the links kept sending:
     // the peer heard this node all along, nothing to ask.
     let mut q = protected(&c);
@@ -368,6 +425,31 @@ fn an_acknowledgement_that_never_comes_or_a_stall_sends_the_primary_to_the_arbit
         silent: Duration::from_millis(10),
     });
     assert!(!has(&a, &Action::Claim), "{a:?}");
+}
+
+#[test]
+fn a_secondary_that_did_not_run_gives_the_primary_a_timeout_to_be_heard_again() {
+    let c = Clock(Instant::now());
+    let mut s = ready(&c);
+    tick(&mut s, c.at(20), true);
+    // Frozen with its host: the primary was not heard because this node was not
+    // listening.
+    assert!(!has(
+        &tick_after_freeze(&mut s, c.at(300), false),
+        &Action::Claim
+    ));
+    assert!(!has(&tick(&mut s, c.at(390), false), &Action::Claim));
+    assert!(has(&tick(&mut s, c.at(401), false), &Action::Claim));
+    // Heard again within that timeout: it follows on.
+    let mut h = ready(&c);
+    tick(&mut h, c.at(20), true);
+    tick_after_freeze(&mut h, c.at(300), false);
+    assert!(!has(&tick(&mut h, c.at(310), true), &Action::Claim));
+    assert!(!has(&tick(&mut h, c.at(500), true), &Action::Claim));
+    assert_eq!(h.role(), Role::Secondary);
+    // One whose event loop ran all along claims at once.
+    let mut r = ready(&c);
+    assert!(has(&tick(&mut r, c.at(200), false), &Action::Claim));
 }
 
 #[test]
