@@ -321,7 +321,7 @@ fn detection_rows() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(600);
     println!(
-        "\n| heartbeat (both cores kept busy by two spinning threads, {secs} s each) | SETs made (one client, each stored on the guest's disk) | arbiter claims without a failure (generation rises) |\n|---|---|---|"
+        "\n| heartbeat (both cores kept busy by two spinning threads, {secs} s each) | SETs made (one client, each stored on the guest's disk) | arbiter claims without a failure (generation rises) | a primary's stalls, the arbiter asked (no claim) | a real-time thread of the bench woken later than the peer timeout |\n|---|---|---|---|---|"
     );
     for (interval, misses) in [(5u64, 3u32), (10, 3)] {
         let Ok(net) = PairNet::try_create("fd") else {
@@ -350,6 +350,24 @@ fn detection_rows() {
                 })
             })
             .collect();
+        // How long this host stops a thread that should run every millisecond: one of
+        // real-time priority (above the spinners and both CoServers' threads), so what it
+        // sees is the host itself (our VM's vCPUs stopped), not the load.
+        let stall = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let _ = ftvm_coserver::priority::raise_current_thread();
+                let (mut worst, mut over) = (Duration::ZERO, 0u32);
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    std::thread::sleep(Duration::from_millis(1));
+                    let late = t.elapsed().saturating_sub(Duration::from_millis(1));
+                    worst = worst.max(late);
+                    over += u32::from(late > Duration::from_millis(interval * 3));
+                }
+                (worst, over)
+            }
+        });
         let sets = Arc::new(AtomicU64::new(0));
         let client = std::thread::spawn({
             let (stop, sets, ns) = (stop.clone(), sets.clone(), net.ns[2].clone());
@@ -388,10 +406,22 @@ fn detection_rows() {
             let _ = h.join();
         }
         let _ = client.join();
+        let (worst_stall, stalls) = stall.join().unwrap_or_default();
+        // Stalls of a whole process that the arbiter was asked about (no claim).
+        let checks: usize = [&a, &b]
+            .iter()
+            .map(|s| {
+                s.log()
+                    .lines()
+                    .filter(|l| l.contains("whether the peer took over"))
+                    .count()
+            })
+            .sum();
         println!(
-            "| {interval} ms x {misses} (peer lost after {} ms) | {} | {claims} |",
+            "| {interval} ms x {misses} (peer lost after {} ms) | {} | {claims} | {checks} | {stalls}, longest {:.1} ms |",
             interval * u64::from(misses),
-            sets.load(Ordering::Relaxed)
+            sets.load(Ordering::Relaxed),
+            worst_stall.as_secs_f64() * 1e3
         );
         if claims > 0 {
             for (name, s) in [("A", &a), ("B", &b)] {
