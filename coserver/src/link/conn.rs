@@ -135,10 +135,6 @@ async fn connection(
     let (control_tx, control_rx) = mpsc::channel(QUEUE_CONTROL);
     let (bulk_tx, bulk_rx) = mpsc::channel(QUEUE_MESSAGES);
     let queued = Arc::new(AtomicUsize::new(0));
-    let side = WriteSide::new(wr, sealer, queued.clone());
-    let writer = inner
-        .handle
-        .spawn(write_loop(inner.clone(), side.clone(), control_rx, bulk_rx));
     let hello = {
         let l = lock(&inner.local);
         Message::Hello {
@@ -152,14 +148,19 @@ async fn connection(
             guest: l.guest.clone(),
         }
     };
+    // The connection's first frame is its hello, sealed before anything can be sent on
+    // it (a direct send waits behind it, see `write`).
+    let hello = hello
+        .encode()
+        .map_err(|e| ConnEnd::Protocol(format!("hello not encoded: {e}")))?;
+    let side = WriteSide::new(wr, sealer, queued.clone(), &Plain::Control(hello));
+    let writer = inner
+        .handle
+        .spawn(write_loop(inner.clone(), side.clone(), control_rx, bulk_rx));
     let id = {
         let mut l = lock(&inner.links[index]);
         l.next_conn += 1;
         let id = l.next_conn;
-        // The writer starts with this connection's hello.
-        if let Ok(bytes) = hello.encode() {
-            let _ = control_tx.try_send(bytes);
-        }
         l.conn = Some(ConnHandle {
             id,
             control: control_tx,

@@ -441,3 +441,32 @@ fn direct_sends_between_queued_ones_arrive_once_each_and_in_order() {
     x.shutdown();
     y.shutdown();
 }
+
+#[test]
+fn direct_sends_while_the_links_come_up_never_go_before_a_connections_hello() {
+    // Sent from the moment the links start: each connection's first frame must still be
+    // its hello (a message before it is a protocol error that drops the connection).
+    let (xc, yc) = pair_configs();
+    let (y, _yrx) = Links::start(&yc, options(KEY, true), local("y", 64)).unwrap();
+    let (x, _xrx) = Links::start(&xc, options(KEY, true), local("x", 64)).unwrap();
+    let sender = std::thread::spawn({
+        let x = x.clone();
+        move || {
+            let (mut sent, started) = (0u64, Instant::now());
+            while started.elapsed() < Duration::from_secs(2) {
+                if x.send_direct(&Message::Join).unwrap() > 0 {
+                    sent += 1;
+                }
+            }
+            sent
+        }
+    });
+    let sent = sender.join().expect("sender");
+    assert!(sent > 0, "the links came up and took direct sends");
+    for s in y.status().iter().chain(x.status().iter()) {
+        assert_eq!(s.bad_frames, 0, "{s:?}");
+        assert_eq!(s.connects, 1, "never dropped and connected again: {s:?}");
+    }
+    x.shutdown();
+    y.shutdown();
+}

@@ -93,15 +93,24 @@ fn lock(m: &Mutex<Buffered>) -> MutexGuard<'_, Buffered> {
 }
 
 impl WriteSide {
-    pub fn new(wr: OwnedWriteHalf, sealer: Sealer, queued: Arc<AtomicUsize>) -> Arc<Self> {
+    /// The sending side of a connection whose first frame is `first` (its hello):
+    /// sealed into the buffer now, so nothing, direct or queued, goes before it.
+    pub fn new(
+        wr: OwnedWriteHalf,
+        sealer: Sealer,
+        queued: Arc<AtomicUsize>,
+        first: &Plain,
+    ) -> Arc<Self> {
+        let mut buffered = Buffered {
+            sealer,
+            bytes: Vec::new(),
+            written: 0,
+            counted: false,
+        };
+        buffered.seal(first);
         Arc::new(Self {
             wr,
-            buffered: Mutex::new(Buffered {
-                sealer,
-                bytes: Vec::new(),
-                written: 0,
-                counted: false,
-            }),
+            buffered: Mutex::new(buffered),
             kick: Notify::new(),
             queued,
         })
