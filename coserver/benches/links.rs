@@ -10,6 +10,10 @@
 
 use std::time::{Duration, Instant};
 
+#[path = "../../tests/common/mod.rs"]
+mod common;
+use common::pin_thread;
+
 use ftvm_coserver::link::handshake::fill_random;
 use ftvm_coserver::link::test_support::{local, options, pair_configs};
 use ftvm_coserver::link::{Event, Links};
@@ -99,17 +103,6 @@ fn measure(encrypt: bool) -> Row {
 
 /// Round trips of the bare-TCP floor rows.
 const ROUND_TRIPS: usize = 20_000;
-
-/// Pins the calling thread to `cpu` (false if the kernel refused).
-fn pin_thread(cpu: usize) -> bool {
-    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET writes within it; sched_setaffinity
-    // reads it for the calling thread (0).
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
-    }
-}
 
 /// The round trip of 64 bytes over one loopback TCP connection between two threads
 /// pinned to `cpus`, with nothing of ours in between: the floor under any message's

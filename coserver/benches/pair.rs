@@ -177,7 +177,7 @@ fn kv_run(net: &PairNet, shutdown: bool) -> (f64, Vec<Duration>) {
     let _ = netns::ip(&["-n", &net.ns[2], "neigh", "flush", "all"]);
     netns::run_in(&net.ns[2], move || {
         if pinned() {
-            pin_thread(0);
+            let _ = common::pin_thread(0);
         }
         let start = Instant::now();
         let s = loop {
@@ -326,17 +326,6 @@ fn pin_process(pid: u32, cpu: usize) {
         .status()
         .expect("taskset");
     assert!(status.success(), "taskset {pid}");
-}
-
-/// Pins the calling thread to `cpu`.
-fn pin_thread(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET writes within it; sched_setaffinity
-    // reads it for the calling thread (0).
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
 }
 
 /// `FTVM_BENCH_ONLY=kv`: the key-value rows alone, standalone and lockstep alternated

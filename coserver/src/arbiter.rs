@@ -111,6 +111,16 @@ pub enum Held {
     NoTakeovers,
 }
 
+/// What an arbiter directory holds after the generation a node knows.
+enum After {
+    /// No later generation.
+    Nothing,
+    /// The next one, won by this node's own claim whose answer it never saw.
+    Own(u64),
+    /// A later one another node won.
+    Other { generation: u64, holder: String },
+}
+
 /// An arbiter.
 #[derive(Debug, Clone)]
 pub enum Arbiter {
@@ -131,30 +141,16 @@ impl Arbiter {
             Arbiter::None => return Ok(Claim::Refused),
             Arbiter::SharedStorage { dir } => dir,
         };
-        Self::check_dir(dir)?;
-        let highest = highest_generation(dir)?;
-        if highest < known {
-            return Err(ArbiterError::Behind {
-                path: dir.clone(),
-                found: highest,
-                known,
-            });
-        }
-        self.identify(ids)?;
-        if highest > known {
+        match self.after(dir, node, known, ids)? {
+            After::Nothing => {}
             // This node's own earlier claim whose answer it never saw is still its win.
-            if highest == known + 1 && holder(dir, highest) == node {
+            After::Own(generation) => {
                 sync_dir(dir)?;
-                return Ok(Claim::Won {
-                    generation: highest,
-                });
+                return Ok(Claim::Won { generation });
             }
-            return Ok(Claim::Lost {
-                generation: highest,
-                holder: holder(dir, highest),
-            });
+            After::Other { generation, holder } => return Ok(Claim::Lost { generation, holder }),
         }
-        let next = highest + 1;
+        let next = known + 1;
         let path = dir.join(format!("gen-{next}"));
         let tmp = dir.join(format!(".claim-{next}-{:016x}", random_id()));
         let written = durable::create_new(&tmp, node.as_bytes());
@@ -191,27 +187,42 @@ impl Arbiter {
             Arbiter::None => return Ok(Held::NoTakeovers),
             Arbiter::SharedStorage { dir } => dir,
         };
+        Ok(match self.after(dir, node, known, ids)? {
+            After::Nothing | After::Own(_) => Held::Unchanged,
+            After::Other { generation, holder } => Held::Taken { generation, holder },
+        })
+    }
+
+    /// What `dir` holds after generation `known`, once it is checked to be there, not
+    /// behind `known`, and the pair's (`ids`).
+    fn after(
+        &self,
+        dir: &Path,
+        node: &str,
+        known: u64,
+        ids: &[u64],
+    ) -> Result<After, ArbiterError> {
         Self::check_dir(dir)?;
         let highest = highest_generation(dir)?;
         if highest < known {
             return Err(ArbiterError::Behind {
-                path: dir.clone(),
+                path: dir.to_path_buf(),
                 found: highest,
                 known,
             });
         }
         self.identify(ids)?;
         if highest == known {
-            return Ok(Held::Unchanged);
+            return Ok(After::Nothing);
         }
         let holder = holder(dir, highest);
-        if highest == known + 1 && holder == node {
-            // This node's own earlier claim whose answer it never saw.
-            return Ok(Held::Unchanged);
-        }
-        Ok(Held::Taken {
-            generation: highest,
-            holder,
+        Ok(if highest == known + 1 && holder == node {
+            After::Own(highest)
+        } else {
+            After::Other {
+                generation: highest,
+                holder,
+            }
         })
     }
 

@@ -10,6 +10,7 @@ mod console;
 mod kvm;
 #[allow(unused_imports)]
 pub use console::ConsoleLines;
+#[allow(unused_imports)]
 pub use kvm::*;
 
 /// A command running the `ftvm` binary under test. Its stdin (the guest's console input)
@@ -115,5 +116,17 @@ pub fn report(line: &str) {
         .open(path)
     {
         let _ = writeln!(f, "{line}");
+    }
+}
+
+/// Pins the calling thread to core `cpu` (false if the kernel refused). Threads it
+/// starts later inherit the pin.
+pub fn pin_thread(cpu: usize) -> bool {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET writes within it; sched_setaffinity
+    // reads it for the calling thread (0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
     }
 }

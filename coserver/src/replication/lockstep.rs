@@ -10,7 +10,7 @@
 //! loop on the same thread, with the same VM: nothing is restored.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -257,32 +257,7 @@ impl FollowerThread {
             Ok(k) => *lock(&kick) = Some(k),
             Err(e) => tracing::warn!("{e}; a stopped follower waits for its guest's next exit"),
         }
-        loop {
-            let input = match self.rx.try_recv() {
-                Ok(i) => i,
-                Err(TryRecvError::Empty) => {
-                    // Caught up with what arrived: tell the primary where the guest
-                    // is, at most every REPORT_EVERY (a report each time it catches
-                    // up would cost both hosts a message per output).
-                    let wait = REPORT_EVERY.saturating_sub(self.reported_at.elapsed());
-                    let next = match self.rx.recv_timeout(wait) {
-                        Ok(i) => Some(i),
-                        Err(RecvTimeoutError::Timeout) => None,
-                        Err(RecvTimeoutError::Disconnected) => return,
-                    };
-                    match next {
-                        Some(i) => i,
-                        None => {
-                            self.report();
-                            match self.rx.recv() {
-                                Ok(i) => i,
-                                Err(_) => return,
-                            }
-                        }
-                    }
-                }
-                Err(TryRecvError::Disconnected) => return,
-            };
+        while let Some(input) = self.next_input() {
             match input {
                 FollowInput::Slice { position, slice } => {
                     if let Err(why) = self.execute(position, slice) {
@@ -297,6 +272,20 @@ impl FollowerThread {
                 FollowInput::TakeOver(t) => return self.take_over(*t),
             }
         }
+    }
+
+    /// The next input (`None`: the node is gone). Caught up with what arrived, the
+    /// follower tells the primary where its guest is, at most every REPORT_EVERY (a
+    /// report each time it catches up would cost both hosts a message per output).
+    fn next_input(&mut self) -> Option<FollowInput> {
+        let wait = REPORT_EVERY.saturating_sub(self.reported_at.elapsed());
+        match self.rx.recv_timeout(wait) {
+            Ok(i) => return Some(i),
+            Err(RecvTimeoutError::Disconnected) => return None,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        self.report();
+        self.rx.recv().ok()
     }
 
     /// The guest no longer retraces the primary's (or the node stopped it): report
