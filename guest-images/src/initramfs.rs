@@ -112,9 +112,18 @@ fn initramfs(init: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// Serialises the tests that write an executable and then run it. While one test
+    /// holds its new file open for writing, a `fork` in another test's spawn copies
+    /// that descriptor into the child until the child's `exec`, and an `exec` of the
+    /// file in that window fails with "Text file busy" (ETXTBSY).
+    static WRITE_THEN_EXEC: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// Writes `elf` as an executable file in a fresh temporary directory and runs
     /// `check` on its path; the directory is removed after.
     fn with_executable(name: &str, elf: &[u8], check: impl FnOnce(&std::path::Path)) {
+        let _one_at_a_time = WRITE_THEN_EXEC
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let dir = std::env::temp_dir().join(format!("ftvm-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("init");
