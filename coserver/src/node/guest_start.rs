@@ -95,21 +95,15 @@ impl Node {
         } else {
             commit.forward_inbound(self.out.clone());
         }
-        let garp = match (self.cfg.guest.ip, &self.cfg.host.tap) {
-            (Some(ip), Some(_)) => Some(crate::replication::garp::frame(mac, ip)),
-            _ => None,
-        };
+        let garp = self.announcement.clone();
         if takeover {
             commit.took_over(heard);
             // The LAN learns where the guest is now before anything else is done: the
-            // guest's state, the rest of the log, the outputs follow.
-            if let Some(frame) = &garp {
+            // guest's state, the rest of the log, the outputs follow (unless the
+            // mirror's tap announced it already).
+            if let (Some(frame), false) = (&garp, std::mem::take(&mut self.announced)) {
                 commit.announce(frame);
-                tracing::info!(
-                    "takeover: gratuitous ARP sent {:.3} ms after the arbiter's answer",
-                    self.claim_answered
-                        .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0)
-                );
+                self.announced_after_answer();
             }
         }
         let commit_world = CommitWorld::new(Box::new(live), commit.clone(), self.session.clone());
@@ -231,6 +225,31 @@ impl Node {
             .spawn(move || epoch_loop.run())
             .map_err(|e| guest(format!("cannot start the vCPU thread: {e}")))?;
         Ok(())
+    }
+}
+
+impl Node {
+    /// Announces the guest's address from this host at once, through the tap the
+    /// mirror holds (`Action::Announce`: a takeover follows).
+    pub(super) fn announce(&mut self) {
+        let (Some(frame), Some(mirror)) = (&self.announcement, &self.mirror) else {
+            return;
+        };
+        match mirror.announce(frame) {
+            Ok(()) => {
+                self.announced = true;
+                self.announced_after_answer();
+            }
+            Err(e) => tracing::warn!("takeover: gratuitous ARP not sent ahead: {e}"),
+        }
+    }
+
+    fn announced_after_answer(&self) {
+        tracing::info!(
+            "takeover: gratuitous ARP sent {:.3} ms after the arbiter's answer",
+            self.claim_answered
+                .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0)
+        );
     }
 }
 

@@ -116,8 +116,8 @@ struct Node {
     /// it).
     claim_answered: Option<Instant>,
     running: Option<Running>,
-    /// The guest's tap while the guest runs elsewhere: held open and read, never
-    /// written (`replication::mirror`). The tap is checked at startup, its bridge port
+    /// The guest's tap while the guest runs elsewhere: held open and read, written only
+    /// to announce a takeover (`replication::mirror`). The tap is checked at startup, its bridge port
     /// already forwards when this node takes over (a port that has just gained carrier
     /// can drop the first frames), and what it hears for the guest is delivered after a
     /// takeover where the old primary's guest did not take it.
@@ -128,6 +128,12 @@ struct Node {
     /// The memory of the guest this node stopped for a switchover, until its rejoin
     /// makes it the replica's.
     kept: Option<crate::replication::primary::Kept>,
+    /// The gratuitous ARP that moves the guest's address to this host, prepared at
+    /// startup (a guest with a tap and an address).
+    announcement: Option<Vec<u8>>,
+    /// The announcement left through the mirror for the takeover under way
+    /// (`Action::Announce`): the guest's start does not send it again at once.
+    announced: bool,
     alerts: Vec<String>,
     link_was_healthy: Vec<bool>,
     status: Arc<Mutex<Status>>,
@@ -252,6 +258,14 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
     ));
     let quick = QuickPath::new(session.clone(), out.clone());
     links.set_quick(quick.clone());
+    let announcement = match (cfg.guest.ip, &cfg.host.tap) {
+        (Some(ip), Some(_)) => {
+            let mac = crate::attach::parse_mac(&cfg.guest.mac)
+                .map_err(|e| NodeError::Guest(e.to_string()))?;
+            Some(crate::replication::garp::frame(mac, ip))
+        }
+        _ => None,
+    };
     let mut node = Node {
         quick,
         config_path: config_path.to_path_buf(),
@@ -277,6 +291,8 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
         replica: None,
         follower: None,
         kept: None,
+        announcement,
+        announced: false,
         alerts: Vec::new(),
         status,
         bytes_sample: (Instant::now(), 0, 0),
@@ -512,6 +528,7 @@ impl Node {
                 Action::Generation(g) => self.known.raise(g)?,
                 Action::Record(standing) => self.record(standing)?,
                 Action::BootGuest => self.become_primary(GuestFrom::Boot)?,
+                Action::Announce => self.announce(),
                 Action::TakeOver => {
                     let from = match (self.follower.take(), self.replica.take()) {
                         (Some(f), _) => GuestFrom::Follower(f),

@@ -3,7 +3,11 @@
 //! the frames addressed to the guest in the inbound window (`replication::inbound`)
 //! until the primary's guest is known to have taken them. Stopping the mirror reads
 //! what is still queued on the tap and hands the tap back for the guest's live World.
+//! The one frame written meanwhile is a takeover's announcement, sent through the
+//! mirror as soon as the arbiter has answered, ahead of the guest's start.
 
+use std::fs::File;
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -22,6 +26,14 @@ pub enum MirrorError {
     /// The thread.
     #[error("cannot start the tap reader thread: {0}")]
     Thread(std::io::Error),
+    /// The second handle on the tap, for the takeover's announcement.
+    #[error("cannot open a second handle on the tap {tap}: {source}")]
+    Sender {
+        /// The tap.
+        tap: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// The inbound window, shared by the tap's reader and whoever learns what the
@@ -73,6 +85,8 @@ pub struct Mirror {
     wake: OwnedFd,
     thread: Option<JoinHandle<Tap>>,
     window: MirrorWindow,
+    /// Writes to the tap the reader thread holds.
+    sender: File,
 }
 
 /// Whether `frame` is addressed to the guest at `mac` and not sent by it.
@@ -85,6 +99,10 @@ fn for_guest(frame: &[u8], mac: [u8; 6]) -> bool {
 impl Mirror {
     /// Starts reading `tap` for the guest at `mac`.
     pub fn start(mut tap: Tap, mac: [u8; 6]) -> Result<Self, MirrorError> {
+        let sender = tap.sender().map_err(|source| MirrorError::Sender {
+            tap: tap.name().to_string(),
+            source,
+        })?;
         // SAFETY: eventfd has no memory preconditions; the result is checked.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
@@ -105,7 +123,13 @@ impl Mirror {
             wake,
             thread: Some(thread),
             window,
+            sender,
         })
+    }
+
+    /// Sends a frame of the VMM's own on the tap now (a takeover's gratuitous ARP).
+    pub fn announce(&self, frame: &[u8]) -> std::io::Result<()> {
+        (&self.sender).write(frame).map(|_| ())
     }
 
     /// The window it fills.

@@ -132,11 +132,10 @@ impl Session {
                 };
                 match claim {
                     Ok(Claim::Won { generation }) => {
-                        // The record first (the guest is about to run on this disk),
-                        // then the guest; the claim itself is durable in the arbiter,
-                        // so persisting the generation can follow the takeover.
-                        self.record_live(out, generation);
-                        self.become_primary(out, epoch, Action::TakeOver);
+                        // The announcement, the record (the guest is about to run on
+                        // this disk), then the guest; the claim itself is durable in
+                        // the arbiter, so persisting the generation can follow.
+                        self.take_over(out, epoch, generation);
                         if let (State::Primary(p), true) = (&mut self.state, handed_over) {
                             // The old primary's guest stopped at `epoch` too: it may
                             // rejoin from there.

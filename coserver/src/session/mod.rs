@@ -204,6 +204,10 @@ pub enum Action {
     BootGuest,
     /// Start the guest here from the standby replica (takeover).
     TakeOver,
+    /// Announce the guest's network identity from this host at once (its prepared
+    /// gratuitous ARP): a takeover follows. It touches no data, so it goes ahead of the
+    /// takeover's durable record and the LAN learns the guest's new place meanwhile.
+    Announce,
     /// Stop the guest, drop held output for good, close the tap.
     Fence,
     /// Create the replica (standby VM, disk) for a new copy (recorded incomplete
@@ -722,6 +726,15 @@ impl Session {
     fn become_primary(&mut self, out: &mut Vec<Action>, epoch: u64, start: Action) {
         out.push(start);
         self.state = State::Primary(Primary::new(epoch, self.cfg.lockstep));
+    }
+
+    /// Takes the guest over from the replica ready at `epoch`, in `generation`: the
+    /// guest's network identity is announced first, then the replica recorded live (the
+    /// guest is about to run on this disk), then the guest started.
+    fn take_over(&mut self, out: &mut Vec<Action>, epoch: u64, generation: u64) {
+        out.push(Action::Announce);
+        self.record_live(out, generation);
+        self.become_primary(out, epoch, Action::TakeOver);
     }
 
     /// Becomes a secondary of the primary heard: asks for a full copy, or (`holds`)

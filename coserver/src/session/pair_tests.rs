@@ -256,6 +256,18 @@ impl World {
                 Action::Generation(g) => self.hosts[n].generation = g,
                 Action::Record(st) => self.hosts[n].standing = st,
                 Action::Alert(_) | Action::Exit(_) => {}
+                Action::Announce => {
+                    // Only the node about to run the guest moves its address.
+                    let g = self.hosts[n].session.generation();
+                    prop_assert!(!fenced_here, "node {n} announced the guest after fencing");
+                    prop_assert_eq!(
+                        self.arbiter.get(&g).copied(),
+                        Some(n),
+                        "node {} announced the guest in generation {} it did not win",
+                        n,
+                        g
+                    );
+                }
                 Action::BootGuest | Action::TakeOver => {
                     prop_assert!(!fenced_here, "node {n} started a guest after fencing");
                     let g = self.hosts[n].session.generation();

@@ -105,8 +105,7 @@ impl Session {
                         // nobody else can run the guest, so no arbiter is needed.
                         self.alert(out, format!("the primary's CoServer restarted (a new process): its guest is gone; {}", self.takeover_from(epoch)));
                         let g = self.generation;
-                        self.record_live(out, g);
-                        self.become_primary(out, epoch, Action::TakeOver);
+                        self.take_over(out, epoch, g);
                     }
                 }
             }

@@ -98,10 +98,20 @@ fn a_restarted_primary_process_is_taken_over_and_never_boots_beside_a_ready_repl
     let a = s.on(won(2));
     assert!(has(&a, &Action::TakeOver));
     assert_eq!(s.role(), Role::Primary);
+    // The address moves first (it touches no data), then the replica is recorded
+    // live, then the guest starts on it.
+    let at = |want: fn(&Action) -> bool| a.iter().position(want).expect("action");
+    assert!(
+        at(|x| *x == Action::Announce) < at(|x| matches!(x, Action::Record(Standing::Live { .. })))
+            && at(|x| matches!(x, Action::Record(Standing::Live { .. })))
+                < at(|x| *x == Action::TakeOver),
+        "{a:?}"
+    );
     // Arbiter none: the new process itself says the old guest is gone.
     let mut n = ready_under_arbiter_none(&c);
     let a = says_fully(&mut n, 2, Role::Starting, 0, whole(0));
     assert!(has(&a, &Action::TakeOver), "{a:?}");
+    assert!(has(&a, &Action::Announce), "{a:?}");
     // The restarted node itself, hearing the ready replica, never boots.
     let mut r = Session::new(cfg(ArbiterKind::None { starts: true }), 0, whole(0), c.0);
     let ready_replica = Standing::Whole {
