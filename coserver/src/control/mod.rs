@@ -169,9 +169,8 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    /// Percentiles of `values`.
-    pub fn of(values: &[u64]) -> Self {
-        let mut v = values.to_vec();
+    /// Percentiles of the samples `v` (sorted in place).
+    pub fn of(mut v: Vec<u64>) -> Self {
         v.sort_unstable();
         let at = |q: f64| (!v.is_empty()).then(|| v[((v.len() - 1) as f64 * q).round() as usize]);
         Self {
@@ -416,9 +415,9 @@ mod tests {
 
     #[test]
     fn percentiles() {
-        let p = Percentiles::of(&[5, 1, 3, 2, 4]);
+        let p = Percentiles::of(vec![5, 1, 3, 2, 4]);
         assert_eq!((p.p50, p.p99, p.samples), (Some(3), Some(5), 5));
-        assert_eq!(Percentiles::of(&[]).p50, None);
+        assert_eq!(Percentiles::of(Vec::new()).p50, None);
     }
 
     #[test]

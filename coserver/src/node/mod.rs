@@ -137,9 +137,8 @@ struct Node {
     alerts: Vec<String>,
     link_was_healthy: Vec<bool>,
     status: Arc<Mutex<Status>>,
-    bytes_sample: (Instant, u64, u64),
-    /// The copy's bytes left when last sampled, and when (its rate).
-    copy_sample: Option<(Instant, u64, u64)>,
+    /// What the published status computes over time: rates and percentiles.
+    samples: status::Samples,
 }
 
 /// How long a CoServer that is about to exit lets the control API write the answer it
@@ -271,7 +270,6 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
         config_path: config_path.to_path_buf(),
         requests,
         answered: None,
-        copy_sample: None,
         mirror,
         link_was_healthy: vec![false; cfg.links.len()],
         cfg,
@@ -295,7 +293,7 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
         announced: false,
         alerts: Vec::new(),
         status,
-        bytes_sample: (Instant::now(), 0, 0),
+        samples: status::Samples::default(),
     };
     node.event_loop()
 }

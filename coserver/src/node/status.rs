@@ -6,6 +6,50 @@ use std::time::{Duration, Instant};
 use super::Node;
 use crate::control::{CopyProgress, PeerStatus, Percentiles, Status};
 
+/// Percentiles sort their window (up to 4096 samples, tens of µs): the status recomputes
+/// them at most this often, not at every turn of the event loop.
+const PERCENTILES_EVERY: Duration = Duration::from_millis(100);
+
+/// What the published status computes over time.
+pub(super) struct Samples {
+    /// Bytes sent on the links when last sampled, and when; the rate then.
+    bytes: (Instant, u64, u64),
+    /// The copy's bytes left when last sampled, and when; its rate then.
+    copy: Option<(Instant, u64, u64)>,
+    /// The output-commit delay and checkpoint-pause percentiles, and when computed.
+    percentiles: Option<(Instant, Percentiles, Percentiles)>,
+}
+
+impl Default for Samples {
+    fn default() -> Self {
+        Self {
+            bytes: (Instant::now(), 0, 0),
+            copy: None,
+            percentiles: None,
+        }
+    }
+}
+
+impl Samples {
+    /// The links' send rate, sampled over a second or more, from `sent` bytes so far.
+    fn bytes_per_s(&mut self, sent: u64) -> u64 {
+        let (t, before, rate) = self.bytes;
+        if t.elapsed() < Duration::from_secs(1) {
+            return rate;
+        }
+        let r = (sent.saturating_sub(before) as f64 / t.elapsed().as_secs_f64()) as u64;
+        self.bytes = (Instant::now(), sent, r);
+        r
+    }
+
+    /// Whether the percentiles are due again.
+    fn percentiles_due(&self) -> bool {
+        self.percentiles
+            .as_ref()
+            .is_none_or(|(at, ..)| at.elapsed() >= PERCENTILES_EVERY)
+    }
+}
+
 impl Node {
     /// Alerts when a link is lost or restored.
     pub(super) fn watch_links(&mut self, alive: bool) {
@@ -44,15 +88,15 @@ impl Node {
     ) -> Option<CopyProgress> {
         let bytes = |(pages, disk): (usize, u64)| pages as u64 * 4096 + disk;
         let (Some(left), Some(began)) = (left.map(bytes), began.map(bytes)) else {
-            self.copy_sample = None;
+            self.samples.copy = None;
             return None;
         };
         let now = Instant::now();
-        let (at, before, rate) = *self.copy_sample.get_or_insert((now, left, 0));
+        let (at, before, rate) = *self.samples.copy.get_or_insert((now, left, 0));
         let rate = if now.duration_since(at) >= Duration::from_secs(1) {
             let r =
                 (before.saturating_sub(left) as f64 / now.duration_since(at).as_secs_f64()) as u64;
-            self.copy_sample = Some((now, left, r));
+            self.samples.copy = Some((now, left, r));
             r
         } else {
             rate
@@ -69,14 +113,11 @@ impl Node {
     pub(super) fn publish_status(&mut self, alive: bool) {
         let links = self.links.status();
         let sent: u64 = links.iter().map(|l| l.bytes_out).sum();
-        let (t, _, rate) = self.bytes_sample;
-        if t.elapsed() >= Duration::from_secs(1) {
-            let (_, before, _) = self.bytes_sample;
-            let r = ((sent - before.min(sent)) as f64 / t.elapsed().as_secs_f64()) as u64;
-            self.bytes_sample = (Instant::now(), sent, r);
-        } else {
-            self.bytes_sample.2 = rate;
-        }
+        let replication_bytes_per_s = self.samples.bytes_per_s(sent);
+        // The windows are copied under their locks when due, and sorted after.
+        let due = self.samples.percentiles_due();
+        let mut delays_us = None;
+        let mut pauses_us = None;
         let session = self.session.lock();
         let peer = session.peer().clone();
         let mut st = Status {
@@ -94,7 +135,7 @@ impl Node {
                     .map(|t| t.elapsed().as_millis() as u64),
             },
             links,
-            replication_bytes_per_s: self.bytes_sample.2,
+            replication_bytes_per_s,
             alerts: self.alerts.clone(),
             replica: Some(self.record.standing()),
             waiting: session.waiting().map(str::to_string),
@@ -109,7 +150,9 @@ impl Node {
             st.epoch = p.epoch();
             st.acked_epoch = p.acked();
             st.rejected_acks = p.rejected_acks();
-            st.output_commit_delay_us = Percentiles::of(p.delays_us());
+            if due {
+                delays_us = Some(p.delays_us().to_vec());
+            }
             st.output_commit_delay_hist = p.delay_histogram().clone();
             st.lag_exits = p.lag_exits();
             st.lag_us = p.lag_time().map(|t| t.as_micros() as u64);
@@ -122,11 +165,24 @@ impl Node {
         if let Some(r) = &self.running {
             if let Ok(s) = r.stats.lock() {
                 st.guest_running = s.finished.is_none();
-                st.checkpoint_pause_us = Percentiles::of(&s.pauses_us);
+                if due {
+                    pauses_us = Some(s.pauses_us.clone());
+                }
                 st.checkpoint_pause_hist = s.pause_hist.clone();
                 st.copy_left = s.sync_left;
                 st.last_copy = s.last_copy;
             }
+        }
+        if due {
+            self.samples.percentiles = Some((
+                Instant::now(),
+                delays_us.map_or_else(Percentiles::default, Percentiles::of),
+                pauses_us.map_or_else(Percentiles::default, Percentiles::of),
+            ));
+        }
+        if let Some((_, delay, pause)) = &self.samples.percentiles {
+            st.output_commit_delay_us = delay.clone();
+            st.checkpoint_pause_us = pause.clone();
         }
         st.copy = self.copy_progress(st.copy_left, st.last_copy);
         if let Ok(mut s) = self.status.lock() {
