@@ -4,6 +4,8 @@
 //! short heartbeat timeout fires without a failure (docs/PERFORMANCE.md, "False
 //! failovers"). They sleep when there is nothing to do, so they take a core only for
 //! work the pair needs; the guest's vCPU and the bulk encoder stay at normal priority.
+//! A raised thread passes nothing on: the threads it starts (the event loop starts the
+//! vCPU and follower threads) begin at normal priority (`SCHED_RESET_ON_FORK`).
 
 /// The SCHED_RR priority used (1 to 99; low, so the kernel's own real-time threads keep
 /// theirs).
@@ -17,30 +19,30 @@ pub enum PriorityError {
     Refused(std::io::Error),
 }
 
-/// Makes the calling thread SCHED_RR at [`PRIORITY`].
+/// Makes the calling thread SCHED_RR at [`PRIORITY`]; the threads it starts afterwards
+/// run at normal priority.
 pub fn raise_current_thread() -> Result<(), PriorityError> {
     let param = libc::sched_param {
         sched_priority: PRIORITY,
     };
-    // SAFETY: pthread_self names the calling thread; `param` lives for the call.
-    let r = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_RR, &param) };
+    // SAFETY: pid 0 names the calling thread; `param` lives for the call.
+    let r =
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_RR | libc::SCHED_RESET_ON_FORK, &param) };
     if r != 0 {
-        return Err(PriorityError::Refused(std::io::Error::from_raw_os_error(r)));
+        return Err(PriorityError::Refused(std::io::Error::last_os_error()));
     }
     Ok(())
 }
 
-/// The calling thread's scheduling policy (`libc::SCHED_*`).
+/// The calling thread's scheduling policy (`libc::SCHED_*`, without the
+/// `SCHED_RESET_ON_FORK` flag); -1 if it cannot be read.
 pub fn current_policy() -> i32 {
-    let mut policy = 0;
-    // SAFETY: all zeroes is a valid sched_param.
-    let mut param: libc::sched_param = unsafe { std::mem::zeroed() };
-    // SAFETY: pthread_self names the calling thread; both outputs live for the call.
-    let r = unsafe { libc::pthread_getschedparam(libc::pthread_self(), &mut policy, &mut param) };
-    if r != 0 {
+    // SAFETY: pid 0 names the calling thread; no memory is passed.
+    let policy = unsafe { libc::sched_getscheduler(0) };
+    if policy < 0 {
         return -1;
     }
-    policy
+    policy & !libc::SCHED_RESET_ON_FORK
 }
 
 #[cfg(test)]
@@ -52,7 +54,13 @@ mod tests {
         std::thread::spawn(|| {
             assert_eq!(current_policy(), libc::SCHED_OTHER);
             match raise_current_thread() {
-                Ok(()) => assert_eq!(current_policy(), libc::SCHED_RR),
+                Ok(()) => {
+                    assert_eq!(current_policy(), libc::SCHED_RR);
+                    // What it starts does not inherit the priority: a vCPU thread that
+                    // did would keep the host's other threads from its cores.
+                    let child = std::thread::spawn(current_policy).join().expect("child");
+                    assert_eq!(child, libc::SCHED_OTHER);
+                }
                 Err(PriorityError::Refused(e)) => {
                     // Only a process without the privilege is refused.
                     // SAFETY: geteuid has no preconditions.
