@@ -63,11 +63,14 @@ impl Node {
         }
         let mut tap_sender = None;
         let mut tap_heard = None;
+        // The mirror's tap announced the takeover already (`Action::Announce`).
+        let mut announced = false;
         if let Some(name) = &self.cfg.host.tap {
             // Everything queued on the tap is read into the mirror's window first.
             let (held, window) = match self.mirror.take() {
                 Some(m) => {
                     let w = m.window();
+                    announced = m.announced();
                     (m.stop(), Some(w))
                 }
                 None => (None, None),
@@ -101,7 +104,7 @@ impl Node {
             // The LAN learns where the guest is now before anything else is done: the
             // guest's state, the rest of the log, the outputs follow (unless the
             // mirror's tap announced it already).
-            if let (Some(frame), false) = (&garp, std::mem::take(&mut self.announced)) {
+            if let (Some(frame), false) = (&garp, announced) {
                 commit.announce(frame);
                 self.announced_after_answer();
             }
@@ -226,20 +229,15 @@ impl Node {
             .map_err(|e| guest(format!("cannot start the vCPU thread: {e}")))?;
         Ok(())
     }
-}
 
-impl Node {
     /// Announces the guest's address from this host at once, through the tap the
     /// mirror holds (`Action::Announce`: a takeover follows).
     pub(super) fn announce(&mut self) {
-        let (Some(frame), Some(mirror)) = (&self.announcement, &self.mirror) else {
+        let (Some(frame), Some(mirror)) = (&self.announcement, &mut self.mirror) else {
             return;
         };
         match mirror.announce(frame) {
-            Ok(()) => {
-                self.announced = true;
-                self.announced_after_answer();
-            }
+            Ok(()) => self.announced_after_answer(),
             Err(e) => tracing::warn!("takeover: gratuitous ARP not sent ahead: {e}"),
         }
     }

@@ -117,10 +117,10 @@ struct Node {
     claim_answered: Option<Instant>,
     running: Option<Running>,
     /// The guest's tap while the guest runs elsewhere: held open and read, written only
-    /// to announce a takeover (`replication::mirror`). The tap is checked at startup, its bridge port
-    /// already forwards when this node takes over (a port that has just gained carrier
-    /// can drop the first frames), and what it hears for the guest is delivered after a
-    /// takeover where the old primary's guest did not take it.
+    /// to announce a takeover (`replication::mirror`). The tap is checked at startup,
+    /// its bridge port already forwards when this node takes over (a port that has just
+    /// gained carrier can drop the first frames), and what it hears for the guest is
+    /// delivered after a takeover where the old primary's guest did not take it.
     mirror: Option<Mirror>,
     replica: Option<Replica>,
     /// Lockstep: the replica's guest, running from the copy on.
@@ -131,9 +131,6 @@ struct Node {
     /// The gratuitous ARP that moves the guest's address to this host, prepared at
     /// startup (a guest with a tap and an address).
     announcement: Option<Vec<u8>>,
-    /// The announcement left through the mirror for the takeover under way
-    /// (`Action::Announce`): the guest's start does not send it again at once.
-    announced: bool,
     alerts: Vec<String>,
     link_was_healthy: Vec<bool>,
     status: Arc<Mutex<Status>>,
@@ -290,7 +287,6 @@ pub fn run(config_path: &Path, opts: StartOptions) -> Result<i32, NodeError> {
         follower: None,
         kept: None,
         announcement,
-        announced: false,
         alerts: Vec::new(),
         status,
         samples: status::Samples::default(),

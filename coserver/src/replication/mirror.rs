@@ -87,6 +87,8 @@ pub struct Mirror {
     window: MirrorWindow,
     /// Writes to the tap the reader thread holds.
     sender: File,
+    /// A takeover's announcement left through it.
+    announced: bool,
 }
 
 /// Whether `frame` is addressed to the guest at `mac` and not sent by it.
@@ -124,12 +126,20 @@ impl Mirror {
             thread: Some(thread),
             window,
             sender,
+            announced: false,
         })
     }
 
     /// Sends a frame of the VMM's own on the tap now (a takeover's gratuitous ARP).
-    pub fn announce(&self, frame: &[u8]) -> std::io::Result<()> {
-        (&self.sender).write(frame).map(|_| ())
+    pub fn announce(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        (&self.sender).write_all(frame)?;
+        self.announced = true;
+        Ok(())
+    }
+
+    /// Whether an announcement left through it.
+    pub fn announced(&self) -> bool {
+        self.announced
     }
 
     /// The window it fills.
